@@ -1,0 +1,61 @@
+"""Client pool actor: one Ray actor hosting many virtual clients of one hardware group."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import ray
+
+from apf_ray.config import ExperimentConfig
+from apf_ray.federation import Broadcast, ClientHost, ClientResult
+
+
+@ray.remote(concurrency_groups={"control": 1})
+class ClientPoolActor:
+    """Trains virtual clients one after another; control calls run beside training.
+
+    Training runs in the default concurrency group (one at a time, so the single model
+    instance is never shared); ``cancel_round`` and ``info`` run in the ``control`` group so
+    the server can abandon a late round's queued work without waiting for it.
+    """
+
+    def __init__(self, cfg_dump: dict, pool: str, x_train, y_train, num_classes: int, input_shape: tuple) -> None:
+        import torch
+
+        cfg = ExperimentConfig.model_validate(cfg_dump)
+        torch.set_num_threads(cfg.cluster.torch_threads)
+        gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        self.pool = pool
+        # x_train, y_train: the full training arrays, passed as object refs and resolved by Ray
+        # into zero-copy read-only views (one copy per node); clients index their partitions.
+        self.host = ClientHost(cfg, x_train, y_train, num_classes, tuple(input_shape),
+                               device="cuda" if gpu else "cpu")
+        self._cancelled_through = 0
+        self._lock = threading.Lock()
+
+    def add_clients(self, partitions: dict[int, object]) -> int:
+        self.host.add_clients(partitions)
+        return len(self.host.partitions)
+
+    def train(self, broadcast: Broadcast, client_id: int) -> ClientResult:
+        with self._lock:
+            stale = broadcast.round <= self._cancelled_through
+        if stale:
+            return ClientResult(client_id, None, error=f"round {broadcast.round} was closed before this client started")
+        return self.host.train_one(broadcast, client_id)
+
+    @ray.method(concurrency_group="control")
+    def cancel_round(self, round_idx: int) -> None:
+        with self._lock:
+            self._cancelled_through = max(self._cancelled_through, round_idx)
+
+    @ray.method(concurrency_group="control")
+    def info(self) -> dict:
+        return {
+            "pool": self.pool,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "device": self.host.device,
+            "clients": len(self.host.partitions),
+        }

@@ -1,0 +1,183 @@
+"""Client pools: actor placement per hardware group, elastic sizing, deadline-bound dispatch."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from actors.client import ClientPoolActor
+from apf_ray.config import ExperimentConfig, PoolConfig
+from apf_ray.federation import Broadcast, ClientResult
+
+log = logging.getLogger("apf_ray.pools")
+
+
+def pool_request(pool: PoolConfig) -> dict[str, float]:
+    """The Ray resources one actor of ``pool`` asks for."""
+    req = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **pool.resources}
+    return {k: v for k, v in req.items() if v > 0}
+
+
+def actors_that_fit(pool: PoolConfig, cluster_resources: dict[str, float]) -> int:
+    """How many actors of ``pool`` the cluster's total resources hold (capped by max_actors)."""
+    if pool.num_actors != "auto":
+        return int(pool.num_actors)
+    req = pool_request(pool)
+    if not req:
+        return pool.max_actors
+    fit = min(math.floor(cluster_resources.get(k, 0.0) / v + 1e-9) for k, v in req.items())
+    return max(0, min(fit, pool.max_actors))
+
+
+@dataclass
+class _Member:
+    handle: "ray.actor.ActorHandle"
+    ready_ref: "ray.ObjectRef"
+    ready: bool = False
+    node_id: str = ""
+    created: float = field(default_factory=time.monotonic)
+
+
+class ClientPools:
+    """All client actors of a run, grouped by pool; replaces dead ones, grows with the cluster."""
+
+    def __init__(self, cfg: ExperimentConfig, client_pools: list[str], partitions: list[np.ndarray],
+                 data_refs: tuple, num_classes: int, input_shape: tuple) -> None:
+        self.cfg = cfg
+        self.pools = {p.name: p for p in cfg.cluster.pools}
+        self.client_pools = client_pools
+        self.cfg_dump = cfg.model_dump(mode="json")
+        self.data_refs = data_refs  # (x_train ref, y_train ref)
+        self.num_classes, self.input_shape = num_classes, tuple(input_shape)
+        self.partition_refs = {
+            name: ray.put({i: partitions[i] for i, p in enumerate(client_pools) if p == name})
+            for name in self.pools
+        }
+        self.members: dict[str, list[_Member]] = {name: [] for name in self.pools}
+        self.events: list[str] = []
+
+    # ---- membership --------------------------------------------------------------------
+    def _spawn(self, pool: PoolConfig) -> _Member:
+        opts = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "max_restarts": 0}
+        if pool.resources:
+            opts["resources"] = dict(pool.resources)
+        handle = ClientPoolActor.options(**opts).remote(
+            self.cfg_dump, pool.name, *self.data_refs, self.num_classes, self.input_shape
+        )
+        ready = handle.add_clients.remote(self.partition_refs[pool.name])
+        return _Member(handle, ready)
+
+    def refresh(self) -> None:
+        """Mark finished start-ups ready and bring each pool up to its target size."""
+        total = ray.cluster_resources()
+        for name, pool in self.pools.items():
+            members = self.members[name]
+            for m in members:
+                if not m.ready:
+                    done, _ = ray.wait([m.ready_ref], timeout=0)
+                    if done:
+                        try:
+                            ray.get(m.ready_ref, timeout=5)
+                            m.ready = True
+                        except RayError as err:
+                            self._drop(name, m, f"start-up failed: {type(err).__name__}")
+            target = actors_that_fit(pool, total)
+            missing = target - len(self.members[name])
+            for _ in range(max(0, missing)):
+                self.members[name].append(self._spawn(pool))
+            if missing > 0:
+                self.events.append(f"pool {name}: +{missing} actor(s) (target {target})")
+
+    def _drop(self, pool: str, member: _Member, why: str) -> None:
+        if member in self.members[pool]:
+            self.members[pool].remove(member)
+            self.events.append(f"pool {pool}: actor dropped ({why})")
+            try:
+                ray.kill(member.handle, no_restart=True)
+            except RayError:
+                pass
+
+    def ready_members(self, pool: str) -> list[_Member]:
+        return [m for m in self.members[pool] if m.ready]
+
+    def wait_ready(self, pools: set[str], timeout_s: float) -> None:
+        """Block (bounded) until every named pool has at least one ready actor."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.refresh()
+            waiting = [p for p in pools if not self.ready_members(p)]
+            if not waiting or time.monotonic() >= deadline:
+                return
+            refs = [m.ready_ref for p in waiting for m in self.members[p]]
+            if refs:
+                ray.wait(refs, num_returns=1, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            else:
+                time.sleep(0.5)
+
+    def describe(self) -> dict[str, list[dict]]:
+        out = {}
+        for name in self.pools:
+            infos = []
+            for m in self.ready_members(name):
+                try:
+                    infos.append(ray.get(m.handle.info.remote(), timeout=10))
+                except RayError as err:
+                    infos.append({"error": type(err).__name__})
+            out[name] = infos
+        return out
+
+    # ---- a round ------------------------------------------------------------------------
+    def execute(self, broadcast: Broadcast, clients: list[int], timeout_s: float,
+                startup_timeout_s: float = 120.0) -> tuple[list[ClientResult], dict[int, str]]:
+        """Run ``clients`` on their pools; whatever is not back by the deadline is dropped."""
+        needed = {self.client_pools[c] for c in clients}
+        self.wait_ready(needed, startup_timeout_s)
+        bref = ray.put(broadcast)  # once per round; every client call gets the reference
+        pending: dict[ray.ObjectRef, tuple[int, str, _Member]] = {}
+        missing: dict[int, str] = {}
+        for cid in clients:
+            pool = self.client_pools[cid]
+            ready = self.ready_members(pool)
+            if not ready:
+                missing[cid] = "no_actor"
+                continue
+            member = ready[cid % len(ready)]  # sticky while the pool is stable (keeps residuals)
+            pending[member.handle.train.remote(bref, cid)] = (cid, pool, member)
+        results: list[ClientResult] = []
+        deadline = time.monotonic() + timeout_s
+        waiting = list(pending)
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=left)
+            for ref in done:
+                cid, pool, member = pending[ref]
+                try:
+                    results.append(ray.get(ref, timeout=30))
+                except RayActorError:
+                    missing[cid] = "died"
+                    self._drop(pool, member, "actor died")
+                except RayError as err:  # the task itself failed: an error result, not a crash
+                    results.append(ClientResult(cid, None, error=f"{type(err).__name__}: {err}"[:500]))
+        for ref in waiting:
+            cid, pool, member = pending[ref]
+            missing[cid] = "timeout"
+            member.handle.cancel_round.remote(broadcast.round)
+        del bref
+        return results, missing
+
+    def shutdown(self) -> None:
+        for members in self.members.values():
+            for m in members:
+                try:
+                    ray.kill(m.handle, no_restart=True)
+                except RayError:
+                    pass
+        self.members = {name: [] for name in self.pools}

@@ -1,0 +1,101 @@
+"""Human-readable outputs: strategy variants for ``compare``, summary and comparison tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from apf_ray.config import StrategyConfig
+
+_SECTION = {"apf": "apf", "permanent": "apf", "partial_sync": "apf", "topk": "topk", "gaia": "gaia", "cmfl": "cmfl"}
+
+
+def variant_overrides(spec: str) -> list[str]:
+    """``"apf:aggressive_prob=0.3,value_dtype=float16"`` → ``--set`` style overrides.
+
+    Keys name a field of the strategy's own section (``strategy.apf.*`` for apf) or of
+    ``strategy`` itself (``value_dtype``).
+    """
+    name, _, rest = spec.partition(":")
+    out = [f"strategy.name={name.strip()}"]
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"strategy variant {spec!r}: expected key=value, got {item!r}")
+        if key in StrategyConfig.model_fields:
+            out.append(f"strategy.{key}={value}")
+        elif name in _SECTION:
+            out.append(f"strategy.{_SECTION[name]}.{key}={value}")
+        else:
+            raise ValueError(f"strategy variant {spec!r}: {name!r} has no option {key!r}")
+    return out
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:,.2f}"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.1f}%"
+
+
+def _acc(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
+def summary_table(summary: dict[str, Any], title: str = "run summary") -> Table:
+    t = Table(title=title, show_header=False)
+    t.add_column("metric", style="bold")
+    t.add_column("value", justify="right")
+    rows = [
+        ("rounds", str(summary["rounds"])),
+        ("final accuracy", _acc(summary["final_accuracy"])),
+        ("best accuracy", _acc(summary["best_accuracy"])),
+        ("uplink (MB)", _mb(summary["bytes_up"])),
+        ("downlink (MB)", _mb(summary["bytes_down"])),
+        ("frozen fraction (final)", _pct(summary["frozen_fraction_final"])),
+        ("clients dropped", str(summary["clients_dropped"])),
+        ("simulated time (s)", f"{summary['simulated_time_s']:.1f}"),
+        ("wall time (s)", f"{summary['wall_time_s']:.1f}"),
+        ("run directory", summary.get("run_dir", "")),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def comparison_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Side-by-side numbers; savings are relative to the first variant (the baseline)."""
+    base = next(iter(results.values()))
+    rows = []
+    for label, s in results.items():
+        def saving(key: str) -> float | None:
+            return 1.0 - s[key] / base[key] if base[key] else None
+
+        rows.append({
+            "variant": label,
+            "final_accuracy": s["final_accuracy"],
+            "best_accuracy": s["best_accuracy"],
+            "bytes_up": s["bytes_up"],
+            "bytes_down": s["bytes_down"],
+            "uplink_saving": saving("bytes_up"),
+            "total_saving": (1.0 - (s["bytes_up"] + s["bytes_down"]) / (base["bytes_up"] + base["bytes_down"])),
+            "simulated_time_s": s["simulated_time_s"],
+            "time_saving": saving("simulated_time_s"),
+            "frozen_fraction_final": s["frozen_fraction_final"],
+            "rounds": s["rounds"],
+        })
+    return rows
+
+
+def comparison_table(rows: list[dict[str, Any]], title: str) -> Table:
+    t = Table(title=title)
+    for col in ("variant", "final acc", "best acc", "up MB", "down MB", "up saving", "total saving",
+                "sim time s", "time saving", "frozen"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        t.add_row(r["variant"], _acc(r["final_accuracy"]), _acc(r["best_accuracy"]), _mb(r["bytes_up"]),
+                  _mb(r["bytes_down"]), _pct(r["uplink_saving"]), _pct(r["total_saving"]),
+                  f"{r['simulated_time_s']:.1f}", _pct(r["time_saving"]), _pct(r["frozen_fraction_final"]))
+    return t
