@@ -38,12 +38,12 @@ class ClientPoolActor:
         self.host.add_clients(partitions)
         return len(self.host.partitions)
 
-    def train(self, broadcast: Broadcast, client_id: int) -> ClientResult:
+    def train(self, broadcast: Broadcast, client_id: int, state: dict | None = None) -> ClientResult:
         with self._lock:
             stale = broadcast.round <= self._cancelled_through
         if stale:
             return ClientResult(client_id, None, error=f"round {broadcast.round} was closed before this client started")
-        return self.host.train_one(broadcast, client_id)
+        return self.host.train_one(broadcast, client_id, state)
 
     @ray.method(concurrency_group="control")
     def cancel_round(self, round_idx: int) -> None:

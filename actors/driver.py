@@ -22,6 +22,17 @@ STARTUP_TIMEOUT_S = 180.0
 CONTROL_TIMEOUT_S = 120.0
 
 
+def enable_token_auth() -> None:
+    """Ray 2.60 turns token auth on by default; a driver joining by address must present it.
+
+    Ray reads ``RAY_AUTH_MODE`` when it is imported, so setting it later needs the config
+    reload that ``ray.init()`` itself performs when it enables auth.
+    """
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        os.environ["RAY_AUTH_MODE"] = "token"
+        ray._raylet.Config.initialize("")
+
+
 def local_resources(cfg: ExperimentConfig) -> dict[str, float]:
     """Custom resources a local cluster needs so every pool of ``cfg`` can place an actor."""
     out: dict[str, float] = {}
@@ -42,7 +53,7 @@ def ray_session(cfg: ExperimentConfig, address: str | None = None) -> Iterator[b
         return
     address = address or cfg.cluster.address
     if address:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60: joiners need token auth
+        enable_token_auth()
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         needs_gpu = any(p.num_gpus > 0 for p in cfg.cluster.pools)

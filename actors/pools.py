@@ -61,6 +61,9 @@ class ClientPools:
         }
         self.members: dict[str, list[_Member]] = {name: [] for name in self.pools}
         self.events: list[str] = []
+        # Strategy state of each virtual client (residuals; empty for APF), kept here so any
+        # actor can train any client and a replaced actor loses nothing.
+        self.client_state: dict[int, dict] = {}
 
     # ---- membership --------------------------------------------------------------------
     def _spawn(self, pool: PoolConfig) -> _Member:
@@ -106,15 +109,16 @@ class ClientPools:
     def ready_members(self, pool: str) -> list[_Member]:
         return [m for m in self.members[pool] if m.ready]
 
-    def wait_ready(self, pools: set[str], timeout_s: float) -> None:
-        """Block (bounded) until every named pool has at least one ready actor."""
+    def wait_ready(self, pools: set[str], timeout_s: float, *, every_actor: bool = False) -> None:
+        """Block (bounded) until every named pool has a ready actor (or all are, ``every_actor``)."""
         deadline = time.monotonic() + timeout_s
         while True:
             self.refresh()
-            waiting = [p for p in pools if not self.ready_members(p)]
+            waiting = [p for p in pools if not self.ready_members(p)
+                       or (every_actor and len(self.ready_members(p)) < len(self.members[p]))]
             if not waiting or time.monotonic() >= deadline:
                 return
-            refs = [m.ready_ref for p in waiting for m in self.members[p]]
+            refs = [m.ready_ref for p in waiting for m in self.members[p] if not m.ready]
             if refs:
                 ray.wait(refs, num_returns=1, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             else:
@@ -141,14 +145,16 @@ class ClientPools:
         bref = ray.put(broadcast)  # once per round; every client call gets the reference
         pending: dict[ray.ObjectRef, tuple[int, str, _Member]] = {}
         missing: dict[int, str] = {}
+        turn: dict[str, int] = {}
         for cid in clients:
             pool = self.client_pools[cid]
             ready = self.ready_members(pool)
             if not ready:
                 missing[cid] = "no_actor"
                 continue
-            member = ready[cid % len(ready)]  # sticky while the pool is stable (keeps residuals)
-            pending[member.handle.train.remote(bref, cid)] = (cid, pool, member)
+            member = ready[turn.get(pool, 0) % len(ready)]  # round-robin: balanced actors
+            turn[pool] = turn.get(pool, 0) + 1
+            pending[member.handle.train.remote(bref, cid, self.client_state.get(cid))] = (cid, pool, member)
         results: list[ClientResult] = []
         deadline = time.monotonic() + timeout_s
         waiting = list(pending)
@@ -160,7 +166,10 @@ class ClientPools:
             for ref in done:
                 cid, pool, member = pending[ref]
                 try:
-                    results.append(ray.get(ref, timeout=30))
+                    res = ray.get(ref, timeout=30)
+                    results.append(res)
+                    if res.state is not None:
+                        self.client_state[cid] = res.state
                 except RayActorError:
                     missing[cid] = "died"
                     self._drop(pool, member, "actor died")

@@ -35,7 +35,7 @@ class ServerActor:
                                  self._data_refs, ds.num_classes, ds.input_shape)
 
     def start(self, startup_timeout_s: float = 180.0) -> dict[str, Any]:
-        self.pools.wait_ready(set(self.pools.pools), startup_timeout_s)
+        self.pools.wait_ready(set(self.pools.pools), startup_timeout_s, every_actor=True)
         return {"round": self.run.server.round, "num_params": self.run.server.num_params,
                 "pools": self.pools.describe()}
 

@@ -59,9 +59,9 @@ class APFConfig(_Strict):
     @field_validator("period_policy")
     @classmethod
     def _policy(cls, v: str) -> str:
-        if v in ("aimd", "additive", "multiplicative", "permanent") or re.fullmatch(r"fixed:\d+", v):
+        if v in ("aimd", "additive", "multiplicative", "permanent") or re.fullmatch(r"fixed:[1-9]\d*", v):
             return v
-        raise ValueError("must be one of aimd, additive, multiplicative, permanent, fixed:N (N ≥ 0)")
+        raise ValueError("must be one of aimd, additive, multiplicative, permanent, fixed:N (N ≥ 1)")
 
 
 class TopKConfig(_Strict):

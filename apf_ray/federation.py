@@ -45,6 +45,7 @@ class ClientResult:
     compute_s: float = 0.0
     error: str | None = None
     device: str = "cpu"
+    state: dict | None = None  # the client's strategy state after this round (residuals), if any
 
 
 @dataclass
@@ -153,7 +154,8 @@ class ClientHost:
     """Hosts many virtual clients: trains them one after another with one model instance.
 
     Per-client state is only what a strategy needs between rounds (error-feedback residuals,
-    a partial-sync client's local values); APF clients are stateless.
+    a partial-sync client's local values); APF clients are stateless. ``run`` keeps that state
+    in this host; the Ray pools keep it on the server side and pass it with each call.
     """
 
     def __init__(
@@ -184,16 +186,20 @@ class ClientHost:
     def add_clients(self, partitions: dict[int, np.ndarray]) -> None:
         self.partitions.update({int(k): np.asarray(v, dtype=np.int64) for k, v in partitions.items()})
 
-    def train_one(self, broadcast: Broadcast, client_id: int) -> ClientResult:
-        """Train one virtual client; any failure becomes an error result, never an exception."""
+    def train_one(self, broadcast: Broadcast, client_id: int, state: dict | None = None) -> ClientResult:
+        """Train one virtual client; any failure becomes an error result, never an exception.
+
+        ``state`` is the client's strategy state from its previous round (empty for APF); the
+        updated state comes back in the result, so any host can train any client.
+        """
         start = time.perf_counter()
+        state = dict(state or {})
         try:
             fault = self.cfg.faults.client_failure_prob
             if fault and np.random.default_rng(client_seed(self.cfg.seed + 1, broadcast.round, client_id)).random() < fault:
                 raise RuntimeError(f"injected failure (faults.client_failure_prob={fault})")
             idx = self.partitions[client_id]
             plan = broadcast.plan
-            state = self.state.setdefault(client_id, {})
             seed = client_seed(self.cfg.seed, broadcast.round, client_id)
             torch.manual_seed(seed)
             start_params = self.strategy.start_params(plan, broadcast.params, state)
@@ -211,13 +217,18 @@ class ClientHost:
             upload = self.strategy.encode_upload(
                 plan, broadcast.params, local.params, local.buffers, local.num_samples, local.loss, state
             )
-            return ClientResult(client_id, upload, local.compute_s, device=self.device)
+            return ClientResult(client_id, upload, local.compute_s, device=self.device, state=state or None)
         except Exception as err:  # noqa: BLE001 - a failing client must never take the round down
             detail = "".join(traceback.format_exception_only(type(err), err)).strip()
             return ClientResult(client_id, None, time.perf_counter() - start, error=detail, device=self.device)
 
     def run(self, broadcast: Broadcast, client_ids: list[int]) -> list[ClientResult]:
-        return [self.train_one(broadcast, cid) for cid in client_ids]
+        """Train clients in order, keeping their strategy state here between rounds."""
+        results = [self.train_one(broadcast, cid, self.state.get(cid)) for cid in client_ids]
+        for res in results:
+            if res.state is not None:
+                self.state[res.client_id] = res.state
+        return results
 
 
 # ---------------------------------------------------------------------------------------

@@ -111,6 +111,9 @@ def run_inprocess(cfg: ExperimentConfig, run_dir: Path, *, resume_state: dict[st
     ``stop_after`` ends the run early after that many rounds of this call (simulates a crash
     for resume tests; no summary is written).
     """
+    import torch
+
+    torch.set_num_threads(cfg.cluster.torch_threads)  # as in a client actor; avoids oversubscription
     run = FederatedRun(cfg, run_dir, resume_state=resume_state)
     ds = run.workload.dataset
     host = ClientHost(cfg, ds.x_train, ds.y_train, ds.num_classes, ds.input_shape)
