@@ -84,6 +84,21 @@ def check_placeable(cfg: ExperimentConfig) -> None:
             )
 
 
+def start_server(cfg: ExperimentConfig, run_dir: Path,
+                 resume_state: dict[str, Any] | None = None) -> tuple["ray.actor.ActorHandle", dict]:
+    """Create the server actor on this (the driver's) node and wait until its pools are ready."""
+    here = ray.get_runtime_context().get_node_id()
+    server = ServerActor.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)
+    ).remote(cfg.model_dump(mode="json"), str(Path(run_dir).resolve()), resume_state)
+    try:
+        info = ray.get(server.start.remote(STARTUP_TIMEOUT_S), timeout=STARTUP_TIMEOUT_S + CONTROL_TIMEOUT_S)
+    except BaseException:
+        ray.kill(server, no_restart=True)
+        raise
+    return server, info
+
+
 def train_on_ray(
     cfg: ExperimentConfig,
     run_dir: Path,
@@ -96,12 +111,8 @@ def train_on_ray(
     """Run one federated training on Ray and return its summary (also written to summary.json)."""
     with ray_session(cfg, address):
         check_placeable(cfg)
-        here = ray.get_runtime_context().get_node_id()
-        server = ServerActor.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)
-        ).remote(cfg.model_dump(mode="json"), str(Path(run_dir).resolve()), resume_state)
+        server, info = start_server(cfg, run_dir, resume_state)
         try:
-            info = ray.get(server.start.remote(STARTUP_TIMEOUT_S), timeout=STARTUP_TIMEOUT_S + CONTROL_TIMEOUT_S)
             if on_start:
                 on_start(info)
             round_limit = cfg.cluster.round_timeout_s + STARTUP_TIMEOUT_S + CONTROL_TIMEOUT_S

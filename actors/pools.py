@@ -110,19 +110,26 @@ class ClientPools:
         return [m for m in self.members[pool] if m.ready]
 
     def wait_ready(self, pools: set[str], timeout_s: float, *, every_actor: bool = False) -> None:
-        """Block (bounded) until every named pool has a ready actor (or all are, ``every_actor``)."""
+        """Block (bounded) until each named pool has a ready actor (all of them: ``every_actor``).
+
+        Only actors still inside their start-up window (``timeout_s`` since spawn) are waited
+        for, so a pool whose actors cannot be placed (no node with its resources) costs a
+        round nothing; its clients are dropped as ``no_actor`` until such a node joins.
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             self.refresh()
-            waiting = [p for p in pools if not self.ready_members(p)
-                       or (every_actor and len(self.ready_members(p)) < len(self.members[p]))]
-            if not waiting or time.monotonic() >= deadline:
+            now = time.monotonic()
+            refs = [
+                m.ready_ref
+                for p in pools
+                if every_actor or not self.ready_members(p)
+                for m in self.members[p]
+                if not m.ready and now - m.created < timeout_s
+            ]
+            if not refs or now >= deadline:
                 return
-            refs = [m.ready_ref for p in waiting for m in self.members[p] if not m.ready]
-            if refs:
-                ray.wait(refs, num_returns=1, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-            else:
-                time.sleep(0.5)
+            ray.wait(refs, num_returns=1, timeout=min(1.0, deadline - now))
 
     def describe(self) -> dict[str, list[dict]]:
         out = {}

@@ -13,8 +13,7 @@ import pytest
 import ray
 import yaml
 
-from actors.driver import train_on_ray
-from actors.server import ServerActor
+from actors.driver import start_server, train_on_ray
 from apf_ray.run import load_checkpoint, run_inprocess
 from tests.helpers import tiny_config
 
@@ -34,15 +33,9 @@ def test_ray_run_matches_the_inprocess_reference(local_ray, tmp_path):
     assert (tmp_path / "ray" / "summary.json").is_file()
 
 
-def _start_server(cfg, run_dir):
-    server = ServerActor.remote(cfg.model_dump(mode="json"), str(run_dir), None)
-    info = ray.get(server.start.remote(), timeout=180)
-    return server, info
-
-
 def test_killing_a_client_actor_mid_round_costs_that_round_one_client(local_ray, tmp_path):
     cfg = tiny_config("train.clients_per_round=2", "train.local_steps=2000", "cluster.min_clients=1", rounds=2)
-    server, info = _start_server(cfg, tmp_path)
+    server, info = start_server(cfg, tmp_path)
     try:
         pids = [a["pid"] for a in info["pools"]["cpu"]]
         assert len(pids) == 2
@@ -61,7 +54,7 @@ def test_killing_a_client_actor_mid_round_costs_that_round_one_client(local_ray,
 def test_a_client_past_the_deadline_is_dropped_without_hanging_the_round(local_ray, tmp_path):
     cfg = tiny_config("train.clients_per_round=2", "train.local_steps=5000", "cluster.round_timeout_s=3",
                       "cluster.min_clients=1", rounds=1)
-    server, _ = _start_server(cfg, tmp_path)
+    server, _ = start_server(cfg, tmp_path)
     try:
         start = time.monotonic()
         rec, _ = ray.get(server.run_round.remote(), timeout=60)

@@ -112,8 +112,8 @@ def test_stopping_a_worker_node_kills_its_busy_actor_and_the_cluster_keeps_worki
     probe = Probe.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(doomed.node_id, soft=False)
     ).remote()
-    training = probe.busy.remote(600)
     assert ray.get(probe.node_id.remote(), timeout=GET_TIMEOUT_S) == doomed.node_id
+    training = probe.busy.remote(600)
 
     two_node_cluster.remove_node(doomed)
 
@@ -130,14 +130,18 @@ def test_a_crashed_worker_node_is_marked_dead_and_its_actor_dies(
     probe = Probe.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(doomed.node_id, soft=False)
     ).remote()
-    training = probe.busy.remote(600)
     assert ray.get(probe.node_id.remote(), timeout=GET_TIMEOUT_S) == doomed.node_id
+    training = probe.busy.remote(600)
 
     two_node_cluster.remove_node(doomed, graceful=False)
 
     assert doomed.node_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    with pytest.raises(ray.exceptions.ActorDiedError):
+    # The call in flight may fail as ActorUnavailableError (the RPC broke before the head knew
+    # the node was dead); both are RayActorError. Calls made after that are ActorDiedError.
+    with pytest.raises(ray.exceptions.RayActorError):
         ray.get(training, timeout=GET_TIMEOUT_S)
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        ray.get(probe.node_id.remote(), timeout=GET_TIMEOUT_S)
 
 
 def test_a_node_joining_later_hosts_the_actor_that_waited_for_its_resource(
