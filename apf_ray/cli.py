@@ -22,7 +22,8 @@ from apf_ray.metrics import plot_history
 from apf_ray.report import comparison_rows, comparison_table, summary_table, variant_overrides
 from apf_ray.run import default_run_dir, load_checkpoint, run_inprocess
 
-console = Console(stderr=False)
+# Logs and CI are not terminals; give tables room instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 def _round_line(rec: RoundRecord) -> str:

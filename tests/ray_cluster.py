@@ -1,27 +1,28 @@
 """Real Ray clusters for tests: one in-process local node, or `ray start` nodes on this machine.
 
-Load the fixtures from the test root's conftest with either
-``pytest_plugins = ["tests.ray_cluster"]`` or ``from tests.ray_cluster import local_ray,
-two_node_cluster``, not both. A process holds one Ray driver at a time, so ``two_node_cluster``
-pauses the ``local_ray`` cluster for its module and restarts it afterwards.
+The test root's conftest loads the fixtures with ``pytest_plugins = ["tests.ray_cluster"]``.
+A process holds one Ray driver at a time, so ``two_node_cluster`` pauses the ``local_ray``
+cluster for its module and starts a fresh one afterwards; a module must not request
+``local_ray`` after a ``two_node_cluster`` test.
 
 Ray 2.60 facts this module is built on:
 - Token auth is on by default. ``ray.init()`` without an address creates ``~/.ray/auth_token``
   and sets ``RAY_AUTH_MODE=token`` in its own process, but a process that joins a cluster at an
   explicit address (``ray start --address``, ``ray.init(address=...)``) must have
   ``RAY_AUTH_MODE=token`` itself, or it fails after ~20 s with ``ConnectionError``. Ray reads the
-  variable when ``ray`` is imported, so setting it afterwards needs a config reload.
-- ``ray stop`` stops every Ray process on the machine, so each node here is a
-  ``ray start --block`` child in its own process group that is stopped by signal.
+  variable when ``ray`` is imported, so setting it later needs a config reload.
+- ``ray stop`` stops every Ray process on the machine, other people's clusters included, so each
+  node here is a ``ray start --block`` child in its own process group, stopped by signal.
 - SIGTERM to ``ray start --block`` drains the node for up to
   ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S`` (30 s by default) while actors live on it, so the
-  nodes here run with 0 to stop at once.
+  nodes here run with 0 and stop at once.
 - Every node's dashboard agent listens on port 52365 unless told otherwise; a node that finds it
-  taken loses ~3.5 s retrying, so the nodes here get free ports.
+  taken spends ~3.5 s retrying, so the nodes here get free ports (``ray.init`` has no option).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -30,24 +31,26 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 import ray
 
+from actors.driver import enable_token_auth
+
 if TYPE_CHECKING:
     from ray._private.worker import RayContext
 
-# Small stores: the machine shares its RAM with other test runs.
+# Small object stores: the machine's RAM is shared with other test runs.
 LOCAL_OBJECT_STORE_BYTES = 300 * 1024**2
 NODE_OBJECT_STORE_BYTES = 256 * 1024**2
 HEAD_RESOURCES: dict[str, float] = {"head_node": 1}
 EDGE_CPU_RESOURCES: dict[str, float] = {"edge_cpu": 4}
 
-# `ray start` prints this once the node's processes are up.
-_STARTED_MARKER = "Ray runtime started."
+_STARTED_MARKER = "Ray runtime started."  # printed by `ray start` once the node is up
 _NODE_ENV = {
     "RAY_AUTH_MODE": "token",
     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
@@ -58,37 +61,10 @@ _NODE_ENV = {
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "5",
 }
+_PR_SET_PDEATHSIG = 1
 
 
-def free_port() -> int:
-    """A TCP port that is free now (another process may still take it before use)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def enable_token_auth() -> None:
-    """Make this process present the auth token when it joins a cluster by address.
-
-    Setting ``RAY_AUTH_MODE`` after ``import ray`` is not enough: Ray caches its config at
-    import, and the reload below is what Ray itself does when ``ray.init()`` turns auth on.
-    """
-    os.environ["RAY_AUTH_MODE"] = "token"
-    ray._raylet.Config.initialize("")
-
-
-def _ensure_auth_token() -> None:
-    """Create ``~/.ray/auth_token`` unless a token already exists (file or RAY_AUTH_TOKEN*)."""
-    subprocess.run(
-        ["ray", "get-auth-token", "--generate"],
-        check=True,
-        stdout=subprocess.DEVNULL,  # the command prints the token itself
-        stderr=subprocess.PIPE,
-        timeout=60,
-    )
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ClusterNode:
     """One `ray start --block` process group; ``node_id`` is Ray's hex node id."""
 
@@ -96,20 +72,15 @@ class ClusterNode:
     num_cpus: int
     resources: dict[str, float]
     temp_dir: Path
-    process: subprocess.Popen = field(repr=False, compare=False)
-
-    @property
-    def log_path(self) -> Path:
-        """The `ray start` output, kept for diagnosing a node that failed to start."""
-        return self.temp_dir / "ray_start.log"
+    process: subprocess.Popen = field(repr=False)
 
 
 class LocalCluster:
     """A multi-node Ray cluster of real `ray start` processes on this machine.
 
-    ``start_head`` also connects the calling process as the driver, because node ids are read
-    from the driver's view of the cluster. Use as a context manager, or call ``shutdown``.
-    Stopping touches only the processes this object started, never other Ray clusters.
+    ``start_head`` also connects the calling process as the driver: node ids are read from the
+    driver's view of the cluster. Use it as a context manager, or call ``shutdown``. Stopping
+    signals only the processes this object started, never other Ray clusters on the machine.
     """
 
     def __init__(
@@ -122,14 +93,15 @@ class LocalCluster:
         self.object_store_bytes = object_store_bytes
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
-        self._root = Path(tempfile.mkdtemp(prefix="apf-ray-cluster-"))
-        self._address: str | None = None
         self.head: ClusterNode | None = None
         self.workers: list[ClusterNode] = []
+        self._address: str | None = None
+        self._root = Path(tempfile.mkdtemp(prefix="apf-ray-cluster-"))
+        self._processes: list[subprocess.Popen] = []  # launch order, head first
 
     @property
     def address(self) -> str:
-        """``host:port`` of the head's GCS, the value for ``ray start --address``."""
+        """``host:port`` of the head's GCS: the value for ``--address`` and ``ray.init``."""
         if self._address is None:
             raise RuntimeError("LocalCluster.address: the head node is not started")
         return self._address
@@ -139,23 +111,24 @@ class LocalCluster:
     ) -> ClusterNode:
         """Start the head node and connect this process to it as the driver."""
         if self.head is not None:
-            raise RuntimeError(f"LocalCluster: head already running at {self._address}")
+            raise RuntimeError(f"LocalCluster.start_head: head already runs at {self._address}")
         if ray.is_initialized():
             raise RuntimeError(
                 "LocalCluster.start_head: this process is already a Ray driver; call "
                 "ray.shutdown() first (the two_node_cluster fixture pauses local_ray)"
             )
         _ensure_auth_token()
-        port = free_port()
-        self._address = f"127.0.0.1:{port}"
+        port = _free_port()
+        address = f"127.0.0.1:{port}"
         process, temp_dir = self._launch(
-            ["--head", f"--port={port}", f"--ray-client-server-port={free_port()}",
+            ["--head", f"--port={port}", f"--ray-client-server-port={_free_port()}",
              "--include-dashboard=false"],
             num_cpus,
             resources or {},
         )
         enable_token_auth()
-        ray.init(address=self._address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False)
+        self._address = address
         self.head = self._register(process, temp_dir, num_cpus, resources or {})
         return self.head
 
@@ -169,19 +142,21 @@ class LocalCluster:
         return node
 
     def remove_node(self, node: ClusterNode, *, graceful: bool = True) -> None:
-        """Stop one worker node and wait until the cluster marks it dead.
+        """Stop one worker node and wait until the head marks it dead.
 
-        ``graceful=True`` is SIGTERM (the raylet unregisters: its actors die at once);
-        ``graceful=False`` is SIGKILL of the whole node, like a crashed machine, which the
-        head only notices through missed health checks.
+        ``graceful=True`` sends SIGTERM: the raylet unregisters and its actors die at once.
+        ``graceful=False`` SIGKILLs the node like a crashed machine; the head notices through
+        missed health checks (~6 s here).
         """
         if node not in self.workers:
-            raise ValueError(f"LocalCluster.remove_node: {node.node_id} is not a worker of this cluster")
-        self._stop(node, signal.SIGTERM if graceful else signal.SIGKILL)
+            raise ValueError(
+                f"LocalCluster.remove_node: node {node.node_id} is not a running worker"
+            )
+        self._stop(node.process, signal.SIGTERM if graceful else signal.SIGKILL)
         self.workers.remove(node)
         self._wait_for(
-            lambda: not self._alive(node.node_id),
-            f"node {node.node_id} still alive {self.stop_timeout_s} s after it was stopped",
+            lambda: not _is_alive(node.node_id),
+            lambda: f"node {node.node_id} still alive {self.stop_timeout_s} s after its stop",
             self.stop_timeout_s,
         )
 
@@ -189,8 +164,9 @@ class LocalCluster:
         """Disconnect the driver, stop every node this cluster started and delete its files."""
         if ray.is_initialized():
             ray.shutdown()
-        for node in [*self.workers, *([self.head] if self.head else [])]:
-            self._stop(node, signal.SIGTERM)
+        for process in reversed(self._processes):
+            self._stop(process, signal.SIGTERM)
+        self._processes.clear()
         self.workers.clear()
         self.head = None
         self._address = None
@@ -214,7 +190,7 @@ class LocalCluster:
             f"--num-cpus={num_cpus}",
             f"--resources={json.dumps(resources)}",
             f"--object-store-memory={self.object_store_bytes}",
-            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
             "--disable-usage-stats",
             "--log-style=record",
             "--block",
@@ -225,18 +201,24 @@ class LocalCluster:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **_NODE_ENV},
-                start_new_session=True,  # its own process group, so we can signal all of it
+                start_new_session=True,  # a process group of its own, signalled as a whole
+                preexec_fn=_die_with_parent,
             )
+        self._processes.append(process)
 
         def started() -> bool:
             if process.poll() is not None:
                 raise RuntimeError(
-                    f"`{' '.join(command)}` exited with {process.returncode}:\n{log_path.read_text()}"
+                    f"LocalCluster: `{' '.join(command)}` exited with {process.returncode}:\n"
+                    f"{log_path.read_text()}"
                 )
             return _STARTED_MARKER in log_path.read_text()
 
-        self._wait_for(started, f"`ray start` not up after {self.start_timeout_s} s, see {log_path}",
-                       self.start_timeout_s, on_timeout=lambda: _kill_group(process))
+        self._wait_for(
+            started,
+            lambda: f"`ray start` not up after {self.start_timeout_s} s:\n{log_path.read_text()}",
+            self.start_timeout_s,
+        )
         return process, temp_dir
 
     def _register(
@@ -247,45 +229,65 @@ class LocalCluster:
 
         def visible() -> bool:
             found[:] = [
-                n["NodeID"] for n in ray.nodes()
-                if n["Alive"] and n["RayletSocketName"].startswith(f"{temp_dir}/")
+                node["NodeID"] for node in ray.nodes()
+                if node["Alive"] and node["RayletSocketName"].startswith(f"{temp_dir}/")
             ]
             return bool(found)
 
-        self._wait_for(visible, f"node under {temp_dir} never appeared in ray.nodes()",
-                       self.start_timeout_s)
+        self._wait_for(
+            visible,
+            lambda: f"node started under {temp_dir} never appeared in ray.nodes()",
+            self.start_timeout_s,
+        )
         return ClusterNode(found[0], num_cpus, dict(resources), temp_dir, process)
 
-    def _stop(self, node: ClusterNode, sig: signal.Signals) -> None:
+    def _stop(self, process: subprocess.Popen, sig: signal.Signals) -> None:
+        """Signal the node's process group; SIGKILL it if it outlives ``stop_timeout_s``."""
+        if process.poll() is not None:
+            return
+        os.killpg(process.pid, sig)
         try:
-            os.killpg(node.process.pid, sig)
-            node.process.wait(timeout=self.stop_timeout_s)
-        except ProcessLookupError:
-            node.process.wait(timeout=self.stop_timeout_s)
+            process.wait(timeout=self.stop_timeout_s)
         except subprocess.TimeoutExpired:
-            _kill_group(node.process)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=self.stop_timeout_s)
 
     @staticmethod
-    def _alive(node_id: str) -> bool:
-        return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
-
-    @staticmethod
-    def _wait_for(condition, message: str, timeout_s: float, on_timeout=None) -> None:
+    def _wait_for(
+        condition: Callable[[], bool], describe_failure: Callable[[], str], timeout_s: float
+    ) -> None:
         deadline = time.monotonic() + timeout_s
         while not condition():
             if time.monotonic() > deadline:
-                if on_timeout is not None:
-                    on_timeout()
-                raise TimeoutError(f"LocalCluster: {message}")
+                raise TimeoutError(f"LocalCluster: {describe_failure()}")
             time.sleep(0.1)
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=10)
+def _free_port() -> int:
+    """A TCP port that is free now (another process could still take it before Ray does)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _ensure_auth_token() -> None:
+    """Create ``~/.ray/auth_token`` unless a token exists; `ray start --head` never creates one."""
+    subprocess.run(
+        ["ray", "get-auth-token", "--generate"],
+        check=True,
+        stdout=subprocess.DEVNULL,  # the command prints the token itself
+        stderr=subprocess.PIPE,
+        timeout=60,
+    )
+
+
+def _is_alive(node_id: str) -> bool:
+    return any(node["NodeID"] == node_id and node["Alive"] for node in ray.nodes())
+
+
+def _die_with_parent() -> None:
+    """In the `ray start` child: get SIGTERM if pytest dies, so no node outlives a killed run."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class _LocalRay:
@@ -295,15 +297,11 @@ class _LocalRay:
         self.context: RayContext | None = None
         self._temp_dir: Path | None = None
 
-    @property
-    def running(self) -> bool:
-        return self.context is not None
-
     def start(self) -> RayContext:
         if ray.is_initialized():
             raise RuntimeError(
-                "local_ray: this process is already a Ray driver (a LocalCluster?); tests that "
-                "need local_ray must live in a module that does not use two_node_cluster"
+                "local_ray: this process is already a Ray driver (of a LocalCluster?); a module "
+                "must not request local_ray after a two_node_cluster test"
             )
         self._temp_dir = Path(tempfile.mkdtemp(prefix="apf-ray-local-"))
         self.context = ray.init(
@@ -329,23 +327,29 @@ _LOCAL_RAY = _LocalRay()
 @pytest.fixture(scope="session")
 def local_ray() -> Iterator[RayContext]:
     """A 2-CPU single-node Ray cluster in this process, started once per session."""
-    if not _LOCAL_RAY.running:
-        _LOCAL_RAY.start()
-    yield _LOCAL_RAY.context
+    yield _LOCAL_RAY.start() if _LOCAL_RAY.context is None else _LOCAL_RAY.context
     _LOCAL_RAY.stop()
 
 
 @pytest.fixture(scope="module")
-def two_node_cluster() -> Iterator[LocalCluster]:
+def two_node_cluster(request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
     """Head ``{"head_node": 1}`` and one worker ``{"edge_cpu": 4}``, 1 CPU each, per module.
 
-    Pauses ``local_ray`` while it runs: one process holds one Ray driver.
+    Stops ``local_ray`` while it runs (one process holds one Ray driver) and restarts it after
+    only if a later test of the session uses it.
     """
-    resume_local = _LOCAL_RAY.running
+    was_local = _LOCAL_RAY.context is not None
     _LOCAL_RAY.stop()
     with LocalCluster() as cluster:
         cluster.start_head(num_cpus=1, resources=HEAD_RESOURCES)
         cluster.add_node(num_cpus=1, resources=EDGE_CPU_RESOURCES)
         yield cluster
-    if resume_local:
+    if was_local and _later_tests_use(request, "local_ray"):
         _LOCAL_RAY.start()
+
+
+def _later_tests_use(request: pytest.FixtureRequest, fixture: str) -> bool:
+    """Whether a test collected after this module requests ``fixture``."""
+    items = request.session.items
+    last = max(i for i, item in enumerate(items) if item.module is request.module)
+    return any(fixture in item.fixturenames for item in items[last + 1 :])
