@@ -60,6 +60,7 @@ def ray_session(cfg: ExperimentConfig, address: str | None = None) -> Iterator[b
         if needs_gpu:
             log.warning("a pool asks for GPUs; a local cluster only has the GPUs Ray detects")
         ray.init(
+            address="local",  # a new cluster, never one a `ray start` left registered on this machine
             object_store_memory=cfg.cluster.object_store_mb * 2**20,
             resources=local_resources(cfg) or None,
             include_dashboard=False,

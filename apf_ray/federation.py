@@ -337,13 +337,12 @@ class ServerCore:
         for cid, reason in missing.items():
             records[cid] = ClientRecord(r, cid, self.client_pools[cid], reason,
                                         bytes_down=down_bytes.get(cid, 0), error=reason)
-        reported = [u for u in uploads]
-        quorum = self.cfg.quorum()
+        aggregated = len(uploads) >= self.cfg.quorum()  # a CMFL skip counts as reporting
         old = self.params
-        if len(reported) >= quorum:
-            self.params, self.buffers = self.strategy.aggregate(self.params, self.buffers, reported)
+        if aggregated:
+            self.params, self.buffers = self.strategy.aggregate(self.params, self.buffers, uploads)
             self.last_changed[self.params != old] = r
-            for u in reported:
+            for u in uploads:
                 self.held_version[u.client_id] = r - 1
         old_mask = self._mask().copy()
         self.strategy.observe(self.params)
@@ -355,7 +354,7 @@ class ServerCore:
             if rec.status in ("ok", "skipped"):
                 rec.simulated_s = (transfer_s(rec.bytes_down, net.down_mbps, net.latency_ms) + rec.compute_s
                                    + transfer_s(rec.bytes_up, net.up_mbps, net.latency_ms))
-        return self._record_round(r, clients, records, len(reported) >= quorum, wall_s)
+        return self._record_round(r, clients, records, aggregated, wall_s)
 
     def _record_round(self, r: int, clients: list[int], records: dict[int, ClientRecord], aggregated: bool,
                       wall_s: float) -> RoundRecord:

@@ -39,7 +39,7 @@ import psutil  # bundled with Ray: importable once ray is imported (ray/thirdpar
 from ray._private.internal_api import memory_summary
 
 from actors.driver import ray_session, train_on_ray
-from apf_ray.config import ExperimentConfig, build_config
+from apf_ray.config import ConfigError, ExperimentConfig, build_config
 from apf_ray.run import load_checkpoint, run_inprocess
 
 DEFAULT_CLIENTS = (10, 50, 100)
@@ -47,6 +47,7 @@ WARMUP_ROUNDS = 1
 MB = 2**20
 SAMPLE_INTERVAL_S = 0.1  # RSS sampling period (10 Hz)
 SLOW_EVERY = 10  # PSS and object-store readings cost ~10 ms each: every 10th sample (1 Hz)
+ACTOR_KINDS = ("client_actor", "server_actor")
 PLASMA_USAGE = re.compile(r"Plasma memory usage (\d+) MiB")
 
 
@@ -131,7 +132,9 @@ class MemorySampler:
                 pss = proc.memory_full_info().pss if slow else 0
             except psutil.Error:  # the process ended between listing and reading
                 continue
-            if kind != "idle_worker" or proc.pid not in self.pid_kind:  # an idle worker may become an actor
+            # An idle worker may become an actor; an actor's title is gone once it exits (a zombie
+            # has no cmdline), so an actor stays an actor.
+            if self.pid_kind.get(proc.pid) not in ACTOR_KINDS:
                 self.pid_kind[proc.pid] = kind
             self.pid_rss[proc.pid] = max(self.pid_rss.get(proc.pid, 0), rss)
             total_rss += rss
@@ -159,6 +162,7 @@ class MemorySampler:
         client_rss, client_pss = self.peaks_of("client_actor")
         server_rss, server_pss = self.peaks_of("server_actor")
         driver_rss, driver_pss = self.peaks_of("driver")
+        idle_rss, _ = self.peaks_of("idle_worker")
         return {
             "peak_total_rss_mb": round(self.peak_rss / MB, 1),
             "peak_total_pss_mb": round(self.peak_pss / MB, 1),
@@ -166,6 +170,7 @@ class MemorySampler:
             "driver_peak_rss_mb": driver_rss[0], "driver_peak_pss_mb": driver_pss[0],
             "server_actor_peak_rss_mb": server_rss, "server_actor_peak_pss_mb": server_pss,
             "client_actor_peak_rss_mb": client_rss, "client_actor_peak_pss_mb": client_pss,
+            "idle_worker_peak_rss_mb": idle_rss,
             "object_store_peak_mib": self.store_mib,
             "samples": self.samples,
         }
@@ -287,7 +292,11 @@ def main() -> None:
     started = time.perf_counter()
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="apf-orchestration-") as tmp:
-        session_cfg = bench_config(clients[0], args.rounds, args.local_steps, args.actors, 1.0, Path(tmp), args.set)
+        try:  # a bad --set fails here, before any Ray process starts
+            session_cfg = bench_config(clients[0], args.rounds, args.local_steps, args.actors, 1.0, Path(tmp),
+                                       args.set)
+        except ConfigError as err:
+            parser.error(str(err))
         with ray_session(session_cfg):
             cluster = ray.cluster_resources()
             # Every actor gets an equal CPU share, at most one, so any --actors fits the local cluster.
@@ -296,8 +305,9 @@ def main() -> None:
             print(f"local Ray cluster: {cluster['CPU']:g} CPUs, object store {session_cfg.cluster.object_store_mb} MB; "
                   f"{args.actors} client actors x {cpus_per_actor:g} CPU, "
                   f"{session_cfg.cluster.torch_threads} torch thread(s) each; server actor 0 CPU")
-            print(f"LeNet-5 on digits, IID, all clients sampled every round, {args.rounds} rounds "
-                  f"({WARMUP_ROUNDS} warm-up), {args.local_steps} local steps, batch 32, APF; "
+            train = session_cfg.train
+            print(f"LeNet-5 on digits, IID, all clients sampled every round, {train.rounds} rounds "
+                  f"({WARMUP_ROUNDS} warm-up), {train.local_steps} local steps, batch {train.batch_size}, APF; "
                   f"load average {load_start[0]:.2f}")
             rows = []
             for k in clients:
@@ -310,11 +320,12 @@ def main() -> None:
         "benchmark": "Ray orchestration overhead: round wall time vs. client compute time, peak memory",
         "setup": {
             "dataset": "digits", "model": "lenet5", "partitioner": "iid", "strategy": "apf",
-            "rounds": args.rounds, "warmup_rounds": WARMUP_ROUNDS, "local_steps": args.local_steps,
-            "batch_size": 32, "overrides": args.set, "client_actors": args.actors,
+            "rounds": train.rounds, "warmup_rounds": WARMUP_ROUNDS, "local_steps": train.local_steps,
+            "batch_size": train.batch_size, "overrides": args.set, "client_actors": args.actors,
             "cpus_per_actor": cpus_per_actor, "torch_threads_per_actor": session_cfg.cluster.torch_threads,
             "ray_cluster_cpus": cluster["CPU"], "object_store_mb": session_cfg.cluster.object_store_mb,
-            "memory_sampling": {"rss_hz": 1 / SAMPLE_INTERVAL_S, "pss_and_store_hz": 1 / (SAMPLE_INTERVAL_S * SLOW_EVERY),
+            "memory_sampling": {"rss_hz": 1 / SAMPLE_INTERVAL_S,
+                                "pss_and_store_hz": 1 / (SAMPLE_INTERVAL_S * SLOW_EVERY),
                                 "processes": "driver + its process tree (the local Ray cluster)"},
         },
         "definitions": {

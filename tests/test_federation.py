@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from apf_ray import codec
 from apf_ray.federation import ClientHost, ServerCore, build_workload
@@ -114,7 +115,11 @@ def test_run_writes_summary_tables_and_checkpoint(tmp_path):
 
     assert pq.read_table(tmp_path / "rounds.parquet").num_rows == 3
     assert pq.read_table(tmp_path / "clients.parquet").num_rows == 9
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    for tag in ("accuracy/test", "bytes/up", "bytes/down_cumulative", "apf/frozen_fraction", "apf/threshold",
+                "clients/reporting", "time/simulated_s", "frozen_by_layer/features.0"):
+        assert [e.step for e in board.Scalars(tag)] == [1, 2, 3], tag
 
 
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
@@ -129,6 +134,9 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     assert resumed["params"].tobytes() == full["params"].tobytes()
     assert [h["round"] for h in resumed["history"]] == [1, 2, 3, 4, 5]
     assert [h["bytes_up"] for h in resumed["history"]] == [h["bytes_up"] for h in full["history"]]
+    board = EventAccumulator(str(tmp_path / "crash" / "tensorboard"))
+    board.Reload()  # round 3, written before the crash and again after resume, appears once
+    assert [e.step for e in board.Scalars("bytes/up")] == [1, 2, 3, 4, 5]
 
 
 def test_failing_clients_are_dropped_and_the_round_completes(tmp_path):

@@ -14,17 +14,6 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-__all__ = [
-    "PARTITIONERS",
-    "DirichletPartitioner",
-    "IidPartitioner",
-    "NaturalPartitioner",
-    "Partitioner",
-    "ShardPartitioner",
-    "label_histogram",
-    "make_partitioner",
-]
-
 
 def _indices_by_owner(owner: np.ndarray, num_clients: int) -> list[np.ndarray]:
     """One ascending int64 index array per client from a per-sample owner id (-1 = nobody)."""
