@@ -1,8 +1,8 @@
 """The Ray plumbing: a local node, a two-node `ray start` cluster that loses and gains nodes,
 and the `ray up` cluster.yaml.
 
-The ``local_ray`` tests come first: ``two_node_cluster`` pauses the local cluster until this
-module ends, so no ``local_ray`` test may follow a two-node one here.
+The ``local_ray`` test comes first: ``two_node_cluster`` stops the local cluster for the rest
+of this module, so no ``local_ray`` test may follow a two-node one here.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import apf_ray
+from apf_ray.config import load_config
 from tests.ray_cluster import (
     EDGE_CPU_RESOURCES,
     LOCAL_OBJECT_STORE_BYTES,
@@ -30,7 +31,9 @@ from tests.ray_cluster import (
 
 pytestmark = pytest.mark.ray
 
-CLUSTER_YAML = Path(__file__).resolve().parent.parent / "cluster.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_YAML = ROOT / "cluster.yaml"
+CONFIGS = ROOT / "configs"
 RAY_SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
 GET_TIMEOUT_S = 30.0  # a ray.get that hangs is a failure, never a stuck run
 
@@ -162,6 +165,13 @@ def _cluster_config() -> dict:
     return yaml.safe_load(CLUSTER_YAML.read_text())
 
 
+def _node_kinds() -> list[dict[str, float]]:
+    """The custom resources of each node kind, from the `--resources` of the start commands."""
+    config = _cluster_config()
+    commands = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    return [json.loads(spec) for spec in re.findall(r"--resources='([^']*)'", commands)]
+
+
 def test_cluster_yaml_validates_against_rays_schema() -> None:
     schema = json.loads(RAY_SCHEMA.read_text())
     jsonschema.validate(_cluster_config(), schema)
@@ -173,9 +183,17 @@ def test_cluster_yaml_passes_ray_ups_local_provider_preparation() -> None:
     validate_config(prepare_config(_cluster_config()))
 
 
-def test_cluster_yaml_names_head_and_edge_resources_like_the_client_groups() -> None:
-    config = _cluster_config()
-    commands = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
-    declared = [json.loads(spec) for spec in re.findall(r"--resources='([^']*)'", commands)]
-    assert [sorted(resources) for resources in declared] == [["head_node"], ["edge_gpu"], ["edge_cpu"]]
-    assert all(amount >= 1 for resources in declared for amount in resources.values())
+def test_cluster_yaml_node_kinds_are_head_gpu_and_cpu_edge() -> None:
+    kinds = _node_kinds()
+    assert [sorted(resources) for resources in kinds] == [["head_node"], ["edge_gpu"], ["edge_cpu"]]
+    assert all(amount >= 1 for resources in kinds for amount in resources.values())
+
+
+@pytest.mark.parametrize("config_path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_client_pool_fits_one_cluster_yaml_node_kind(config_path: Path) -> None:
+    kinds = _node_kinds()
+    for pool in load_config(config_path).cluster.pools:
+        assert any(
+            all(kind.get(name, 0) >= amount for name, amount in pool.resources.items())
+            for kind in kinds
+        ), f"{config_path.name}: pool {pool.name!r} asks for {pool.resources}; cluster.yaml offers {kinds}"
