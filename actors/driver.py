@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.pools import pool_request
+from actors.pools import alive_node_resources, fits, pool_request
 from actors.server import ServerActor
 from apf_ray.config import ExperimentConfig
 from apf_ray.federation import RoundRecord
@@ -74,14 +74,14 @@ def ray_session(cfg: ExperimentConfig, address: str | None = None) -> Iterator[b
 
 
 def check_placeable(cfg: ExperimentConfig) -> None:
-    """Fail early, naming the pool, when no node of the cluster can ever host a pool's actor."""
-    totals = ray.cluster_resources()
+    """Warn early, naming the pool, when no node of the cluster can host one of its actors."""
+    nodes = alive_node_resources()
     for pool in cfg.cluster.pools:
-        lacking = {k: v for k, v in pool_request(pool).items() if totals.get(k, 0.0) < v}
-        if lacking:
+        request = pool_request(pool)
+        if not any(fits(node, request) for node in nodes):
             log.warning(
-                "cluster.pools[%s] asks for %s but the cluster has %s; its clients are dropped until such "
-                "a node joins", pool.name, lacking, {k: totals.get(k, 0.0) for k in lacking},
+                "cluster.pools[%s] asks for %s per actor and no node has that; its clients are dropped "
+                "until such a node joins", pool.name, request,
             )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -24,15 +23,47 @@ def pool_request(pool: PoolConfig) -> dict[str, float]:
     return {k: v for k, v in req.items() if v > 0}
 
 
-def actors_that_fit(pool: PoolConfig, cluster_resources: dict[str, float]) -> int:
-    """How many actors of ``pool`` the cluster's total resources hold (capped by max_actors)."""
-    if pool.num_actors != "auto":
-        return int(pool.num_actors)
-    req = pool_request(pool)
-    if not req:
-        return pool.max_actors
-    fit = min(math.floor(cluster_resources.get(k, 0.0) / v + 1e-9) for k, v in req.items())
-    return max(0, min(fit, pool.max_actors))
+def fits(node: dict[str, float], request: dict[str, float]) -> bool:
+    """Whether one actor asking for ``request`` fits on a node with these resources."""
+    return all(node.get(k, 0.0) + 1e-9 >= v for k, v in request.items())
+
+
+def plan_pool_sizes(pools: list[PoolConfig], nodes: list[dict[str, float]]) -> dict[str, int]:
+    """Target actor count per pool, packing actors onto the nodes' total resources.
+
+    A pool with a fixed ``num_actors`` always targets that many and is placed first (extra
+    ones wait for resources). ``auto`` pools then take turns, one actor each per pass, so
+    pools that compete for the same nodes share them instead of the first taking everything;
+    each targets what fits, at most ``max_actors`` — zero when no node has its resources.
+    """
+    free = [dict(n) for n in nodes]
+
+    def place(req: dict[str, float]) -> bool:
+        for node in free:
+            if fits(node, req):
+                for k, v in req.items():
+                    node[k] = node.get(k, 0.0) - v
+                return True
+        return False
+
+    fixed = [p for p in pools if p.num_actors != "auto"]
+    auto = [p for p in pools if p.num_actors == "auto"]
+    for p in fixed:  # asked for exactly this many: reserve them first
+        for _ in range(int(p.num_actors)):
+            place(pool_request(p))
+    placed = {p.name: 0 for p in auto}
+    progress = True
+    while progress:
+        progress = False
+        for p in auto:
+            if placed[p.name] < p.max_actors and place(pool_request(p)):
+                placed[p.name] += 1
+                progress = True
+    return {p.name: int(p.num_actors) if p.num_actors != "auto" else placed[p.name] for p in pools}
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
 @dataclass
@@ -78,7 +109,7 @@ class ClientPools:
 
     def refresh(self) -> None:
         """Mark finished start-ups ready and bring each pool up to its target size."""
-        total = ray.cluster_resources()
+        targets = plan_pool_sizes(list(self.pools.values()), alive_node_resources())
         for name, pool in self.pools.items():
             members = self.members[name]
             for m in members:
@@ -90,7 +121,7 @@ class ClientPools:
                             m.ready = True
                         except RayError as err:
                             self._drop(name, m, f"start-up failed: {type(err).__name__}")
-            target = actors_that_fit(pool, total)
+            target = targets[name]
             missing = target - len(self.members[name])
             for _ in range(max(0, missing)):
                 self.members[name].append(self._spawn(pool))

@@ -196,4 +196,4 @@ def test_every_client_pool_fits_one_cluster_yaml_node_kind(config_path: Path) ->
         assert any(
             all(kind.get(name, 0) >= amount for name, amount in pool.resources.items())
             for kind in kinds
-        ), f"{config_path.name}: pool {pool.name!r} asks for {pool.resources}; cluster.yaml offers {kinds}"
+        ), f"{config_path.name}: pool {pool.name!r} needs {pool.resources}; nodes offer {kinds}"
