@@ -108,15 +108,20 @@ def test_worker_node_imports_the_project_from_the_driver_path(
     assert ray.get(location, timeout=GET_TIMEOUT_S) == apf_ray.__file__
 
 
+def _busy_actor_on_new_node(join_node: Callable[..., ClusterNode]) -> tuple[ClusterNode, object, ray.ObjectRef]:
+    """A fresh edge node running an actor that is busy for 10 minutes."""
+    node = join_node(num_cpus=1, resources=EDGE_CPU_RESOURCES)
+    probe = Probe.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+    ).remote()
+    assert ray.get(probe.node_id.remote(), timeout=GET_TIMEOUT_S) == node.node_id
+    return node, probe, probe.busy.remote(600)
+
+
 def test_stopping_a_worker_node_kills_its_busy_actor_and_the_cluster_keeps_working(
     two_node_cluster: LocalCluster, join_node: Callable[..., ClusterNode]
 ) -> None:
-    doomed = join_node(num_cpus=1, resources=EDGE_CPU_RESOURCES)
-    probe = Probe.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(doomed.node_id, soft=False)
-    ).remote()
-    assert ray.get(probe.node_id.remote(), timeout=GET_TIMEOUT_S) == doomed.node_id
-    training = probe.busy.remote(600)
+    doomed, _, training = _busy_actor_on_new_node(join_node)
 
     two_node_cluster.remove_node(doomed)
 
@@ -129,12 +134,7 @@ def test_stopping_a_worker_node_kills_its_busy_actor_and_the_cluster_keeps_worki
 def test_a_crashed_worker_node_is_marked_dead_and_its_actor_dies(
     two_node_cluster: LocalCluster, join_node: Callable[..., ClusterNode]
 ) -> None:
-    doomed = join_node(num_cpus=1, resources=EDGE_CPU_RESOURCES)
-    probe = Probe.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(doomed.node_id, soft=False)
-    ).remote()
-    assert ray.get(probe.node_id.remote(), timeout=GET_TIMEOUT_S) == doomed.node_id
-    training = probe.busy.remote(600)
+    doomed, probe, training = _busy_actor_on_new_node(join_node)
 
     two_node_cluster.remove_node(doomed, graceful=False)
 
