@@ -78,7 +78,8 @@ def _cli(*args: str) -> subprocess.Popen:
 
 
 def test_killed_driver_resumes_and_reproduces_the_uninterrupted_run(tmp_path):
-    cfg = tiny_config("output.checkpoint_every=2", rounds=6)
+    # ~1 s rounds, so the driver is still mid-run when the round-2 checkpoint appears
+    cfg = tiny_config("output.checkpoint_every=2", "train.local_steps=150", rounds=6)
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     run_dir = tmp_path / "run"
