@@ -7,6 +7,7 @@ runs the reference loop without a cluster.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -82,16 +83,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     base = load_config(args.config, args.set or [])
     out = Path(args.output) if args.output else default_run_dir(base)
+    variants = {spec: load_config(args.config, [*(args.set or []), *variant_overrides(spec), f"name={base.name}"])
+                for spec in args.strategies}  # every variant validated before any run starts
     results: dict[str, dict[str, Any]] = {}
     histories = {}
-    for spec in args.strategies:
-        cfg = load_config(args.config, [*(args.set or []), *variant_overrides(spec), f"name={base.name}"])
-        label = spec
-        run_dir = out / spec.replace(":", "_").replace(",", "_").replace("=", "-")
-        results[label] = _execute(cfg, run_dir, inprocess=args.inprocess, address=args.address,
-                                  resume_state=None, label=label, quiet=args.quiet)
-        _, state = load_checkpoint(run_dir)
-        histories[label] = [RoundRecord(**h) for h in state["history"]]
+    with contextlib.ExitStack() as cluster:
+        if not args.inprocess:  # one cluster for all variants
+            from actors.driver import ray_session
+
+            cluster.enter_context(ray_session(base, args.address))
+        for spec, cfg in variants.items():
+            run_dir = out / spec.replace(":", "_").replace(",", "_").replace("=", "-")
+            results[spec] = _execute(cfg, run_dir, inprocess=args.inprocess, address=args.address,
+                                     resume_state=None, label=spec, quiet=args.quiet)
+            _, state = load_checkpoint(run_dir)
+            histories[spec] = [RoundRecord(**h) for h in state["history"]]
     rows = comparison_rows(results)
     console.print(comparison_table(rows, title=f"{base.name}: {base.train.rounds} rounds, "
                                                 f"{base.train.clients_per_round} clients/round"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -105,3 +106,16 @@ def test_killed_driver_resumes_and_reproduces_the_uninterrupted_run(tmp_path):
     _, ref = load_checkpoint(tmp_path / "ref")
     np.testing.assert_allclose(state["params"], ref["params"], rtol=1e-6, atol=1e-7)
     assert [h["bytes_up"] for h in state["history"]] == [h["bytes_up"] for h in ref["history"]]
+
+
+def test_compare_runs_every_variant_on_the_one_cluster(local_ray, tmp_path):
+    from apf_ray.cli import main
+
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config(rounds=2).model_dump(mode="json")))
+    node = ray.get_runtime_context().get_node_id()
+    assert main(["compare", "--quiet", "--config", str(config_file), "--output", str(tmp_path / "cmp"),
+                 "--strategies", "fedavg", "apf:threshold=0.95,alpha=0.5"]) == 0
+    assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node  # not restarted
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    assert [r["rounds"] for r in rows] == [2, 2] and rows[1]["bytes_up"] < rows[0]["bytes_up"]
