@@ -60,6 +60,7 @@ class ClientRecord:
     simulated_s: float = 0.0
     num_samples: int = 0
     train_loss: float = float("nan")
+    device: str = ""  # where it trained (cpu / cuda)
     error: str = ""
 
 
@@ -306,12 +307,12 @@ class ServerCore:
         clients: list[int],
         results: list[ClientResult],
         missing: dict[int, str],
-        wall_s: float,
         down_bytes: dict[int, int] | None = None,
     ) -> RoundRecord:
         """Aggregate what arrived, run the controller, account bytes and time, evaluate.
 
-        ``missing`` maps clients that never reported to why (timeout, actor died).
+        ``missing`` maps clients that never reported to why (timeout, actor died). The
+        record's ``wall_s`` is left for the caller, who times the whole round.
         """
         r = broadcast.round
         plan = broadcast.plan
@@ -320,7 +321,8 @@ class ServerCore:
         uploads: list[DecodedUpload] = []
         for res in sorted(results, key=lambda x: x.client_id):
             rec = ClientRecord(r, res.client_id, self.client_pools[res.client_id], "ok",
-                               bytes_down=down_bytes.get(res.client_id, 0), compute_s=res.compute_s)
+                               bytes_down=down_bytes.get(res.client_id, 0), compute_s=res.compute_s,
+                               device=res.device)
             records[res.client_id] = rec
             if res.upload is None:
                 rec.status, rec.error = "error", res.error or "unknown error"
@@ -354,10 +356,10 @@ class ServerCore:
             if rec.status in ("ok", "skipped"):
                 rec.simulated_s = (transfer_s(rec.bytes_down, net.down_mbps, net.latency_ms) + rec.compute_s
                                    + transfer_s(rec.bytes_up, net.up_mbps, net.latency_ms))
-        return self._record_round(r, clients, records, aggregated, wall_s)
+        return self._record_round(r, clients, records, aggregated)
 
-    def _record_round(self, r: int, clients: list[int], records: dict[int, ClientRecord], aggregated: bool,
-                      wall_s: float) -> RoundRecord:
+    def _record_round(self, r: int, clients: list[int], records: dict[int, ClientRecord],
+                      aggregated: bool) -> RoundRecord:
         recs = list(records.values())
         ok = [c for c in recs if c.status in ("ok", "skipped")]
         up = sum(c.bytes_up for c in recs)
@@ -387,7 +389,7 @@ class ServerCore:
             clients_sampled=len(clients),
             clients_reported=len(ok) if aggregated else 0,
             clients_dropped=len(clients) - (len(ok) if aggregated else 0),
-            wall_s=wall_s,
+            wall_s=0.0,
             simulated_s=sim,
             cum_simulated_s=self.cum_sim,
             layer_frozen={name: float(1.0 - mask[sl].mean()) for name, sl in self.layout.layer_slices().items()},

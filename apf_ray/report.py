@@ -7,8 +7,7 @@ from typing import Any
 from rich.table import Table
 
 from apf_ray.config import StrategyConfig
-
-_SECTION = {"apf": "apf", "permanent": "apf", "partial_sync": "apf", "topk": "topk", "gaia": "gaia", "cmfl": "cmfl"}
+from apf_ray.strategies import STRATEGIES
 
 
 def variant_overrides(spec: str) -> list[str]:
@@ -18,15 +17,17 @@ def variant_overrides(spec: str) -> list[str]:
     ``strategy`` itself (``value_dtype``).
     """
     name, _, rest = spec.partition(":")
-    out = [f"strategy.name={name.strip()}"]
+    name = name.strip()
+    section = STRATEGIES[name].config_section if name in STRATEGIES else None
+    out = [f"strategy.name={name}"]
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"strategy variant {spec!r}: expected key=value, got {item!r}")
         if key in StrategyConfig.model_fields:
             out.append(f"strategy.{key}={value}")
-        elif name in _SECTION:
-            out.append(f"strategy.{_SECTION[name]}.{key}={value}")
+        elif section is not None:
+            out.append(f"strategy.{section}.{key}={value}")
         else:
             raise ValueError(f"strategy variant {spec!r}: {name!r} has no option {key!r}")
     return out

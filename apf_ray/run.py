@@ -70,7 +70,7 @@ class FederatedRun:
         broadcast, clients = self.server.begin_round()
         down = self.server.downlink_bytes(clients, broadcast.plan)
         results, missing = execute(broadcast, clients)
-        rec = self.server.finish_round(broadcast, clients, results, missing, 0.0, down)
+        rec = self.server.finish_round(broadcast, clients, results, missing, down)
         rec.wall_s = time.perf_counter() - start
         n = len(clients)
         self.metrics.write_round(rec, self.server.client_history[-n:])

@@ -64,6 +64,7 @@ class Strategy:
     """FedAvg: every scalar, every round (the baseline the others are measured against)."""
 
     name = "fedavg"
+    config_section: str | None = None  # the StrategyConfig field holding this strategy's options
 
     def __init__(self, cfg: StrategyConfig) -> None:
         self.cfg = cfg
@@ -151,6 +152,7 @@ class APFStrategy(Strategy):
     """Adaptive Parameter Freezing: frozen scalars are neither trained nor sent (SPEC §2–§3)."""
 
     name = "apf"
+    config_section = "apf"
     period_policy: str | None = None  # None = the configured one
 
     def setup(self, init_params: np.ndarray, seed: int) -> None:
@@ -237,6 +239,7 @@ class TopKStrategy(_SparseUpload):
     """Top-k sparsification with error feedback (residual kept on the client)."""
 
     name = "topk"
+    config_section = "topk"
 
     def encode_upload(self, plan, global_params, local_params, buffers, num_samples, loss, client_state):
         comp = codec.TopKCompressor(self.cfg.topk.ratio, self.dtype)
@@ -248,6 +251,7 @@ class GaiaStrategy(_SparseUpload):
     """Gaia: send a scalar only when its update is significant relative to its value."""
 
     name = "gaia"
+    config_section = "gaia"
 
     def encode_upload(self, plan, global_params, local_params, buffers, num_samples, loss, client_state):
         g = self.cfg.gaia
@@ -266,6 +270,7 @@ class CMFLStrategy(Strategy):
     """
 
     name = "cmfl"
+    config_section = "cmfl"
 
     def setup(self, init_params: np.ndarray, seed: int) -> None:
         super().setup(init_params, seed)

@@ -108,15 +108,14 @@ def train_local(
         loss.backward()
         _masked_sgd_step(plist, masks, momenta, settings)
         losses[step] = loss.detach().to("cpu", torch.float64)
-    out = LocalResult(
-        params=get_params(model),
-        buffers=get_buffers(model),
+    trained_params, trained_buffers = get_params(model), get_buffers(model)
+    return LocalResult(
+        params=trained_params,
+        buffers=trained_buffers,
         loss=float(losses.mean()),
         num_samples=len(x),
-        compute_s=0.0,
+        compute_s=time.perf_counter() - start,
     )
-    out.compute_s = time.perf_counter() - start
-    return out
 
 
 @torch.no_grad()
