@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -13,9 +13,6 @@ from ray.exceptions import RayActorError, RayError
 from actors.client import ClientPoolActor
 from apf_ray.config import ExperimentConfig, PoolConfig
 from apf_ray.federation import Broadcast, ClientResult
-
-log = logging.getLogger("apf_ray.pools")
-
 
 def pool_request(pool: PoolConfig) -> dict[str, float]:
     """The Ray resources one actor of ``pool`` asks for."""
@@ -66,12 +63,16 @@ def alive_node_resources() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
+def _kill(handle: "ray.actor.ActorHandle") -> None:
+    with contextlib.suppress(RayError):  # already dead is fine
+        ray.kill(handle, no_restart=True)
+
+
 @dataclass
 class _Member:
     handle: "ray.actor.ActorHandle"
     ready_ref: "ray.ObjectRef"
     ready: bool = False
-    node_id: str = ""
     created: float = field(default_factory=time.monotonic)
 
 
@@ -80,7 +81,6 @@ class ClientPools:
 
     def __init__(self, cfg: ExperimentConfig, client_pools: list[str], partitions: list[np.ndarray],
                  data_refs: tuple, num_classes: int, input_shape: tuple) -> None:
-        self.cfg = cfg
         self.pools = {p.name: p for p in cfg.cluster.pools}
         self.client_pools = client_pools
         self.cfg_dump = cfg.model_dump(mode="json")
@@ -107,20 +107,21 @@ class ClientPools:
         ready = handle.add_clients.remote(self.partition_refs[pool.name])
         return _Member(handle, ready)
 
+    def _mark_started(self, pool: str) -> None:
+        """Members whose start-up finished become ready; failed start-ups are dropped."""
+        for m in [m for m in self.members[pool] if not m.ready]:
+            if ray.wait([m.ready_ref], timeout=0)[0]:
+                try:
+                    ray.get(m.ready_ref, timeout=5)
+                    m.ready = True
+                except RayError as err:
+                    self._drop(pool, m, f"start-up failed: {type(err).__name__}")
+
     def refresh(self) -> None:
         """Mark finished start-ups ready and bring each pool up to its target size."""
         targets = plan_pool_sizes(list(self.pools.values()), alive_node_resources())
         for name, pool in self.pools.items():
-            members = self.members[name]
-            for m in members:
-                if not m.ready:
-                    done, _ = ray.wait([m.ready_ref], timeout=0)
-                    if done:
-                        try:
-                            ray.get(m.ready_ref, timeout=5)
-                            m.ready = True
-                        except RayError as err:
-                            self._drop(name, m, f"start-up failed: {type(err).__name__}")
+            self._mark_started(name)
             target = targets[name]
             missing = target - len(self.members[name])
             for _ in range(max(0, missing)):
@@ -132,10 +133,7 @@ class ClientPools:
         if member in self.members[pool]:
             self.members[pool].remove(member)
             self.events.append(f"pool {pool}: actor dropped ({why})")
-            try:
-                ray.kill(member.handle, no_restart=True)
-            except RayError:
-                pass
+            _kill(member.handle)
 
     def ready_members(self, pool: str) -> list[_Member]:
         return [m for m in self.members[pool] if m.ready]
@@ -217,14 +215,10 @@ class ClientPools:
             cid, pool, member = pending[ref]
             missing[cid] = "timeout"
             member.handle.cancel_round.remote(broadcast.round)
-        del bref
         return results, missing
 
     def shutdown(self) -> None:
         for members in self.members.values():
             for m in members:
-                try:
-                    ray.kill(m.handle, no_restart=True)
-                except RayError:
-                    pass
+                _kill(m.handle)
         self.members = {name: [] for name in self.pools}

@@ -30,9 +30,9 @@ class ServerActor:
         self.run = FederatedRun(cfg, Path(run_dir), resume_state=resume_state)
         ds = self.run.workload.dataset
         # The training arrays go into the object store once; actors read them zero-copy.
-        self._data_refs = (ray.put(ds.x_train), ray.put(ds.y_train))
+        data_refs = (ray.put(ds.x_train), ray.put(ds.y_train))
         self.pools = ClientPools(cfg, self.run.workload.client_pools, self.run.workload.partitions,
-                                 self._data_refs, ds.num_classes, ds.input_shape)
+                                 data_refs, ds.num_classes, ds.input_shape)
 
     def start(self, startup_timeout_s: float = 180.0) -> dict[str, Any]:
         self.pools.wait_ready(set(self.pools.pools), startup_timeout_s, every_actor=True)
@@ -51,9 +51,6 @@ class ServerActor:
 
     def finish(self) -> dict[str, Any]:
         return self.run.finish()
-
-    def global_params(self):
-        return self.run.server.params
 
     def describe(self) -> dict[str, list[dict]]:
         return self.pools.describe()

@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from apf_ray.config import ConfigError, ExperimentConfig, load_config
+from apf_ray.config import ConfigError, ExperimentConfig, build_config, load_config
 from apf_ray.federation import RoundRecord
 from apf_ray.metrics import plot_history
 from apf_ray.report import comparison_rows, comparison_table, summary_table, variant_overrides
@@ -65,8 +65,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         cfg, resume_state = load_checkpoint(Path(args.resume))
         if args.set:
-            from apf_ray.config import build_config
-
             cfg = build_config(cfg.model_dump(mode="json"), args.set, source=f"{args.resume} + --set")
         run_dir = Path(args.resume)
         console.print(f"resuming {run_dir} after round {resume_state['round']}")

@@ -88,7 +88,8 @@ def _finite(values: list[float]) -> list[float]:
     return [v for v in values if not math.isnan(v)]
 
 
-def summarize(cfg_dump: dict[str, Any], history: list[RoundRecord], wall_time_s: float) -> dict[str, Any]:
+def summarize(cfg_dump: dict[str, Any], history: list[RoundRecord]) -> dict[str, Any]:
+    """The run's headline numbers; wall time is the sum of round times (cluster start-up excluded)."""
     accs = _finite([h.test_accuracy for h in history])
     last = history[-1] if history else None
     return {
@@ -97,7 +98,7 @@ def summarize(cfg_dump: dict[str, Any], history: list[RoundRecord], wall_time_s:
         "rounds": len(history),
         "bytes_up": last.cum_bytes_up if last else 0,
         "bytes_down": last.cum_bytes_down if last else 0,
-        "wall_time_s": wall_time_s,
+        "wall_time_s": sum(h.wall_s for h in history),
         "simulated_time_s": last.cum_simulated_s if last else 0.0,
         "mean_round_simulated_s": float(np.mean([h.simulated_s for h in history])) if history else 0.0,
         "frozen_fraction_final": last.frozen_fraction if last else 0.0,

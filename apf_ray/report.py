@@ -66,28 +66,29 @@ def summary_table(summary: dict[str, Any], title: str = "run summary") -> Table:
     return t
 
 
+def _saving(value: float, baseline: float) -> float | None:
+    return 1.0 - value / baseline if baseline else None
+
+
 def comparison_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Side-by-side numbers; savings are relative to the first variant (the baseline)."""
     base = next(iter(results.values()))
-    rows = []
-    for label, s in results.items():
-        def saving(key: str) -> float | None:
-            return 1.0 - s[key] / base[key] if base[key] else None
-
-        rows.append({
+    return [
+        {
             "variant": label,
             "final_accuracy": s["final_accuracy"],
             "best_accuracy": s["best_accuracy"],
             "bytes_up": s["bytes_up"],
             "bytes_down": s["bytes_down"],
-            "uplink_saving": saving("bytes_up"),
-            "total_saving": (1.0 - (s["bytes_up"] + s["bytes_down"]) / (base["bytes_up"] + base["bytes_down"])),
+            "uplink_saving": _saving(s["bytes_up"], base["bytes_up"]),
+            "total_saving": _saving(s["bytes_up"] + s["bytes_down"], base["bytes_up"] + base["bytes_down"]),
             "simulated_time_s": s["simulated_time_s"],
-            "time_saving": saving("simulated_time_s"),
+            "time_saving": _saving(s["simulated_time_s"], base["simulated_time_s"]),
             "frozen_fraction_final": s["frozen_fraction_final"],
             "rounds": s["rounds"],
-        })
-    return rows
+        }
+        for label, s in results.items()
+    ]
 
 
 def comparison_table(rows: list[dict[str, Any]], title: str) -> Table:

@@ -92,11 +92,9 @@ class FederatedRun:
 
     def finish(self) -> dict[str, Any]:
         history = self.server.history
-        wall = sum(h.wall_s for h in history)
-        summary = summarize(self.cfg.model_dump(mode="json"), history, wall)
+        summary = summarize(self.cfg.model_dump(mode="json"), history)
         summary["run_dir"] = str(self.run_dir)
-        write_summary(self.run_dir, summary)
-        self.metrics.write_tables(history, self.server.client_history)
+        write_summary(self.run_dir, summary)  # the tables were written by the final checkpoint
         if self.cfg.output.plots and history:
             plot_history(self.run_dir, {self.cfg.strategy.name: history})
         self.metrics.close()
