@@ -7,8 +7,10 @@ import threading
 
 import ray
 
+from apf_ray.client import ClientHost
 from apf_ray.config import ExperimentConfig
-from apf_ray.federation import Broadcast, ClientHost, ClientResult
+from apf_ray.data import Dataset
+from apf_ray.records import Broadcast, ClientResult
 
 
 @ray.remote(concurrency_groups={"control": 1})
@@ -20,23 +22,22 @@ class ClientPoolActor:
     the server can abandon a late round's queued work without waiting for it.
     """
 
-    def __init__(self, cfg_dump: dict, pool: str, x_train, y_train, num_classes: int, input_shape: tuple) -> None:
+    def __init__(self, cfg_dict: dict, pool: str, dataset: Dataset) -> None:
         import torch
 
-        cfg = ExperimentConfig.model_validate(cfg_dump)
+        cfg = ExperimentConfig.model_validate(cfg_dict)
         torch.set_num_threads(cfg.cluster.torch_threads)
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.pool = pool
-        # x_train, y_train: the full training arrays, passed as object refs and resolved by Ray
-        # into zero-copy read-only views (one copy per node); clients index their partitions.
-        self.host = ClientHost(cfg, x_train, y_train, num_classes, tuple(input_shape),
+        # ``dataset`` arrives as an object ref resolved by Ray into zero-copy read-only views
+        # (one copy per node); clients index their partitions out of the training arrays.
+        self.host = ClientHost(cfg, dataset.x_train, dataset.y_train, dataset.num_classes, dataset.input_shape,
                                device="cuda" if gpu else "cpu")
         self._cancelled_through = 0
         self._lock = threading.Lock()
 
     def add_clients(self, partitions: dict[int, object]) -> int:
-        self.host.add_clients(partitions)
-        return len(self.host.partitions)
+        return self.host.add_clients(partitions)
 
     def train(self, broadcast: Broadcast, client_id: int, state: dict | None = None) -> ClientResult:
         with self._lock:

@@ -12,7 +12,8 @@ from ray.exceptions import RayActorError, RayError
 
 from actors.client import ClientPoolActor
 from apf_ray.config import ExperimentConfig, PoolConfig
-from apf_ray.federation import Broadcast, ClientResult
+from apf_ray.records import Broadcast, ClientResult
+
 
 def pool_request(pool: PoolConfig) -> dict[str, float]:
     """The Ray resources one actor of ``pool`` asks for."""
@@ -63,15 +64,15 @@ def alive_node_resources() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def _kill(handle: "ray.actor.ActorHandle") -> None:
+def _kill(handle: ray.actor.ActorHandle) -> None:
     with contextlib.suppress(RayError):  # already dead is fine
         ray.kill(handle, no_restart=True)
 
 
 @dataclass
 class _Member:
-    handle: "ray.actor.ActorHandle"
-    ready_ref: "ray.ObjectRef"
+    handle: ray.actor.ActorHandle
+    ready_ref: ray.ObjectRef
     ready: bool = False
     created: float = field(default_factory=time.monotonic)
 
@@ -79,15 +80,15 @@ class _Member:
 class ClientPools:
     """All client actors of a run, grouped by pool; replaces dead ones, grows with the cluster."""
 
-    def __init__(self, cfg: ExperimentConfig, client_pools: list[str], partitions: list[np.ndarray],
-                 data_refs: tuple, num_classes: int, input_shape: tuple) -> None:
+    def __init__(self, cfg: ExperimentConfig, pool_of_client: list[str], partitions: list[np.ndarray],
+                 dataset_ref: ray.ObjectRef) -> None:
+        self.cfg = cfg
         self.pools = {p.name: p for p in cfg.cluster.pools}
-        self.client_pools = client_pools
-        self.cfg_dump = cfg.model_dump(mode="json")
-        self.data_refs = data_refs  # (x_train ref, y_train ref)
-        self.num_classes, self.input_shape = num_classes, tuple(input_shape)
+        self.pool_of_client = pool_of_client
+        self.cfg_dict = cfg.to_dict()
+        self.dataset_ref = dataset_ref  # one object-store copy shared by every actor
         self.partition_refs = {
-            name: ray.put({i: partitions[i] for i, p in enumerate(client_pools) if p == name})
+            name: ray.put({i: partitions[i] for i, p in enumerate(pool_of_client) if p == name})
             for name in self.pools
         }
         self.members: dict[str, list[_Member]] = {name: [] for name in self.pools}
@@ -101,9 +102,7 @@ class ClientPools:
         opts = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "max_restarts": 0}
         if pool.resources:
             opts["resources"] = dict(pool.resources)
-        handle = ClientPoolActor.options(**opts).remote(
-            self.cfg_dump, pool.name, *self.data_refs, self.num_classes, self.input_shape
-        )
+        handle = ClientPoolActor.options(**opts).remote(self.cfg_dict, pool.name, self.dataset_ref)
         ready = handle.add_clients.remote(self.partition_refs[pool.name])
         return _Member(handle, ready)
 
@@ -112,7 +111,7 @@ class ClientPools:
         for m in [m for m in self.members[pool] if not m.ready]:
             if ray.wait([m.ready_ref], timeout=0)[0]:
                 try:
-                    ray.get(m.ready_ref, timeout=5)
+                    ray.get(m.ready_ref, timeout=self.cfg.cluster.result_timeout_s)
                     m.ready = True
                 except RayError as err:
                     self._drop(pool, m, f"start-up failed: {type(err).__name__}")
@@ -145,7 +144,7 @@ class ClientPools:
         for, so a pool whose actors cannot be placed (no node with its resources) costs a
         round nothing; its clients are dropped as ``no_actor`` until such a node joins.
         """
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + self.cfg.cluster.round_timeout_s
         while True:
             self.refresh()
             now = time.monotonic()
@@ -166,24 +165,23 @@ class ClientPools:
             infos = []
             for m in self.ready_members(name):
                 try:
-                    infos.append(ray.get(m.handle.info.remote(), timeout=10))
+                    infos.append(ray.get(m.handle.info.remote(), timeout=self.cfg.cluster.result_timeout_s))
                 except RayError as err:
                     infos.append({"error": type(err).__name__})
             out[name] = infos
         return out
 
     # ---- a round ------------------------------------------------------------------------
-    def execute(self, broadcast: Broadcast, clients: list[int], timeout_s: float,
-                startup_timeout_s: float = 120.0) -> tuple[list[ClientResult], dict[int, str]]:
-        """Run ``clients`` on their pools; whatever is not back by the deadline is dropped."""
-        needed = {self.client_pools[c] for c in clients}
-        self.wait_ready(needed, startup_timeout_s)
+    def execute(self, broadcast: Broadcast, clients: list[int]) -> tuple[list[ClientResult], dict[int, str]]:
+        """Run ``clients`` on their pools; whatever is not back by ``cluster.round_timeout_s`` is dropped."""
+        needed = {self.pool_of_client[c] for c in clients}
+        self.wait_ready(needed, self.cfg.cluster.startup_timeout_s)
         bref = ray.put(broadcast)  # once per round; every client call gets the reference
         pending: dict[ray.ObjectRef, tuple[int, str, _Member]] = {}
         missing: dict[int, str] = {}
         turn: dict[str, int] = {}
         for cid in clients:
-            pool = self.client_pools[cid]
+            pool = self.pool_of_client[cid]
             ready = self.ready_members(pool)
             if not ready:
                 missing[cid] = "no_actor"
@@ -192,7 +190,7 @@ class ClientPools:
             turn[pool] = turn.get(pool, 0) + 1
             pending[member.handle.train.remote(bref, cid, self.client_state.get(cid))] = (cid, pool, member)
         results: list[ClientResult] = []
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + self.cfg.cluster.round_timeout_s
         waiting = list(pending)
         while waiting:
             left = deadline - time.monotonic()
@@ -202,7 +200,7 @@ class ClientPools:
             for ref in done:
                 cid, pool, member = pending[ref]
                 try:
-                    res = ray.get(ref, timeout=30)
+                    res = ray.get(ref, timeout=self.cfg.cluster.result_timeout_s)
                     results.append(res)
                     if res.state is not None:
                         self.client_state[cid] = res.state
@@ -210,7 +208,8 @@ class ClientPools:
                     missing[cid] = "died"
                     self._drop(pool, member, "actor died")
                 except RayError as err:  # the task itself failed: an error result, not a crash
-                    results.append(ClientResult(cid, None, error=f"{type(err).__name__}: {err}"[:500]))
+                    detail = f"{type(err).__name__}: {err}"[: self.cfg.cluster.max_error_chars]
+                    results.append(ClientResult(cid, None, error=detail))
         for ref in waiting:
             cid, pool, member = pending[ref]
             missing[cid] = "timeout"

@@ -1,4 +1,4 @@
-"""Server actor: owns the federated run (global model, controller, metrics, checkpoints)."""
+"""Server actor: hosts the round's server core and the client pools, and writes checkpoints."""
 
 from __future__ import annotations
 
@@ -9,48 +9,50 @@ import ray
 
 from actors.pools import ClientPools
 from apf_ray.config import ExperimentConfig
-from apf_ray.federation import RoundRecord
-from apf_ray.run import FederatedRun
+from apf_ray.data import Dataset
+from apf_ray.records import RoundEvent
+from apf_ray.resume import ResumePoint, save_run_checkpoint
+from apf_ray.server import ServerCore
+from apf_ray.workload import Workload
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class ServerActor:
-    """Hosts :class:`FederatedRun`; client work goes to :class:`ClientPools`.
+    """Hosts :class:`ServerCore`; client work goes to :class:`ClientPools`.
 
     ``num_cpus=0``: the server must never wait for a CPU that client actors hold, or
     ``ray.get`` on it hangs. It is pinned to the driver's node so the run directory is local.
     """
 
-    def __init__(self, cfg_dump: dict, run_dir: str, resume_state: dict | None = None) -> None:
+    def __init__(self, cfg_dict: dict, run_dir: str, dataset: Dataset, dataset_ref: list,
+                 workload: Workload, resume: ResumePoint | None) -> None:
         import torch
 
-        cfg = ExperimentConfig.model_validate(cfg_dump)
+        cfg = ExperimentConfig.model_validate(cfg_dict)
         torch.set_num_threads(cfg.cluster.torch_threads)
-        self.cfg = cfg
-        self.run = FederatedRun(cfg, Path(run_dir), resume_state=resume_state)
-        ds = self.run.workload.dataset
-        # The training arrays go into the object store once; actors read them zero-copy.
-        data_refs = (ray.put(ds.x_train), ray.put(ds.y_train))
-        self.pools = ClientPools(cfg, self.run.workload.client_pools, self.run.workload.partitions,
-                                 data_refs, ds.num_classes, ds.input_shape)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        # ``workload`` travels without its dataset; ``dataset`` is the shared object-store copy.
+        workload.dataset = dataset
+        self.server = ServerCore(cfg, workload)
+        self.pools = ClientPools(cfg, workload.pool_of_client, workload.partitions, dataset_ref[0])
+        if resume is not None:
+            self.server.load_state_dict(resume.server)
+            self.pools.client_state = dict(resume.clients)
 
-    def start(self, startup_timeout_s: float = 180.0) -> dict[str, Any]:
-        self.pools.wait_ready(set(self.pools.pools), startup_timeout_s, every_actor=True)
-        return {"round": self.run.server.round, "num_params": self.run.server.num_params,
+    def start(self) -> dict[str, Any]:
+        self.pools.wait_ready(set(self.pools.pools), self.cfg.cluster.startup_timeout_s, every_actor=True)
+        return {"backend": "ray", "round": self.server.round, "num_params": self.server.num_params,
                 "pools": self.pools.describe()}
 
-    def run_round(self) -> tuple[RoundRecord, list[str]]:
-        """One round; returns its record and the pool events (actors added or dropped)."""
+    def run_round(self) -> RoundEvent:
+        """One round; its event carries the pool events (actors added or dropped)."""
         self.pools.refresh()
-        rec = self.run.step(lambda b, c: self.pools.execute(b, c, self.cfg.cluster.round_timeout_s))
-        events, self.pools.events = self.pools.events, []
-        return rec, events
+        event = self.server.run_round(self.pools.execute)
+        event.pool_events, self.pools.events = self.pools.events, []
+        return event
 
-    def done(self) -> bool:
-        return self.run.done
-
-    def finish(self) -> dict[str, Any]:
-        return self.run.finish()
+    def save_checkpoint(self) -> str:
+        return str(save_run_checkpoint(self.run_dir, self.cfg, self.server, self.pools.client_state))
 
     def describe(self) -> dict[str, list[dict]]:
         return self.pools.describe()

@@ -1,107 +1,91 @@
-"""``apf-ray`` command line: train one run, or compare strategies side by side.
+"""apf-ray: communication-efficient federated learning with Adaptive Parameter Freezing, on Ray.
 
-Ray is imported lazily (from ``actors/``) so the core stays Ray-free and ``--inprocess``
-runs the reference loop without a cluster.
+The CLI is a thin layer over the run API (:func:`apf_ray.run.run`): it chooses the backend
+by name, so this package never imports Ray or ``actors`` itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from apf_ray.backends import backend_class
 from apf_ray.config import ConfigError, ExperimentConfig, build_config, load_config
-from apf_ray.federation import RoundRecord
-from apf_ray.metrics import plot_history
-from apf_ray.report import comparison_rows, comparison_table, summary_table, variant_overrides
-from apf_ray.run import default_run_dir, load_checkpoint, run_inprocess
+from apf_ray.metrics import plot_history, write_json
+from apf_ray.progress import ProgressDisplay
+from apf_ray.records import RoundRecord
+from apf_ray.report import comparison_rows, comparison_table, summary_table
+from apf_ray.resume import load_resume_point
+from apf_ray.run import default_run_dir, run
+from apf_ray.variants import variant_dirname, variant_overrides
 
 # Logs and CI are not terminals; give tables room instead of rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() else 140)
 
 
-def _round_line(rec: RoundRecord) -> str:
-    acc = "—" if math.isnan(rec.test_accuracy) else f"{rec.test_accuracy:.3f}"
-    return (f"acc {acc} · frozen {rec.frozen_fraction:.0%} · up {rec.cum_bytes_up / 1e6:.2f} MB · "
-            f"clients {rec.clients_reported}/{rec.clients_sampled}")
+def _backend(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    return ("inprocess", {}) if args.inprocess else ("ray", {"address": args.address})
 
 
-def _execute(cfg: ExperimentConfig, run_dir: Path, *, inprocess: bool, address: str | None,
-             resume_state: dict | None, label: str, quiet: bool) -> dict[str, Any]:
-    done = resume_state["round"] if resume_state else 0
-    with Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console,
-                  disable=quiet, transient=False) as progress:
-        task = progress.add_task("train", total=cfg.train.rounds, completed=done, label=label, status="starting")
-
-        def on_round(rec: RoundRecord, events: list[str] = ()) -> None:
-            for e in events:
-                progress.console.print(f"[yellow]round {rec.round}: {e}")
-            if rec.clients_dropped:
-                progress.console.print(f"[yellow]round {rec.round}: {rec.clients_dropped} client(s) dropped")
-            progress.update(task, completed=rec.round, status=_round_line(rec))
-
-        if inprocess:
-            return run_inprocess(cfg, run_dir, resume_state=resume_state, on_round=on_round)
-        from actors.driver import train_on_ray
-
-        def on_start(info: dict) -> None:
-            pools = ", ".join(f"{name}: {len(members)} actor(s)" for name, members in info["pools"].items())
-            progress.update(task, status=f"cluster ready ({pools})")
-
-        return train_on_ray(cfg, run_dir, resume_state=resume_state, address=address,
-                            on_start=on_start, on_round=on_round)
+def _train(cfg: ExperimentConfig, run_dir: Path, args: argparse.Namespace, label: str, resume=None) -> dict:
+    display = ProgressDisplay(console, label, show_events=not args.quiet)
+    callbacks = [] if args.quiet else [display]
+    backend, options = _backend(args)
+    try:
+        return run(cfg, run_dir, backend=backend, backend_options=options, callbacks=callbacks, resume=resume)
+    finally:
+        display.close()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    resume_state = None
+    resume = None
     if args.resume:
-        cfg, resume_state = load_checkpoint(Path(args.resume))
-        if args.set:
-            cfg = build_config(cfg.model_dump(mode="json"), args.set, source=f"{args.resume} + --set")
         run_dir = Path(args.resume)
-        console.print(f"resuming {run_dir} after round {resume_state['round']}")
+        resume = load_resume_point(run_dir)
+        for path, reason in resume.skipped:
+            console.print(f"[yellow]checkpoint {path.name} is damaged ({reason}); using {resume.path.name}")
+        cfg = build_config(resume.config, args.set or [], source=f"{run_dir} + --set")
+        console.print(f"resuming {run_dir} after round {resume.round}")
     else:
         cfg = load_config(args.config, args.set or [])
         run_dir = Path(args.output) if args.output else default_run_dir(cfg)
-    summary = _execute(cfg, run_dir, inprocess=args.inprocess, address=args.address,
-                       resume_state=resume_state, label=cfg.name, quiet=args.quiet)
+    summary = _train(cfg, run_dir, args, cfg.name, resume)
     console.print(summary_table(summary, title=f"{cfg.name} · {cfg.strategy.name}"))
-    console.print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    if cfg.output.tensorboard:
+        console.print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
     return 0
+
+
+def _history(run_dir: Path) -> list[RoundRecord]:
+    lines = (run_dir / "journal" / "rounds.jsonl").read_text().splitlines()
+    return [RoundRecord(**json.loads(line)) for line in lines if line.strip()]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     base = load_config(args.config, args.set or [])
     out = Path(args.output) if args.output else default_run_dir(base)
-    variants = {spec: load_config(args.config, [*(args.set or []), *variant_overrides(spec), f"name={base.name}"])
-                for spec in args.strategies}  # every variant validated before any run starts
+    variants = {  # every variant is validated before any run starts
+        spec: build_config(base.to_dict(), variant_overrides(spec, base.strategy.name), source=f"variant {spec}")
+        for spec in args.strategies
+    }
     results: dict[str, dict[str, Any]] = {}
-    histories = {}
-    with contextlib.ExitStack() as cluster:
-        if not args.inprocess:  # one cluster for all variants
-            from actors.driver import ray_session
-
-            cluster.enter_context(ray_session(base, args.address))
+    histories: dict[str, list[RoundRecord]] = {}
+    backend, options = _backend(args)
+    with backend_class(backend).session(base, **options):  # Ray: one cluster for every variant
         for spec, cfg in variants.items():
-            run_dir = out / spec.replace(":", "_").replace(",", "_").replace("=", "-")
-            results[spec] = _execute(cfg, run_dir, inprocess=args.inprocess, address=args.address,
-                                     resume_state=None, label=spec, quiet=args.quiet)
-            _, state = load_checkpoint(run_dir)
-            histories[spec] = [RoundRecord(**h) for h in state["history"]]
+            run_dir = out / variant_dirname(spec)
+            results[spec] = _train(cfg, run_dir, args, spec)
+            histories[spec] = _history(run_dir)
     rows = comparison_rows(results)
     console.print(comparison_table(rows, title=f"{base.name}: {base.train.rounds} rounds, "
                                                 f"{base.train.clients_per_round} clients/round"))
-    (out / "compare.json").write_text(json.dumps({"rows": rows, "config": base.model_dump(mode="json")},
-                                                 indent=2, default=float))
-    plot = plot_history(out, histories, "compare.png")
+    write_json(out / "compare.json", {"rows": rows, "config": base.to_dict()})
+    plot = plot_history(out / "compare.png", histories, title=f"{base.name}: strategies side by side")
     console.print(f"wrote {out / 'compare.json'} and {plot}")
     return 0
 
@@ -111,12 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", help="YAML config (default: built-in digits + LeNet-5 + APF)")
+        sp.add_argument("--config", help="YAML config (default: the digits + LeNet-5 + APF workload)")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, repeatable")
         sp.add_argument("--address", help="existing Ray cluster address (default: start a local one)")
         sp.add_argument("--output", help="run directory")
         sp.add_argument("--inprocess", action="store_true", help="reference loop in this process, no Ray")
-        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+        sp.add_argument("--quiet", action="store_true", help="no progress display")
 
     t = sub.add_parser("train", help="run one federated training")
     common(t)
@@ -126,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="run several strategies on the same workload, side by side")
     common(c)
     c.add_argument("--strategies", nargs="+", default=["fedavg", "apf", "apf:aggressive_prob=0.3"],
-                   help="variants 'name[:key=value,...]'; the first is the baseline for savings")
+                   help="variants 'name[:key=value,...][+stage[:key=value,...]]'; the first is the baseline")
     c.set_defaults(func=cmd_compare)
     return p
 

@@ -61,14 +61,14 @@ def _select(dst: np.ndarray, cond: np.ndarray, value: np.ndarray) -> None:
 
 
 @dataclass(frozen=True)
-class _Policy:
+class PeriodPolicy:
     """How the freezing period L reacts to a stable / unstable verdict (paper Fig. 12)."""
 
     kind: str
     fixed_period: int = 0
 
     @classmethod
-    def parse(cls, spec: str) -> _Policy:
+    def parse(cls, spec: str) -> PeriodPolicy:
         if spec in ("aimd", "additive", "multiplicative", "permanent"):
             return cls(spec)
         match = _FIXED_RE.fullmatch(spec) if isinstance(spec, str) else None
@@ -178,7 +178,7 @@ class APFController:
         if not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.period_policy = period_policy
-        self._policy = _Policy.parse(period_policy)
+        self._policy = PeriodPolicy.parse(period_policy)
 
         ref = _as_flat_float32("initial_params", initial_params)
         if ref.size == 0:

@@ -25,7 +25,7 @@ class FlatLayout:
     @property
     def slices(self) -> dict[str, slice]:
         out, start = {}, 0
-        for name, shape in zip(self.names, self.shapes):
+        for name, shape in zip(self.names, self.shapes, strict=True):
             size = int(np.prod(shape, dtype=np.int64))
             out[name] = slice(start, start + size)
             start += size

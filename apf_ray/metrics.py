@@ -1,96 +1,173 @@
-"""Run outputs: TensorBoard scalars, Parquet tables, summary.json and plots.
+"""Run outputs: TensorBoard scalars, a per-round journal, Parquet tables, summary.json, plots.
 
-The round loop only hands records to :class:`MetricsWriter`; everything a user looks at
-afterwards is derived here.
+The round loop only hands records to :class:`MetricsWriter` (a callback); everything a user
+looks at afterwards is derived here. The journal (``journal/rounds.jsonl`` and
+``journal/clients.jsonl``, one JSON line per record, flushed every round) is the durable
+record: appending costs O(1) per round, so long runs never rewrite their history. On resume
+the journal is cut back to the checkpoint's round; the Parquet tables are written from it
+when the run ends or stops.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from apf_ray.federation import ClientRecord, RoundRecord
+from apf_ray.callbacks import Callback, RunContext
+from apf_ray.records import ClientRecord, RoundEvent, RoundRecord
+
+JOURNAL = "journal"
+TABLES = ("rounds", "clients", "layers")
 
 
-class MetricsWriter:
-    """Writes one round at a time; ``purge_step`` drops TensorBoard events of rounds redone on resume."""
+def _read_journal(path: Path, upto_round: int) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines journal with ``round <= upto_round``; a torn last line is dropped."""
+    rows = []
+    if not path.is_file():
+        return rows
+    with path.open() as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a crash mid-write leaves at most one partial line, at the end
+            if row["round"] <= upto_round:
+                rows.append(row)
+    return rows
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, per_client: bool = False,
-                 purge_step: int | None = None) -> None:
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.per_client = per_client
+
+def _rewrite_journal(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def tensorboard_scalars(rec: RoundRecord) -> dict[str, float]:
+    """The per-round scalars shown in TensorBoard (rounds without evaluation omit accuracy)."""
+    scalars = {
+        "accuracy/test": rec.test_accuracy,
+        "loss/test": rec.test_loss,
+        "loss/train": rec.train_loss,
+        "bytes/up": rec.bytes_up,
+        "bytes/down": rec.bytes_down,
+        "bytes/up_cumulative": rec.cum_bytes_up,
+        "bytes/down_cumulative": rec.cum_bytes_down,
+        "apf/frozen_fraction": rec.frozen_fraction,
+        "apf/threshold": rec.threshold,
+        "clients/sampled": rec.clients_sampled,
+        "clients/reporting": rec.clients_reported,
+        "clients/dropped": rec.clients_dropped,
+        "time/wall_s": rec.wall_s,
+        "time/simulated_s": rec.simulated_s,
+        "time/simulated_cumulative_s": rec.cum_simulated_s,
+    }
+    scalars.update({f"frozen_by_layer/{layer}": frac for layer, frac in rec.layer_frozen.items()})
+    return {k: float(v) for k, v in scalars.items() if v is not None}
+
+
+class MetricsWriter(Callback):
+    """TensorBoard events and the journal per round; tables, summary and plots at the end."""
+
+    def __init__(self) -> None:
+        self.history: list[RoundRecord] = []
         self.tb = None
-        if tensorboard:
+
+    def on_start(self, ctx: RunContext) -> None:
+        self.cfg, self.run_dir = ctx.cfg, ctx.run_dir
+        journal = self.run_dir / JOURNAL
+        journal.mkdir(parents=True, exist_ok=True)
+        self._files = {}
+        for name in ("rounds", "clients"):
+            path = journal / f"{name}.jsonl"
+            rows = _read_journal(path, ctx.start_round)
+            _rewrite_journal(path, rows)  # drops rounds done after the checkpoint we resume from
+            if name == "rounds":
+                self.history = [RoundRecord(**row) for row in rows]
+            self._files[name] = path.open("a")
+        if ctx.cfg.output.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
+            # purge_step drops events of rounds redone after a resume
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                    purge_step=ctx.start_round + 1 if ctx.start_round else None)
 
-    def write_round(self, rec: RoundRecord, clients: list[ClientRecord]) -> None:
+    def on_round(self, event: RoundEvent) -> None:
+        rec = event.record
+        self.history.append(rec)
+        self._append("rounds", [asdict(rec)])
+        self._append("clients", [asdict(c) for c in event.clients])
         if self.tb is None:
             return
-        r = rec.round
-        scalars = {
-            "accuracy/test": rec.test_accuracy,
-            "loss/test": rec.test_loss,
-            "loss/train": rec.train_loss,
-            "bytes/up": rec.bytes_up,
-            "bytes/down": rec.bytes_down,
-            "bytes/up_cumulative": rec.cum_bytes_up,
-            "bytes/down_cumulative": rec.cum_bytes_down,
-            "apf/frozen_fraction": rec.frozen_fraction,
-            "apf/threshold": rec.threshold,
-            "clients/sampled": rec.clients_sampled,
-            "clients/reporting": rec.clients_reported,
-            "clients/dropped": rec.clients_dropped,
-            "time/wall_s": rec.wall_s,
-            "time/simulated_s": rec.simulated_s,
-            "time/simulated_cumulative_s": rec.cum_simulated_s,
-        }
-        for tag, value in scalars.items():
-            if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                self.tb.add_scalar(tag, value, r)
-        for layer, frac in rec.layer_frozen.items():
-            self.tb.add_scalar(f"frozen_by_layer/{layer}", frac, r)
-        if self.per_client:
-            for c in clients:
-                self.tb.add_scalar(f"client/{c.client_id}/bytes_up", c.bytes_up, r)
-                self.tb.add_scalar(f"client/{c.client_id}/compute_s", c.compute_s, r)
-                if not math.isnan(c.train_loss):
-                    self.tb.add_scalar(f"client/{c.client_id}/train_loss", c.train_loss, r)
+        for tag, value in tensorboard_scalars(rec).items():
+            self.tb.add_scalar(tag, value, rec.round)
+        if self.cfg.output.per_client_tensorboard:
+            for c in event.clients:
+                self.tb.add_scalar(f"client/{c.client_id}/bytes_up", c.bytes_up, rec.round)
+                self.tb.add_scalar(f"client/{c.client_id}/compute_s", c.compute_s, rec.round)
+                if c.train_loss is not None:
+                    self.tb.add_scalar(f"client/{c.client_id}/train_loss", c.train_loss, rec.round)
         self.tb.flush()
 
-    def write_tables(self, history: list[RoundRecord], clients: list[ClientRecord]) -> None:
-        """Rewrite the Parquet tables from the full history (atomic replace)."""
-        rounds = [{k: v for k, v in asdict(h).items() if k != "layer_frozen"} for h in history]
-        layers = [{"round": h.round, "layer": name, "frozen_fraction": f}
-                  for h in history for name, f in h.layer_frozen.items()]
-        for name, rows in (("rounds", rounds), ("clients", [asdict(c) for c in clients]), ("layers", layers)):
-            if not rows:
-                continue
-            tmp = self.run_dir / f".{name}.parquet.tmp"
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
-            tmp.replace(self.run_dir / f"{name}.parquet")
+    def _append(self, name: str, rows: list[dict[str, Any]]) -> None:
+        f = self._files[name]
+        f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+        f.flush()
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        self.close()
+        write_tables(self.run_dir)
+        write_json(self.run_dir / "summary.json", summary)
+        if self.cfg.output.plots and self.history:
+            plot_history(self.run_dir / "curves.png", {self.cfg.strategy.name: self.history},
+                         title=f"{self.cfg.name} · {self.cfg.strategy.name}")
 
     def close(self) -> None:
+        for f in getattr(self, "_files", {}).values():
+            f.close()
+        self._files = {}
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
-def _finite(values: list[float]) -> list[float]:
-    return [v for v in values if not math.isnan(v)]
+def write_tables(run_dir: Path) -> None:
+    """``rounds.parquet``, ``clients.parquet`` and ``layers.parquet`` from the journal."""
+    journal = Path(run_dir) / JOURNAL
+    rounds = _read_journal(journal / "rounds.jsonl", math.inf)
+    clients = _read_journal(journal / "clients.jsonl", math.inf)
+    layers = [{"round": r["round"], "layer": name, "frozen_fraction": f}
+              for r in rounds for name, f in r["layer_frozen"].items()]
+    rounds = [{k: v for k, v in r.items() if k != "layer_frozen"} for r in rounds]
+    for name, rows, schema in (("rounds", rounds, _schema(RoundRecord)), ("clients", clients, _schema(ClientRecord)),
+                               ("layers", layers, None)):
+        if not rows:
+            continue
+        tmp = Path(run_dir) / f".{name}.parquet.tmp"
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+        tmp.replace(Path(run_dir) / f"{name}.parquet")
 
 
-def summarize(cfg_dump: dict[str, Any], history: list[RoundRecord]) -> dict[str, Any]:
-    """The run's headline numbers; wall time is the sum of round times (cluster start-up excluded)."""
-    accs = _finite([h.test_accuracy for h in history])
+def _schema(record: type) -> pa.Schema:
+    """Column types from a record's annotations, so all-None columns keep their type."""
+    types = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "float | None": pa.float64(),
+             "ClientStatus": pa.string()}
+    fields = [(name, types[str(ann)]) for name, ann in record.__annotations__.items() if name != "layer_frozen"]
+    return pa.schema(fields)
+
+
+def summarize(cfg_dict: dict[str, Any], history: list[RoundRecord]) -> dict[str, Any]:
+    """The run's headline numbers; wall time is the sum of round times (start-up excluded).
+
+    Strict JSON: a value that does not exist (no evaluation yet, no threshold) is None.
+    """
+    accs = [h.test_accuracy for h in history if h.test_accuracy is not None]
     last = history[-1] if history else None
     return {
         "final_accuracy": accs[-1] if accs else None,
@@ -100,42 +177,51 @@ def summarize(cfg_dump: dict[str, Any], history: list[RoundRecord]) -> dict[str,
         "bytes_down": last.cum_bytes_down if last else 0,
         "wall_time_s": sum(h.wall_s for h in history),
         "simulated_time_s": last.cum_simulated_s if last else 0.0,
-        "mean_round_simulated_s": float(np.mean([h.simulated_s for h in history])) if history else 0.0,
+        "mean_round_simulated_s": (last.cum_simulated_s / len(history)) if last else 0.0,
         "frozen_fraction_final": last.frozen_fraction if last else 0.0,
         "threshold_final": last.threshold if last else None,
         "clients_dropped": int(sum(h.clients_dropped for h in history)),
-        "config": cfg_dump,
+        "config": cfg_dict,
     }
 
 
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    path = Path(run_dir) / "summary.json"
-    path.write_text(json.dumps(summary, indent=2, default=float, allow_nan=True))
+def write_json(path: Path, data: Any) -> Path:
+    """Strict JSON (NaN or infinity is an error, never written), atomically replaced."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
     return path
 
 
-def plot_history(run_dir: Path, series: dict[str, list[RoundRecord]], filename: str = "curves.png") -> Path:
-    """Accuracy, cumulative uplink bytes and frozen fraction per round, one line per run."""
+def plot_history(path: Path, series: dict[str, Iterable[RoundRecord]], title: str) -> Path:
+    """Test accuracy, cumulative uplink and frozen fraction per round, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for label, hist in series.items():
+        hist = list(hist)
         rounds = [h.round for h in hist]
-        acc = [(h.round, h.test_accuracy) for h in hist if not math.isnan(h.test_accuracy)]
+        acc = [(h.round, h.test_accuracy) for h in hist if h.test_accuracy is not None]
         if acc:
-            axes[0].plot(*zip(*acc), label=label)
+            axes[0].plot(*zip(*acc, strict=True), label=label)
         axes[1].plot(rounds, [h.cum_bytes_up / 1e6 for h in hist], label=label)
-        axes[2].plot(rounds, [h.frozen_fraction for h in hist], label=label)
-    for ax, title in zip(axes, ("test accuracy", "cumulative uplink (MB)", "frozen fraction")):
-        ax.set_title(title)
+        axes[2].plot(rounds, [100 * h.frozen_fraction for h in hist], label=label)
+    ylabels = ("test accuracy (fraction correct)", "cumulative uplink (MB)", "frozen scalars (%)")
+    titles = ("Accuracy", "Uplink traffic", "Frozen parameters")
+    for ax, ylabel, sub in zip(axes, ylabels, titles, strict=True):
+        ax.set_title(sub)
         ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend()
+    fig.suptitle(title)
     fig.tight_layout()
-    path = Path(run_dir) / filename
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return Path(path)

@@ -1,36 +1,10 @@
-"""Human-readable outputs: strategy variants for ``compare``, summary and comparison tables."""
+"""Human-readable outputs: the summary table of a run and the side-by-side table of ``compare``."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from rich.table import Table
-
-from apf_ray.config import StrategyConfig
-from apf_ray.strategies import STRATEGIES
-
-
-def variant_overrides(spec: str) -> list[str]:
-    """``"apf:aggressive_prob=0.3,value_dtype=float16"`` → ``--set`` style overrides.
-
-    Keys name a field of the strategy's own section (``strategy.apf.*`` for apf) or of
-    ``strategy`` itself (``value_dtype``).
-    """
-    name, _, rest = spec.partition(":")
-    name = name.strip()
-    section = STRATEGIES[name].config_section if name in STRATEGIES else None
-    out = [f"strategy.name={name}"]
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"strategy variant {spec!r}: expected key=value, got {item!r}")
-        if key in StrategyConfig.model_fields:
-            out.append(f"strategy.{key}={value}")
-        elif section is not None:
-            out.append(f"strategy.{section}.{key}={value}")
-        else:
-            raise ValueError(f"strategy variant {spec!r}: {name!r} has no option {key!r}")
-    return out
 
 
 def _mb(nbytes: float) -> str:

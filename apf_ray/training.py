@@ -1,4 +1,4 @@
-"""Local training with a freezing mask, evaluation, and sample-weighted aggregation.
+"""Local training with a freezing mask, and evaluation.
 
 Frozen scalars must stay bit-identical to the server's values (SPEC §3). The optimiser is a
 masked SGD: at frozen positions the step is exactly zero (gradient, weight decay and the
@@ -133,16 +133,3 @@ def evaluate(
         correct += int((logits.argmax(dim=1) == yb).sum())
     n = max(len(x), 1)
     return correct / n, total_loss / n
-
-
-def weighted_mean(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """Sample-weighted mean of equally long float32 vectors, accumulated in float64, in order."""
-    if not vectors:
-        raise ValueError("nothing to aggregate")
-    w = np.asarray(weights, dtype=np.float64)
-    if (w <= 0).any():
-        raise ValueError("aggregation weights must be positive")
-    acc = np.zeros(vectors[0].shape, dtype=np.float64)
-    for vec, wi in zip(vectors, w):
-        acc += wi * vec
-    return (acc / w.sum()).astype(np.float32)

@@ -62,7 +62,7 @@ def main() -> None:
     print(f"{'model':<10} {'device':<6} {'params':>11} {'ms/step':>9} {'round s':>8} {'frozen bit-identical':>21}")
     for r in rows:
         print(f"{r['model']:<10} {r['device']:<6} {r['num_params']:>11,} {r['ms_per_step']:>9.2f} "
-              f"{r['round_s']:>8.3f} {str(r['frozen_bit_identical']):>21}")
+              f"{r['round_s']:>8.3f} {r['frozen_bit_identical']!s:>21}")
     meta = {"torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "cpu_threads": 1}

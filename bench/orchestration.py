@@ -32,15 +32,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil  # bundled with Ray: importable once ray is imported (ray/thirdparty_files)
 import ray
 import torch
-
-import psutil  # bundled with Ray: importable once ray is imported (ray/thirdparty_files)
 from ray._private.internal_api import memory_summary
 
-from actors.driver import ray_session, train_on_ray
+from actors.backend import ray_session
+from apf_ray.callbacks import Callback
 from apf_ray.config import ConfigError, ExperimentConfig, build_config
-from apf_ray.run import load_checkpoint, run_inprocess
+from apf_ray.run import run
 
 DEFAULT_CLIENTS = (10, 50, 100)
 WARMUP_ROUNDS = 1
@@ -64,8 +64,8 @@ def bench_config(clients: int, rounds: int, local_steps: int, actors: int, cpus_
         "strategy": {"name": "apf"},
         "cluster": {"pools": [{"name": "cpu", "num_actors": actors, "num_cpus": cpus_per_actor}],
                     "round_timeout_s": 600},
-        # checkpoint_every=0: no periodic checkpoints, but the final one is still written; the
-        # per-client compute times are read back from it.
+        # checkpoint_every=0: no periodic checkpoints (the final one is still written); the
+        # per-client compute times are read back from the run's journal.
         "output": {"dir": str(run_dir), "checkpoint_every": 0, "tensorboard": False, "plots": False},
     }
     return build_config(raw, overrides, source="bench/orchestration.py")
@@ -106,7 +106,7 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="memory-sampler", daemon=True)
 
-    def __enter__(self) -> "MemorySampler":
+    def __enter__(self) -> MemorySampler:
         self._thread.start()
         return self
 
@@ -176,6 +176,25 @@ class MemorySampler:
         }
 
 
+def _journal(run_dir: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "journal" / f"{name}.jsonl").read_text().splitlines()]
+
+
+class Marks(Callback):
+    """Driver clock when the backend is up and after each round's event arrived; pool events."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.events: list[str] = []
+
+    def on_start(self, ctx) -> None:
+        self.times.append(time.perf_counter())
+
+    def on_round(self, event) -> None:
+        self.times.append(time.perf_counter())
+        self.events.extend(event.pool_events)
+
+
 def per_round_compute(client_history: list[dict], rounds: int) -> np.ndarray:
     """Sum of compute_s of the clients that trained, indexed by round (index 0 unused)."""
     rnd = np.array([c["round"] for c in client_history], dtype=np.int64)
@@ -185,10 +204,10 @@ def per_round_compute(client_history: list[dict], rounds: int) -> np.ndarray:
 
 
 def round_stats(run_dir: Path, actors: int) -> dict:
-    """Wall vs. compute time of the measured rounds of a finished run (from its final checkpoint)."""
-    _, state = load_checkpoint(run_dir)
-    history = [h for h in state["history"] if h["round"] > WARMUP_ROUNDS]
-    compute = per_round_compute(state["client_history"], len(state["history"]))
+    """Wall vs. compute time of the measured rounds of a finished run (from its journal)."""
+    all_rounds = _journal(run_dir, "rounds")
+    history = [h for h in all_rounds if h["round"] > WARMUP_ROUNDS]
+    compute = per_round_compute(_journal(run_dir, "clients"), len(all_rounds))
     rounds = np.array([h["round"] for h in history])
     wall = np.array([h["wall_s"] for h in history])
     serial = compute[rounds]
@@ -204,7 +223,7 @@ def round_stats(run_dir: Path, actors: int) -> dict:
         "median_wall_over_serial": float(np.median(wall / serial)),
         "median_non_compute_s": float(np.median(wall - ideal)),
         "clients_dropped": int(sum(h["clients_dropped"] for h in history)),
-        "final_test_accuracy": float(state["history"][-1]["test_accuracy"]),
+        "final_test_accuracy": float(all_rounds[-1]["test_accuracy"]),
     }
 
 
@@ -214,28 +233,26 @@ def bench_clients(clients: int, args: argparse.Namespace, cpus_per_actor: float,
     ray_dir, local_dir = workdir / f"ray-{clients}", workdir / f"inprocess-{clients}"
     load_before = os.getloadavg()
 
-    marks: list[float] = []  # driver clock at start-up done and after each round's record arrived
-    events: list[str] = []
+    marks = Marks()
     started = time.perf_counter()
     cfg = bench_config(clients, args.rounds, args.local_steps, args.actors, cpus_per_actor, ray_dir, args.set)
     with MemorySampler(tree=True, gcs_address=gcs_address) as ray_memory:
-        train_on_ray(cfg, ray_dir, on_start=lambda info: marks.append(time.perf_counter()),
-                     on_round=lambda rec, ev: (marks.append(time.perf_counter()), events.extend(ev)))
+        run(cfg, ray_dir, backend="ray", callbacks=[marks])
     ray_total = time.perf_counter() - started
     ray_stats = round_stats(ray_dir, args.actors)
-    driver_rounds = np.diff(marks)[WARMUP_ROUNDS:]
+    driver_rounds = np.diff(marks.times)[WARMUP_ROUNDS:]
     ray_stats.update(
-        startup_s=marks[0] - started,
+        startup_s=marks.times[0] - started,
         total_s=ray_total,
         median_driver_round_s=float(np.median(driver_rounds)),
-        pool_events=events,
+        pool_events=marks.events,
         memory=ray_memory.report(),
     )
 
     started = time.perf_counter()
     cfg = bench_config(clients, args.rounds, args.local_steps, args.actors, cpus_per_actor, local_dir, args.set)
     with MemorySampler(tree=False) as local_memory:
-        run_inprocess(cfg, local_dir)
+        run(cfg, local_dir)
     local_stats = round_stats(local_dir, actors=1)
     local_stats.update(total_s=time.perf_counter() - started, memory=local_memory.report())
 

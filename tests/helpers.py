@@ -1,8 +1,13 @@
-"""Small configs shared by the integration tests (real data, real training, a few rounds)."""
+"""Small configs and callbacks shared by the integration tests (real data, real training, a few rounds)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from apf_ray.callbacks import Callback
 from apf_ray.config import ExperimentConfig, build_config
+from apf_ray.records import RoundEvent, RoundRecord
 
 
 def tiny_config(*overrides: str, rounds: int = 4) -> ExperimentConfig:
@@ -15,8 +20,43 @@ def tiny_config(*overrides: str, rounds: int = 4) -> ExperimentConfig:
         "model": {"name": "lenet5"},
         "train": {"rounds": rounds, "clients_per_round": 3, "local_steps": 3, "batch_size": 16, "lr": 0.05,
                   "momentum": 0.9, "weight_decay": 1e-4},
-        "strategy": {"name": "apf", "apf": {"threshold": 0.5, "alpha": 0.5}},
+        "strategy": {"name": "apf", "options": {"threshold": 0.5, "alpha": 0.5}},
         "cluster": {"pools": [{"name": "cpu", "num_actors": 2, "num_cpus": 0.5}], "round_timeout_s": 120},
         "output": {"checkpoint_every": 2, "tensorboard": True, "plots": False},
     }
     return build_config(raw, list(overrides))
+
+
+class Crash(RuntimeError):
+    """Raised by :class:`CrashAfter` to simulate a driver dying mid-run."""
+
+
+class CrashAfter(Callback):
+    """Raises :class:`Crash` after ``rounds`` rounds of this call (whatever was checkpointed stays)."""
+
+    def __init__(self, rounds: int) -> None:
+        self.left = rounds
+
+    def on_round(self, event: RoundEvent) -> None:
+        self.left -= 1
+        if self.left == 0:
+            raise Crash(f"simulated crash after round {event.record.round}")
+
+
+def journal_rounds(run_dir: Path) -> list[RoundRecord]:
+    """The run's round records, from its journal."""
+    lines = (Path(run_dir) / "journal" / "rounds.jsonl").read_text().splitlines()
+    return [RoundRecord(**json.loads(line)) for line in lines]
+
+
+def start_ray_backend(cfg: ExperimentConfig, run_dir: Path):
+    """A started :class:`RayBackend` on the Ray session this process holds; ``.server`` is the actor.
+
+    Tests drive the actor directly (``backend.server.run_round.remote()``) to act mid-round.
+    """
+    from actors.backend import RayBackend
+    from apf_ray.workload import build_workload
+
+    backend = RayBackend()
+    info = backend.start(cfg, Path(run_dir), build_workload(cfg), None)
+    return backend, info

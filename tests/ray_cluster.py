@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import pytest
 import ray
 
-from actors.driver import enable_token_auth
+from actors.backend import enable_token_auth
 
 if TYPE_CHECKING:
     from ray._private.worker import RayContext

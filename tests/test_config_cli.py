@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from apf_ray.cli import main
-from apf_ray.config import ConfigError, load_config
-from apf_ray.report import variant_overrides
+from apf_ray.config import ConfigError, build_config, load_config
+from apf_ray.variants import variant_overrides
 from tests.helpers import tiny_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -26,8 +26,10 @@ def test_every_example_config_is_valid(path):
     "override, field",
     [
         ("train.local_steps=0", "train.local_steps"),
-        ("strategy.apf.alpha=1.5", "strategy.apf.alpha"),
-        ("strategy.apf.period_policy=fixed:0", "strategy.apf.period_policy"),
+        ("strategy.options.alpha=1.5", "strategy.options.alpha"),
+        ("strategy.options.period_policy=fixed:0", "strategy.options.period_policy"),
+        ("strategy.options.bogus=1", "strategy.options.bogus"),
+        ("strategy.uplink=[{name: topk, ratio: 0}]", "strategy.uplink.0.ratio"),
         ("strategy.name=sgd", "strategy.name"),
         ("train.clients_per_round=999", "clients_per_round"),
         ("data.bogus=1", "data.bogus"),
@@ -39,26 +41,38 @@ def test_invalid_values_name_the_field(override, field):
 
 
 def test_overrides_parse_yaml_values_into_nested_fields():
-    cfg = load_config(None, ["strategy.apf.threshold=0.3", "cluster.pools=[{name: a}, {name: b, num_cpus: 2}]"])
-    assert cfg.strategy.apf.threshold == 0.3
+    cfg = load_config(None, ["strategy.options.threshold=0.3", "cluster.pools=[{name: a}, {name: b, num_cpus: 2}]"])
+    assert cfg.strategy.options["threshold"] == 0.3
     assert [p.name for p in cfg.cluster.pools] == ["a", "b"] and cfg.cluster.pools[1].num_cpus == 2
 
 
 def test_missing_config_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml"):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_variant_specs_map_to_the_strategy_section():
-    assert variant_overrides("apf:aggressive_prob=0.3,value_dtype=float16") == [
-        "strategy.name=apf", "strategy.apf.aggressive_prob=0.3", "strategy.value_dtype=float16"]
-    assert variant_overrides("topk:ratio=0.01") == ["strategy.name=topk", "strategy.topk.ratio=0.01"]
-    with pytest.raises(ValueError, match="no option 'ratio'"):
-        variant_overrides("fedavg:ratio=1")
+def test_variant_specs_map_to_strategy_options_and_uplink_stages():
+    assert variant_overrides("apf:aggressive_prob=0.3+float16", "apf") == {
+        "strategy.name": "apf", "strategy.options.aggressive_prob": 0.3, "strategy.uplink": ["float16"]}
+    assert variant_overrides("fedavg+topk:ratio=0.01+int8", "apf") == {
+        "strategy.name": "fedavg", "strategy.options": {},
+        "strategy.uplink": [{"name": "topk", "ratio": 0.01}, "int8"]}
+    with pytest.raises(ValueError, match="expected key=value"):
+        variant_overrides("apf:ratio", "apf")
+
+
+def test_a_variant_keeps_the_configs_options_of_the_same_strategy_and_drops_another_strategys():
+    base = load_config(None)  # apf with T = 0.2
+    same = build_config(base.to_dict(), variant_overrides("apf:aggressive_prob=0.3", "apf"))
+    assert same.strategy.options["threshold"] == 0.2 and same.strategy.options["aggressive_prob"] == 0.3
+    other = build_config(base.to_dict(), variant_overrides("fedavg", "apf"))
+    assert other.strategy.options == {}
+    with pytest.raises(ConfigError, match=r"strategy\.options\.ratio"):
+        build_config(base.to_dict(), variant_overrides("fedavg:ratio=1", "apf"))
 
 
 def _write(cfg, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
     return path
 
 

@@ -226,7 +226,7 @@ def aggressive_masks(seed: int, n: int = 1000, calls: int = 4) -> list[np.ndarra
 
 def test_aggressive_masks_depend_only_on_the_seed() -> None:
     first, again, other = aggressive_masks(7), aggressive_masks(7), aggressive_masks(8)
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert not np.array_equal(first[0], other[0])
     # All 1000 drift (unstable): each is frozen with probability .5 at check 1.
     assert 0.4 < 1.0 - first[0].mean() < 0.6
@@ -275,7 +275,7 @@ def test_load_state_dict_rejects_wrong_shape_and_missing_keys() -> None:
     with pytest.raises(ValueError, match=r"state\['ref'\].*\(4,\)"):
         target.load_state_dict(state)
     del state["rng_state"]
-    with pytest.raises(ValueError, match="missing keys.*rng_state"):
+    with pytest.raises(ValueError, match=r"missing keys.*rng_state"):
         APFController(np.zeros(3, dtype=np.float32)).load_state_dict(state)
 
 

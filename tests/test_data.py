@@ -108,7 +108,8 @@ def test_idx_limit_beyond_the_file_is_an_error(tmp_path: Path) -> None:
 def test_idx_bad_magic_names_the_file(tmp_path: Path) -> None:
     write_mnist_dir(tmp_path, gz=False)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(4), magic=0x00000803)
-    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte: IDX magic number is 0x00000803, expected 0x00000801"):
+    message = r"t10k-labels-idx1-ubyte: IDX magic number is 0x00000803, expected 0x00000801"
+    with pytest.raises(ValueError, match=message):
         load_dataset("mnist_idx", path=tmp_path)
 
 
@@ -127,7 +128,8 @@ def test_idx_truncated_file_names_the_file(tmp_path: Path) -> None:
 def test_idx_image_and_label_count_mismatch_names_both_files(tmp_path: Path) -> None:
     write_mnist_dir(tmp_path, gz=False)
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(5))
-    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte holds 6 images but .*train-labels-idx1-ubyte holds 5 labels"):
+    message = r"train-images-idx3-ubyte holds 6 images but .*train-labels-idx1-ubyte holds 5 labels"
+    with pytest.raises(ValueError, match=message):
         load_dataset("mnist_idx", path=tmp_path)
 
 
@@ -334,12 +336,13 @@ def test_real_shakespeare_corpus_gives_one_group_per_major_role() -> None:
 
 
 def test_load_dataset_unknown_name_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; known datasets: \['cifar10', 'digits'"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; known: cifar10, digits, "):
         load_dataset("imagenet")
 
 
 def test_load_dataset_unknown_option_lists_accepted_ones() -> None:
-    with pytest.raises(ValueError, match=r"dataset 'digits': .*'test_size'.*accepted options: \['seed', 'test_fraction'\]"):
+    message = r"dataset 'digits': .*'test_size'.*accepted options: \['seed', 'test_fraction'\]"
+    with pytest.raises(ValueError, match=message):
         load_dataset("digits", test_size=0.3)
 
 
@@ -400,8 +403,8 @@ def test_dirichlet_small_beta_is_more_skewed_than_large_beta() -> None:
 
 def test_dirichlet_is_reproducible_with_its_seed() -> None:
     a, b, c = (DirichletPartitioner(5, beta=0.5, seed=s).partition(LABELS) for s in (3, 3, 4))
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_dirichlet_impossible_min_size_is_an_error() -> None:
@@ -441,7 +444,7 @@ def test_make_partitioner_passes_options() -> None:
 
 
 def test_make_partitioner_errors_name_the_bad_name_or_option() -> None:
-    known = r"known partitioners: \['dirichlet', 'iid', 'natural', 'shards'\]"
+    known = r"known: dirichlet, iid, natural, shards"
     with pytest.raises(ValueError, match=r"unknown partitioner 'pathological'; " + known):
         make_partitioner("pathological", 4)
     accepted = r"accepted options: \['beta', 'max_retries', 'min_size', 'seed'\]"
@@ -449,3 +452,36 @@ def test_make_partitioner_errors_name_the_bad_name_or_option() -> None:
         make_partitioner("dirichlet", 4, alpha=0.5)
     with pytest.raises(ValueError, match=r"num_clients=0 must be a positive integer"):
         make_partitioner("iid", 0)
+
+
+@pytest.fixture
+def user_plugins(tmp_path, monkeypatch) -> str:
+    (tmp_path / "my_data.py").write_text(
+        "import numpy as np\n"
+        "from apf_ray.data import Dataset, Partitioner\n"
+        "def blobs(n=40, seed=0):\n"
+        "    rng = np.random.default_rng(seed)\n"
+        "    x = rng.standard_normal((n, 3)).astype(np.float32); y = (x[:, 0] > 0).astype(np.int64)\n"
+        "    return Dataset(x[:30], y[:30], x[30:], y[30:], num_classes=2, input_shape=(3,))\n"
+        "class Halves(Partitioner):\n"
+        "    def _owners(self, labels, groups, rng):\n"
+        "        return np.arange(len(labels)) * self.num_clients // len(labels)\n"
+        "def not_a_dataset():\n"
+        "    return 42\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_data"
+
+
+def test_a_users_dataset_and_partitioner_load_by_import_path(user_plugins: str) -> None:
+    ds = load_dataset(f"{user_plugins}:blobs", n=50)
+    assert ds.name == "my_data:blobs" and len(ds.x_train) == 30 and ds.num_classes == 2
+    parts = make_partitioner(f"{user_plugins}:Halves", 3, seed=0).partition(ds.y_train)
+    assert [len(p) for p in parts] == [10, 10, 10]
+
+
+def test_a_users_loader_must_return_a_dataset(user_plugins: str) -> None:
+    with pytest.raises(ValueError, match=r"dataset 'my_data:not_a_dataset': the loader returned int"):
+        load_dataset(f"{user_plugins}:not_a_dataset")
+    with pytest.raises(ValueError, match=r"partitioner 'my_data:blobs' is .* not a Partitioner subclass"):
+        make_partitioner(f"{user_plugins}:blobs", 2)

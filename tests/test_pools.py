@@ -1,7 +1,7 @@
 """Sizing client pools from the nodes' resources (pure logic, no cluster needed)."""
 
-from apf_ray.config import PoolConfig
 from actors.pools import plan_pool_sizes
+from apf_ray.config import PoolConfig
 
 
 def _pool(name, **kw):

@@ -1,4 +1,4 @@
-"""The Ray layer on a real local cluster: equivalence, failures, deadlines, resume."""
+"""The Ray backend on a real local cluster: equivalence, failures, deadlines, resume, plug-ins."""
 
 from __future__ import annotations
 
@@ -8,26 +8,28 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
 
-from actors.driver import start_server, train_on_ray
-from apf_ray.run import load_checkpoint, run_inprocess
-from tests.helpers import tiny_config
+from apf_ray.resume import load_resume_point
+from apf_ray.run import run
+from tests.helpers import journal_rounds, start_ray_backend, tiny_config
 
 pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_ray_run_matches_the_inprocess_reference(local_ray, tmp_path):
     cfg = tiny_config(rounds=3)
-    summary = train_on_ray(cfg, tmp_path / "ray")
-    reference = run_inprocess(cfg, tmp_path / "ref")
-    _, ray_state = load_checkpoint(tmp_path / "ray")
-    _, ref_state = load_checkpoint(tmp_path / "ref")
-    np.testing.assert_allclose(ray_state["params"], ref_state["params"], rtol=1e-6, atol=1e-7)
+    summary = run(cfg, tmp_path / "ray", backend="ray")
+    reference = run(cfg, tmp_path / "ref")
+    ray_state, ref_state = load_resume_point(tmp_path / "ray"), load_resume_point(tmp_path / "ref")
+    np.testing.assert_allclose(ray_state.server["params"], ref_state.server["params"], rtol=1e-6, atol=1e-7)
     assert summary["bytes_up"] == reference["bytes_up"]
     assert summary["bytes_down"] == reference["bytes_down"]
     assert summary["final_accuracy"] == pytest.approx(reference["final_accuracy"], abs=1e-6)
@@ -36,86 +38,106 @@ def test_ray_run_matches_the_inprocess_reference(local_ray, tmp_path):
 
 def test_killing_a_client_actor_mid_round_costs_that_round_one_client(local_ray, tmp_path):
     cfg = tiny_config("train.clients_per_round=2", "train.local_steps=2000", "cluster.min_clients=1", rounds=2)
-    server, info = start_server(cfg, tmp_path)
+    backend, info = start_ray_backend(cfg, tmp_path)
     try:
         pids = [a["pid"] for a in info["pools"]["cpu"]]
         assert len(pids) == 2
-        round_ref = server.run_round.remote()
+        round_ref = backend.server.run_round.remote()
         time.sleep(2.0)  # both actors are training their one client now
         os.kill(pids[0], signal.SIGKILL)
-        rec, _ = ray.get(round_ref, timeout=120)
+        rec = ray.get(round_ref, timeout=120).record
         assert (rec.clients_reported, rec.clients_dropped) == (1, 1)
-        rec2, events = ray.get(server.run_round.remote(), timeout=180)
-        assert rec2.clients_reported == 2  # the next round is whole again
-        assert any("+1 actor" in e for e in events)  # the dead actor was replaced
+        event = backend.run_round()
+        assert event.record.clients_reported == 2  # the next round is whole again
+        assert any("+1 actor" in e for e in event.pool_events)  # the dead actor was replaced
     finally:
-        ray.kill(server)
+        backend.close()
 
 
 def test_a_client_past_the_deadline_is_dropped_without_hanging_the_round(local_ray, tmp_path):
     cfg = tiny_config("train.clients_per_round=2", "train.local_steps=5000", "cluster.round_timeout_s=3",
                       "cluster.min_clients=1", rounds=1)
-    server, _ = start_server(cfg, tmp_path)
+    backend, _ = start_ray_backend(cfg, tmp_path)
     try:
         start = time.monotonic()
-        rec, _ = ray.get(server.run_round.remote(), timeout=60)
+        rec = backend.run_round().record
         assert time.monotonic() - start < 30
         assert rec.clients_dropped == 2 and rec.clients_reported == 0
     finally:
-        ray.kill(server)
+        backend.close()
 
 
 def test_failing_clients_never_take_down_a_ray_round(local_ray, tmp_path):
     cfg = tiny_config("faults.client_failure_prob=0.5", "cluster.min_clients=1", rounds=3)
-    summary = train_on_ray(cfg, tmp_path)
+    summary = run(cfg, tmp_path, backend="ray")
     assert summary["rounds"] == 3
-    _, state = load_checkpoint(tmp_path)
-    assert any(c["status"] == "error" for c in state["client_history"])
+    assert any(c["status"] == "error" for c in pq.read_table(tmp_path / "clients.parquet").to_pylist())
 
 
-def _cli(*args: str) -> subprocess.Popen:
+def _cli(*args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "apf_ray.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+
+
+def _checkpointed_round(run_dir: Path) -> int:
+    try:
+        return load_resume_point(run_dir).round
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def test_killed_driver_resumes_and_reproduces_the_uninterrupted_run(tmp_path):
     # ~1 s rounds, so the driver is still mid-run when the round-2 checkpoint appears
     cfg = tiny_config("output.checkpoint_every=2", "train.local_steps=150", rounds=6)
     config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
     run_dir = tmp_path / "run"
     proc = _cli("train", "--config", str(config_file), "--output", str(run_dir), "--quiet")
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (run_dir / "checkpoint.pkl").is_file() and load_checkpoint(run_dir)[1]["round"] >= 2:
-                break
+        while time.monotonic() < deadline and proc.poll() is None and _checkpointed_round(run_dir) < 2:
             time.sleep(0.2)
         assert proc.poll() is None, proc.stdout.read()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver, its server actor and its local Ray
         proc.wait(timeout=30)
-    killed_at = load_checkpoint(run_dir)[1]["round"]
+    killed_at = _checkpointed_round(run_dir)
     assert 2 <= killed_at < 6
     resumed = _cli("train", "--resume", str(run_dir), "--quiet")
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
-    _, state = load_checkpoint(run_dir)
-    assert [h["round"] for h in state["history"]] == [1, 2, 3, 4, 5, 6]
-    run_inprocess(cfg, tmp_path / "ref")
-    _, ref = load_checkpoint(tmp_path / "ref")
-    np.testing.assert_allclose(state["params"], ref["params"], rtol=1e-6, atol=1e-7)
-    assert [h["bytes_up"] for h in state["history"]] == [h["bytes_up"] for h in ref["history"]]
+    assert [h.round for h in journal_rounds(run_dir)] == [1, 2, 3, 4, 5, 6]
+    run(cfg, tmp_path / "ref")
+    state, ref = load_resume_point(run_dir), load_resume_point(tmp_path / "ref")
+    np.testing.assert_allclose(state.server["params"], ref.server["params"], rtol=1e-6, atol=1e-7)
+    assert [h.bytes_up for h in journal_rounds(run_dir)] == [h.bytes_up for h in journal_rounds(tmp_path / "ref")]
 
 
 def test_compare_runs_every_variant_on_the_one_cluster(local_ray, tmp_path):
     from apf_ray.cli import main
 
     config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump(tiny_config(rounds=2).model_dump(mode="json")))
+    config_file.write_text(yaml.safe_dump(tiny_config(rounds=2).to_dict()))
     node = ray.get_runtime_context().get_node_id()
     assert main(["compare", "--quiet", "--config", str(config_file), "--output", str(tmp_path / "cmp"),
                  "--strategies", "fedavg", "apf:threshold=0.95,alpha=0.5"]) == 0
     assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node  # not restarted
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
     assert [r["rounds"] for r in rows] == [2, 2] and rows[1]["bytes_up"] < rows[0]["bytes_up"]
+
+
+def test_a_strategy_from_a_file_outside_the_package_runs_on_ray(tmp_path):
+    """The plug-in lives outside the repository; the CLI's own local cluster inherits PYTHONPATH."""
+    plugin = tmp_path / "plugins" / "my_median.py"
+    plugin.parent.mkdir()
+    plugin.write_text((REPO / "tests" / "plugins" / "median_strategy.py").read_text())
+    config_file = tmp_path / "median.yaml"
+    raw = tiny_config(rounds=2).to_dict()
+    raw["strategy"] = {"name": "my_median:Median", "options": {"step": 0.5}}
+    config_file.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin.parent), str(REPO)])}
+    proc = _cli("train", "--config", str(config_file), "--output", str(tmp_path / "run"), "--quiet", env=env)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["config"]["strategy"]["name"] == "my_median:Median"

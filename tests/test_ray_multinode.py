@@ -11,8 +11,7 @@ import time
 import pytest
 import ray
 
-from actors.driver import start_server
-from tests.helpers import tiny_config
+from tests.helpers import start_ray_backend, tiny_config
 from tests.ray_cluster import EDGE_CPU_RESOURCES
 
 pytestmark = pytest.mark.ray
@@ -24,45 +23,44 @@ POOLS = (
 
 
 def _clients_by_pool(cfg, pool: str) -> set[int]:
-    from apf_ray.federation import assign_pools
+    from apf_ray.workload import assign_pools
 
     return {i for i, p in enumerate(assign_pools(cfg.data.num_clients, cfg.cluster.pools)) if p == pool}
 
 
 def test_each_pool_is_placed_on_the_nodes_with_its_resources(two_node_cluster, tmp_path):
     cfg = tiny_config(POOLS, rounds=2)
-    server, info = start_server(cfg, tmp_path)
+    backend, info = start_ray_backend(cfg, tmp_path)
     try:
         [edge], [head] = info["pools"]["edge"], info["pools"]["head"]
         assert edge["node_id"] == two_node_cluster.workers[0].node_id
         assert head["node_id"] == two_node_cluster.head.node_id
         for _ in range(2):
-            rec, _ = ray.get(server.run_round.remote(), timeout=120)
-            assert rec.clients_dropped == 0
+            assert backend.run_round().record.clients_dropped == 0
     finally:
-        ray.kill(server)
+        backend.close()
 
 
 def test_training_survives_a_stopped_worker_node_and_uses_a_new_one(two_node_cluster, tmp_path):
     cfg = tiny_config(POOLS, "train.clients_per_round=6", "train.local_steps=1500", "cluster.min_clients=1",
                       rounds=6)
     edge_clients = _clients_by_pool(cfg, "edge")
-    server, _ = start_server(cfg, tmp_path)
+    backend, _ = start_ray_backend(cfg, tmp_path)
+    server = backend.server
     try:
-        rec, _ = ray.get(server.run_round.remote(), timeout=120)
-        assert rec.clients_reported == 6
+        assert backend.run_round().record.clients_reported == 6
         round_ref = server.run_round.remote()
         time.sleep(1.0)
         two_node_cluster.remove_node(two_node_cluster.workers[0])  # mid-round
-        rec, events = ray.get(round_ref, timeout=180)
+        rec = ray.get(round_ref, timeout=180).record
         assert rec.clients_reported == 6 - len(edge_clients)  # the head pool's clients still count
-        rec, _ = ray.get(server.run_round.remote(), timeout=180)  # no edge node at all now
+        rec = ray.get(server.run_round.remote(), timeout=180).record  # no edge node at all now
         assert rec.clients_reported == 6 - len(edge_clients)
         two_node_cluster.add_node(num_cpus=1, resources=EDGE_CPU_RESOURCES)
-        rec, events = ray.get(server.run_round.remote(), timeout=180)
-        assert any("pool edge: +1" in e for e in events)
-        assert rec.clients_reported == 6  # the new node's actor trains from this round on
+        event = ray.get(server.run_round.remote(), timeout=180)
+        assert any("pool edge: +1" in e for e in event.pool_events)
+        assert event.record.clients_reported == 6  # the new node's actor trains from this round on
         assert ray.get(server.describe.remote(), timeout=30)["edge"][0]["node_id"] == \
             two_node_cluster.workers[0].node_id
     finally:
-        ray.kill(server)
+        backend.close()

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from apf_ray.plugins import resolve
+
 __all__ = [
     "DATASETS",
     "FASHION_MNIST_DIR",
@@ -458,7 +460,7 @@ def load_shakespeare(
     train_x, train_y, test_x, test_y, group_names = [], [], [], [], []
     for name in sorted(names):
         tokens = _encode(texts[name])
-        cut = int(round(len(tokens) * (1.0 - test_fraction)))
+        cut = round(len(tokens) * (1.0 - test_fraction))
         x, y = _windows(tokens[:cut], seq_len, stride)
         if len(y) == 0:  # too short to give even one training window at this seq_len
             continue
@@ -497,10 +499,9 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 
 
 def load_dataset(name: str, **options: object) -> Dataset:
-    """Load the dataset registered as ``name`` with the loader's keyword ``options``."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {sorted(DATASETS)}")
-    loader = DATASETS[name]
+    """Load the dataset registered as ``name`` (or the user's loader at import path
+    ``package.module:load_fn``, a callable returning a :class:`Dataset`) with ``options``."""
+    loader = resolve(name, DATASETS, "dataset", check=callable, expected="a callable returning a Dataset")
     signature = inspect.signature(loader)
     try:
         signature.bind(**options)
@@ -508,4 +509,7 @@ def load_dataset(name: str, **options: object) -> Dataset:
         raise ValueError(
             f"dataset {name!r}: {err}; accepted options: {sorted(signature.parameters)}"
         ) from None
-    return dataclasses.replace(loader(**options), name=name)
+    dataset = loader(**options)
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"dataset {name!r}: the loader returned {type(dataset).__name__}, not a Dataset")
+    return dataclasses.replace(dataset, name=name)

@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from apf_ray.plugins import resolve, subclass_of
+
 
 def _indices_by_owner(owner: np.ndarray, num_clients: int) -> list[np.ndarray]:
     """One ascending int64 index array per client from a per-sample owner id (-1 = nobody)."""
@@ -209,11 +211,11 @@ PARTITIONERS: dict[str, type[Partitioner]] = {
 
 
 def make_partitioner(name: str, num_clients: int, **options: object) -> Partitioner:
-    """Build the partitioner registered as ``name``; ``options`` are its constructor's
+    """Build the partitioner registered as ``name`` (or the user's :class:`Partitioner`
+    subclass at import path ``package.module:Class``); ``options`` are its constructor's
     keywords (e.g. ``beta``, ``seed``)."""
-    if name not in PARTITIONERS:
-        raise ValueError(f"unknown partitioner {name!r}; known partitioners: {sorted(PARTITIONERS)}")
-    cls = PARTITIONERS[name]
+    cls = resolve(name, PARTITIONERS, "partitioner", check=subclass_of(Partitioner),
+                  expected="a Partitioner subclass")
     signature = inspect.signature(cls)
     try:
         signature.bind(num_clients, **options)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 
 from torch import nn
 
 from apf_ray.models.nets import BasicBlock, CharLSTM, LeNet5, ResNet18
+from apf_ray.plugins import resolve, subclass_of
 
 __all__ = ["MODELS", "BasicBlock", "CharLSTM", "LeNet5", "ResNet18", "build_model"]
 
@@ -18,23 +18,6 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
-def _import_model_class(path: str) -> type[nn.Module]:
-    """The nn.Module subclass named by ``package.module:ClassName`` or ``package.module.ClassName``."""
-    module_name, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    if not (module_name and sep and attr):
-        raise ValueError(f"model {path!r}: an import path must look like 'package.module:ClassName'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"model {path!r}: cannot import module {module_name!r} ({err})") from err
-    cls = getattr(module, attr, None)
-    if cls is None:
-        raise ValueError(f"model {path!r}: module {module_name!r} has no attribute {attr!r}")
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"model {path!r}: {attr!r} is {cls!r}, not a torch.nn.Module subclass")
-    return cls
-
-
 def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...], **kwargs: object) -> nn.Module:
     """Construct the model ``name``: a key of :data:`MODELS` or an import path to your own
     ``nn.Module`` subclass (``"package.module:ClassName"``).
@@ -42,15 +25,7 @@ def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...], **
     The class is called with ``num_classes``, with ``input_shape`` when its constructor
     accepts it, and with ``kwargs``.
     """
-    if name in MODELS:
-        cls = MODELS[name]
-    elif ":" in name or "." in name:
-        cls = _import_model_class(name)
-    else:
-        raise ValueError(
-            f"unknown model {name!r}; known models: {sorted(MODELS)}, "
-            "or an import path 'package.module:ClassName' to an nn.Module subclass"
-        )
+    cls = resolve(name, MODELS, "model", check=subclass_of(nn.Module), expected="a torch.nn.Module subclass")
     signature = inspect.signature(cls)
     takes_input_shape = "input_shape" in signature.parameters or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()

@@ -1,4 +1,8 @@
-"""Wire codecs: the exact bytes a federated round puts on the network (SPEC §3).
+"""Wire format: the exact bytes a federated round puts on the network (SPEC §3).
+
+This module only lays bytes out — containers, bitmaps, framing; *what* is sent is decided
+by strategies and sparsifiers, and *how each value is written* by the quantisers in
+:mod:`apf_ray.compression.quantize`, whose payloads the value containers carry.
 
 Every encoder returns one 1-D contiguous ``np.uint8`` array, header included, so
 ``buf.nbytes`` *is* the byte count the metrics report — never a pickle size or an estimate.
@@ -20,11 +24,8 @@ message    ``'F'`` u8, part count u8                          (2 B)   parts
 scalars    ``'K'`` u8, value count u8                         (2 B)   parts of 8 B each
 =========  =========================================================  ===================
 
-- dtype: index into ``VALUE_DTYPES`` (0 float32, 1 float16, 2 bfloat16, 3 int8).
-- Value payload for m values: float32 4m B; float16 2m B (IEEE cast, |x| > 65504 becomes ±inf);
-  bfloat16 2m B (upper 16 bits of the float32, round-to-nearest-even, NaN stays NaN);
-  int8 4·ceil(m/4096) B of float32 scales followed by m B of int8 (one symmetric scale
-  max|x|/127 per chunk of 4096 values).
+- dtype: the quantiser's wire code (0 float32, 1 float16, 2 bfloat16, 3 int8); the payload
+  layout of each is documented in :mod:`apf_ray.compression.quantize`.
 - Bitmaps are ``np.packbits`` (first element in the most significant bit of byte 0).
 - Sparse positions: 0 = k uint32 indices (4k B), 1 = bitmap (ceil(n/8) B); the encoder takes
   indices iff 4k < ceil(n/8). Values follow in increasing index order.
@@ -38,7 +39,6 @@ Hand-checked sizes: 1000 float32 values → 6 + 4000 = 4006 B; a 13-element mask
 
 from __future__ import annotations
 
-import math
 import numbers
 import struct
 from collections.abc import Mapping
@@ -46,9 +46,7 @@ from typing import Final
 
 import numpy as np
 
-VALUE_DTYPES: Final = ("float32", "float16", "bfloat16", "int8")
-INT8_CHUNK: Final = 4096
-"""Values per int8 quantisation chunk; each chunk carries its own float32 scale."""
+from apf_ray.compression.base import QUANTIZER_CODES, quantizer
 
 _MAX_COUNT: Final = 2**32 - 1
 _MAX_PARTS: Final = 255
@@ -83,9 +81,7 @@ _DOWNLINK_MASK: Final = "mask"
 
 
 def _dtype_code(dtype: str) -> int:
-    if dtype not in VALUE_DTYPES:
-        raise ValueError(f"unknown value dtype {dtype!r}; allowed: {', '.join(VALUE_DTYPES)}")
-    return VALUE_DTYPES.index(dtype)
+    return quantizer(dtype).code
 
 
 def _count(value: int, name: str) -> int:
@@ -176,7 +172,7 @@ def _take(data: np.ndarray, offset: int, nbytes: int, kind: str, what: str) -> n
 
 
 def _check_dtype_code(code: int, kind: str) -> None:
-    if code >= len(VALUE_DTYPES):
+    if code not in QUANTIZER_CODES:
         raise ValueError(f"{kind} buffer has unknown value dtype code {code}")
 
 
@@ -188,60 +184,17 @@ def _bitmap_nbytes(n: int) -> int:
 
 
 def _payload_nbytes(m: int, code: int) -> int:
-    """Bytes of the value payload for m values in dtype VALUE_DTYPES[code]."""
-    width = (4, 2, 2, 1)[code]
-    scales = 4 * -(-m // INT8_CHUNK) if VALUE_DTYPES[code] == "int8" else 0
-    return width * m + scales
-
-
-def _bfloat16_bits(values: np.ndarray) -> np.ndarray:
-    """Upper 16 bits of float32 with round-to-nearest-even; NaN kept NaN via the quiet bit."""
-    bits = values.view(np.uint32)
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
-    quiet_nan = (bits >> 16) | np.uint32(0x0040)
-    return np.where(np.isnan(values), quiet_nan, rounded).astype("<u2")
-
-
-def _quantise_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-chunk symmetric int8: returns (float32 scales, int8 codes); |error| ≤ scale/2."""
-    if not np.all(np.isfinite(values)):
-        raise ValueError("int8 quantisation needs finite values; got NaN or inf")
-    num_chunks = -(-values.size // INT8_CHUNK)
-    padded = np.zeros(num_chunks * INT8_CHUNK, dtype=np.float32)
-    padded[: values.size] = values
-    scales = np.abs(padded.reshape(num_chunks, INT8_CHUNK)).max(axis=1) / np.float32(127)
-    # An all-zero chunk has scale 0; dividing by 1 instead quantises its zeros to 0.
-    divisor = np.repeat(np.where(scales > 0, scales, np.float32(1)), INT8_CHUNK)[: values.size]
-    codes = np.clip(np.rint(values / divisor), -127, 127).astype(np.int8)
-    return scales.astype("<f4"), codes
+    """Bytes of the value payload for m values written by quantiser ``code``."""
+    return QUANTIZER_CODES[code].payload_nbytes(m)
 
 
 def _value_payload(values: np.ndarray, code: int) -> np.ndarray:
-    dtype = VALUE_DTYPES[code]
-    if dtype == "float32":
-        return values.astype("<f4", copy=False)
-    if dtype == "float16":
-        with np.errstate(over="ignore"):  # overflow to ±inf is the IEEE cast we document
-            return values.astype("<f2")
-    if dtype == "bfloat16":
-        return _bfloat16_bits(values)
-    scales, codes = _quantise_int8(values)
-    return np.concatenate([scales.view(np.uint8), codes.view(np.uint8)])
+    return QUANTIZER_CODES[code].encode(values)
 
 
 def _decode_payload(payload: np.ndarray, m: int, code: int) -> np.ndarray:
     """float32 values from an exact-length payload slice (fresh array, input untouched)."""
-    dtype = VALUE_DTYPES[code]
-    if dtype == "float32":
-        return payload.view("<f4").astype(np.float32)
-    if dtype == "float16":
-        return payload.view("<f2").astype(np.float32)
-    if dtype == "bfloat16":
-        return (payload.view("<u2").astype(np.uint32) << 16).view(np.float32)
-    num_chunks = -(-m // INT8_CHUNK)
-    scales = payload[: 4 * num_chunks].view("<f4").astype(np.float32)
-    codes = payload[4 * num_chunks :].view(np.int8)
-    return codes.astype(np.float32) * np.repeat(scales, INT8_CHUNK)[:m]
+    return QUANTIZER_CODES[code].decode(payload, m)
 
 
 # --------------------------------------------------------------------------- dense values
@@ -477,107 +430,3 @@ def decode_downlink(
         params = decode_values(body)
     mask = decode_mask(parts[_DOWNLINK_MASK]) if _DOWNLINK_MASK in parts else cached_mask
     return params, mask
-
-
-# --------------------------------------------------------------------------- compressors
-
-
-def _corrected(update: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
-    """update + residual as a fresh float32 vector (error feedback adds back what was held)."""
-    vec = _float32_vector(update, "update")
-    corrected = vec.copy() if residual is None else vec + _same_length(residual, "residual", vec.size)
-    if not np.all(np.isfinite(corrected)):
-        raise ValueError("update + residual contains NaN or inf; refusing to compress it")
-    return corrected
-
-
-def _send(corrected: np.ndarray, indices: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Encode corrected[indices]; what the wire lost (unsent values, quantisation error) stays."""
-    buf = encode_sparse(indices, corrected[indices], corrected.size, dtype)
-    _, sent, _ = decode_sparse(buf)
-    corrected[indices] -= sent
-    return buf, corrected
-
-
-class TopKCompressor:
-    """Top-k sparsification with error feedback; the residual lives on the client.
-
-    k = max(1, ceil(ratio·n)) scalars with the largest |update + residual| are sent; ties at
-    the k-th magnitude go to the lowest indices, so the choice is deterministic.
-    """
-
-    def __init__(self, ratio: float, dtype: str = "float32") -> None:
-        if not 0 < _real(ratio, "ratio") <= 1:
-            raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-        _dtype_code(dtype)
-        self.ratio = float(ratio)
-        self.dtype = dtype
-
-    def _k(self, n: int) -> int:
-        # round() keeps e.g. 0.07 * 100 = 7.000000000000001 from becoming 8.
-        return min(n, max(1, math.ceil(round(self.ratio * n, 9))))
-
-    def compress(
-        self, update: np.ndarray, residual: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(sparse wire buffer, new residual = corrected − what the receiver decodes)."""
-        corrected = _corrected(update, residual)
-        n = corrected.size
-        k = self._k(n)
-        if k == 0:
-            return _send(corrected, np.empty(0, dtype=np.int64), self.dtype)
-        magnitude = np.abs(corrected)
-        kth = np.partition(magnitude, n - k)[n - k]
-        selected = magnitude > kth
-        ties = np.flatnonzero(magnitude == kth)[: k - np.count_nonzero(selected)]
-        selected[ties] = True
-        return _send(corrected, np.flatnonzero(selected), self.dtype)
-
-
-class GaiaFilter:
-    """Gaia's significance filter (Hsieh et al., NSDI'17): send scalar j iff |Δ_j / w_j| > t.
-
-    Δ is the update plus the locally held residual, so insignificant updates accumulate until
-    they matter. The threshold decays geometrically per round with a floor:
-    t(r) = max(min_threshold, threshold · decay**r), r = 0, 1, … Gaia starts at 1% and lowers
-    the threshold as training converges; the defaults (1%, ×0.99 per round, floor 0.1%)
-    reach the floor after 230 rounds.
-    """
-
-    def __init__(
-        self,
-        threshold: float = 0.01,
-        decay: float = 0.99,
-        min_threshold: float = 0.001,
-        dtype: str = "float32",
-    ) -> None:
-        if not 0 < _real(threshold, "threshold") < math.inf:
-            raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")
-        if not 0 < _real(decay, "decay") <= 1:
-            raise ValueError(f"decay must be in (0, 1], got {decay!r}")
-        if not 0 <= _real(min_threshold, "min_threshold") <= threshold:
-            raise ValueError(f"min_threshold must be in [0, threshold={threshold}], got {min_threshold!r}")
-        _dtype_code(dtype)
-        self.threshold = float(threshold)
-        self.decay = float(decay)
-        self.min_threshold = float(min_threshold)
-        self.dtype = dtype
-
-    def threshold_at(self, round_idx: int) -> float:
-        """Significance threshold (a fraction of |w|) in round ``round_idx`` (0-based)."""
-        _count(round_idx, "round_idx")
-        return max(self.min_threshold, self.threshold * self.decay**round_idx)
-
-    def compress(
-        self,
-        update: np.ndarray,
-        weights: np.ndarray,
-        residual: np.ndarray | None,
-        round_idx: int,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(sparse wire buffer, new residual); ``weights`` are the current global values."""
-        corrected = _corrected(update, residual)
-        w = _same_length(weights, "weights", corrected.size)
-        # |Δ| > t·|w| is |Δ/w| > t without dividing; for w == 0 it means Δ != 0.
-        significant = np.abs(corrected) > np.float32(self.threshold_at(round_idx)) * np.abs(w)
-        return _send(corrected, np.flatnonzero(significant), self.dtype)

@@ -1,6 +1,6 @@
-"""Wire codecs (SPEC §3): exact bytes, exact round trips, loud failures.
+"""Wire format (SPEC §3): exact bytes, exact round trips, loud failures.
 
-Expected byte counts are derived by hand from the layout in the ``apf_ray.codec`` docstring:
+Expected byte counts are derived by hand from the layout in the ``apf_ray.wire`` docstring:
 values header 6 B, mask header 5 B, sparse header 11 B, message/scalars header 2 B,
 framed part 5 B + name.
 """
@@ -12,11 +12,9 @@ import warnings
 import numpy as np
 import pytest
 
-from apf_ray.codec import (
-    INT8_CHUNK,
-    VALUE_DTYPES,
-    GaiaFilter,
-    TopKCompressor,
+from apf_ray.compression.base import QUANTIZER_CODES
+from apf_ray.compression.quantize import INT8_CHUNK
+from apf_ray.wire import (
     decode_downlink,
     decode_mask,
     decode_message,
@@ -421,124 +419,6 @@ def test_downlink_in_bfloat16_halves_the_full_model() -> None:
     assert decode_downlink(buf, None, None)[0].tolist() == [1.0] * N
 
 
-# --------------------------------------------------------------------------- Top-k with error feedback
-
-
-def test_topk_sends_exactly_k_largest_magnitudes() -> None:
-    update = np.arange(1, 101, dtype=np.float32) * np.where(np.arange(100) % 2, -1, 1)
-    buf, _ = TopKCompressor(0.07).compress(update, None)  # 0.07·100 is 7.000000000000001
-    indices, values, n = decode_sparse(buf)
-    assert indices.tolist() == list(range(93, 100)) and n == 100
-    assert values.tolist() == update[93:].tolist()
-
-
-def test_topk_sends_at_least_one_scalar() -> None:
-    buf, _ = TopKCompressor(1e-9).compress(_random(50), None)
-    assert decode_sparse(buf)[0].size == 1
-
-
-def test_topk_residual_plus_sent_equals_corrected_exactly() -> None:
-    update, residual = _random(1000, seed=3), _random(1000, seed=4)
-    corrected = update + residual
-    buf, new_residual = TopKCompressor(0.1).compress(update, residual)
-    sent = densify(*decode_sparse(buf))
-    assert np.count_nonzero(sent) == 100
-    assert np.array_equal(new_residual + sent, corrected)
-    assert np.all(new_residual[sent != 0] == 0)
-
-
-def test_topk_error_feedback_eventually_sends_the_whole_update() -> None:
-    update = _random(10, seed=5)
-    compressor = TopKCompressor(0.1)  # k = 1 of 10
-    total, residual = np.zeros(10, dtype=np.float32), None
-    for round_update in [update] + [np.zeros(10, dtype=np.float32)] * 9:
-        buf, residual = compressor.compress(round_update, residual)
-        total += densify(*decode_sparse(buf))
-    assert np.array_equal(total, update) and not residual.any()
-
-
-def test_topk_breaks_ties_towards_lower_indices() -> None:
-    buf, _ = TopKCompressor(0.4).compress(np.array([1.0, 3.0, -3.0, 3.0, 5.0]), None)
-    assert decode_sparse(buf)[0].tolist() == [1, 4]
-
-
-def test_topk_feeds_back_quantisation_error() -> None:
-    update = _random(100, seed=6)
-    buf, residual = TopKCompressor(0.5, dtype="int8").compress(update, None)
-    indices, sent, _ = decode_sparse(buf)
-    assert np.array_equal(residual[indices], update[indices] - sent)
-    assert residual[indices].any()  # int8 is lossy, so something was held back
-
-
-@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, float("nan")])
-def test_topk_ratio_must_be_in_unit_interval(ratio: float) -> None:
-    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
-        TopKCompressor(ratio)
-
-
-# --------------------------------------------------------------------------- Gaia significance filter
-
-
-def test_gaia_sends_only_significant_relative_updates() -> None:
-    weights = np.array([1.0, 1.0, 100.0, -2.0], dtype=np.float32)
-    update = np.array([0.02, 0.006, 0.6, -0.03], dtype=np.float32)  # |Δ/w| = 2%, 0.6%, 0.6%, 1.5%
-    buf, residual = GaiaFilter(threshold=0.01, decay=1.0).compress(update, weights, None, 0)
-    indices, values, _ = decode_sparse(buf)
-    assert indices.tolist() == [0, 3] and values.tolist() == update[[0, 3]].tolist()
-    assert residual.tolist() == [0.0, update[1], update[2], 0.0]
-
-
-def test_gaia_accumulates_insignificant_updates_until_they_matter() -> None:
-    weights = np.array([1.0, 100.0], dtype=np.float32)
-    update = np.array([0.006, 0.6], dtype=np.float32)  # 0.6% each round, 1.2% after two
-    gaia = GaiaFilter(threshold=0.01, decay=1.0)
-    first, residual = gaia.compress(update, weights, None, 0)
-    assert decode_sparse(first)[0].size == 0
-    second, residual = gaia.compress(update, weights, residual, 1)
-    indices, values, _ = decode_sparse(second)
-    assert indices.tolist() == [0, 1] and values.tolist() == (update + update).tolist()
-    assert not residual.any()
-
-
-def test_gaia_threshold_decays_geometrically_down_to_the_floor() -> None:
-    gaia = GaiaFilter(threshold=0.01, decay=0.5, min_threshold=0.002)
-    assert [gaia.threshold_at(r) for r in range(4)] == [0.01, 0.005, 0.0025, 0.002]
-    assert gaia.threshold_at(1000) == 0.002
-
-
-def test_gaia_default_schedule_starts_at_1_percent_and_floors_at_0_1_percent() -> None:
-    gaia = GaiaFilter()
-    assert gaia.threshold_at(0) == 0.01
-    assert gaia.threshold_at(229) > 0.001 and gaia.threshold_at(230) == 0.001
-
-
-def test_gaia_zero_weight_is_significant_iff_the_update_is_nonzero() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        buf, residual = GaiaFilter().compress(
-            np.array([0.0, 1e-12, -3.0], dtype=np.float32), np.zeros(3, dtype=np.float32), None, 0
-        )
-    assert decode_sparse(buf)[0].tolist() == [1, 2]
-    assert not residual.any()
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [({"threshold": 0.0}, "threshold"), ({"decay": 1.5}, "decay"), ({"min_threshold": 0.5}, "min_threshold")],
-)
-def test_gaia_rejects_bad_arguments_by_name(kwargs: dict[str, float], field: str) -> None:
-    with pytest.raises(ValueError, match=field):
-        GaiaFilter(**kwargs)
-
-
-@pytest.mark.parametrize("compress", [
-    lambda u: TopKCompressor(0.5).compress(u, None),
-    lambda u: GaiaFilter().compress(u, np.ones(2, dtype=np.float32), None, 0),
-])
-def test_compressors_refuse_non_finite_updates(compress) -> None:
-    with pytest.raises(ValueError, match="NaN or inf"):
-        compress(np.array([1.0, np.inf], dtype=np.float32))
-
-
-def test_value_dtypes_are_the_four_documented_ones() -> None:
-    assert VALUE_DTYPES == ("float32", "float16", "bfloat16", "int8")
+def test_value_dtypes_are_the_four_documented_quantisers_with_codes_0_to_3() -> None:
+    names = {code: q.name for code, q in sorted(QUANTIZER_CODES.items())}
+    assert names == {0: "float32", 1: "float16", 2: "bfloat16", 3: "int8"}

@@ -1,0 +1,97 @@
+"""The client side of a round: a host that trains many virtual clients with one model instance.
+
+The same :class:`ClientHost` runs in this process (the in-process backend) and inside each
+Ray client actor, so both give the same uploads for the same seed.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from apf_ray.config import ExperimentConfig
+from apf_ray.records import Broadcast, ClientResult
+from apf_ray.strategies import Strategy, make_strategy
+from apf_ray.training import TrainSettings, train_local
+from apf_ray.workload import client_seed, model_factory
+
+
+class ClientHost:
+    """Trains virtual clients one after another.
+
+    Per-client state is only what a strategy needs between rounds (error-feedback residuals,
+    a partial-sync client's local values); APF clients are stateless. :meth:`run` keeps that
+    state in this host; the Ray pools keep it on the server side and pass it with each call.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, x_train: np.ndarray, y_train: np.ndarray, num_classes: int,
+                 input_shape: tuple[int, ...], device: str = "cpu") -> None:
+        self.cfg = cfg
+        self.x_train, self.y_train = x_train, y_train
+        self.device = device
+        torch.manual_seed(cfg.seed)
+        self.model = model_factory(cfg, num_classes, tuple(input_shape))()
+        self.strategy: Strategy = make_strategy(cfg.strategy.name, cfg.strategy.options, cfg.strategy.uplink,
+                                                cfg.seed)
+        self.settings = TrainSettings(
+            local_steps=cfg.train.local_steps,
+            batch_size=cfg.train.batch_size,
+            lr=cfg.train.lr,
+            momentum=cfg.train.momentum,
+            weight_decay=cfg.train.weight_decay,
+        )
+        self.partitions: dict[int, np.ndarray] = {}
+        self.state: dict[int, dict] = {}
+
+    def add_clients(self, partitions: dict[int, np.ndarray]) -> int:
+        """Host these clients (id → training indices); returns how many this host now has."""
+        self.partitions.update({int(k): np.asarray(v, dtype=np.int64) for k, v in partitions.items()})
+        return len(self.partitions)
+
+    def train_one(self, broadcast: Broadcast, client_id: int, state: dict | None = None) -> ClientResult:
+        """Train one virtual client; any failure becomes an error result, never an exception.
+
+        ``state`` is the client's strategy state from its previous round (empty for APF); the
+        updated state comes back in the result, so any host can train any client.
+        """
+        start = time.perf_counter()
+        state = dict(state or {})
+        try:
+            fault = self.cfg.faults.client_failure_prob
+            fault_rng = np.random.default_rng(client_seed(self.cfg.seed + 1, broadcast.round, client_id))
+            if fault and fault_rng.random() < fault:
+                raise RuntimeError(f"injected failure (faults.client_failure_prob={fault})")
+            idx = self.partitions[client_id]
+            plan = broadcast.plan
+            seed = client_seed(self.cfg.seed, broadcast.round, client_id)
+            torch.manual_seed(seed)
+            local = train_local(
+                self.model,
+                self.x_train[idx],
+                self.y_train[idx],
+                params=self.strategy.start_params(plan, broadcast.params, state),
+                buffers=broadcast.buffers,
+                mask=plan.train_mask,
+                settings=self.settings,
+                seed=seed,
+                device=self.device,
+            )
+            upload = self.strategy.encode_upload(
+                plan, broadcast.params, local.params, local.buffers, local.num_samples, local.loss, state
+            )
+            return ClientResult(client_id, upload, local.compute_s, device=self.device, state=state or None)
+        except Exception as err:  # a failing client must never take the round down
+            detail = "".join(traceback.format_exception_only(type(err), err)).strip()
+            return ClientResult(client_id, None, time.perf_counter() - start,
+                                error=detail[: self.cfg.cluster.max_error_chars], device=self.device)
+
+    def run(self, broadcast: Broadcast, client_ids: list[int]) -> list[ClientResult]:
+        """Train clients in order, keeping their strategy state here between rounds."""
+        results = [self.train_one(broadcast, cid, self.state.get(cid)) for cid in client_ids]
+        for res in results:
+            if res.state is not None:
+                self.state[res.client_id] = res.state
+        return results

@@ -1,0 +1,85 @@
+"""Downlink bookkeeping: what each client already holds, and what it must be sent (SPEC §3).
+
+The global model after ``r`` aggregations is version ``r``. The tracker remembers, per
+scalar, the version at which it last changed, the version at which the mask last changed,
+and which version each client holds. A returning client is sent only the scalars that changed
+since its version (plus the mask when it changed, plus the round's strategy extras); a new
+client gets the full model. Every count is the ``nbytes`` of a real encoded buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from apf_ray import wire
+
+
+class DownlinkTracker:
+    """Versions held per client, last change per scalar, and the payload each client needs."""
+
+    def __init__(self, num_params: int) -> None:
+        self.last_changed = np.zeros(num_params, dtype=np.int32)
+        self.mask_version = 0
+        self.held_version: dict[int, int] = {}
+
+    def payload(self, held: int | None, params: np.ndarray, buffers: np.ndarray, mask: np.ndarray | None,
+                extras: dict[str, np.ndarray]) -> np.ndarray:
+        """The wire buffer a client holding version ``held`` (None: nothing) receives.
+
+        ``mask`` is the current synchronisation mask (None: every scalar active).
+        """
+        if held is None:
+            send_mask, changed = mask, None
+        else:
+            stale_mask = self.mask_version > held
+            send_mask = (mask if mask is not None else np.ones(params.size, dtype=bool)) if stale_mask else None
+            changed = self.last_changed > held
+        parts = {"model": wire.encode_downlink(params, changed=changed, mask=send_mask)}
+        if buffers.size:
+            parts["buffers"] = wire.encode_values(buffers, "float32")
+        parts.update(extras)
+        return wire.encode_message(parts)
+
+    def bytes_for(self, clients: list[int], params: np.ndarray, buffers: np.ndarray, mask: np.ndarray | None,
+                  extras: dict[str, np.ndarray]) -> dict[int, int]:
+        """Downlink bytes per client, encoding each distinct held version once."""
+        by_version: dict[int | None, int] = {}
+        out = {}
+        for cid in clients:
+            held = self.held_version.get(cid)
+            if held not in by_version:
+                by_version[held] = int(self.payload(held, params, buffers, mask, extras).nbytes)
+            out[cid] = by_version[held]
+        return out
+
+    def record_received(self, clients: list[int], version: int) -> None:
+        """``clients`` downloaded model ``version`` (whether or not their upload counted)."""
+        for cid in clients:
+            self.held_version[cid] = version
+
+    def record_aggregation(self, old: np.ndarray, new: np.ndarray, version: int) -> None:
+        """The global model became ``version``; scalars that differ from ``old`` changed in it."""
+        self.last_changed[old != new] = version
+
+    def record_mask_change(self, version: int) -> None:
+        self.mask_version = version
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_changed": self.last_changed.copy(),
+            "mask_version": self.mask_version,
+            "held_clients": np.array(sorted(self.held_version), dtype=np.int64),
+            "held_versions": np.array([self.held_version[c] for c in sorted(self.held_version)], dtype=np.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        last_changed = np.asarray(state["last_changed"], dtype=np.int32)
+        if last_changed.shape != self.last_changed.shape:
+            raise ValueError(f"downlink state covers {last_changed.size} scalars, the model has "
+                             f"{self.last_changed.size}")
+        self.last_changed = last_changed.copy()
+        self.mask_version = int(state["mask_version"])
+        clients, versions = np.asarray(state["held_clients"]), np.asarray(state["held_versions"])
+        self.held_version = {int(c): int(v) for c, v in zip(clients, versions, strict=True)}

@@ -1,0 +1,65 @@
+"""Resolve a registered name or a user's import path to a class or function.
+
+Every extension point (models, datasets, partitioners, strategies, uplink stages, backends)
+accepts either a name from its registry or ``package.module:Attribute`` naming the user's
+own implementation, so plugging one in never means editing this package. A config can
+therefore name code to import: treat configs as code (README, threat model).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+def import_object(path: str, kind: str) -> Any:
+    """The object named by ``package.module:Attribute`` (or ``package.module.Attribute``)."""
+    module_name, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    if not (module_name and sep and attr):
+        raise ValueError(f"{kind} {path!r}: an import path must look like 'package.module:Name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{kind} {path!r}: cannot import module {module_name!r} ({err})") from err
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise ValueError(f"{kind} {path!r}: module {module_name!r} has no attribute {attr!r}")
+    return obj
+
+
+def resolve(
+    name: str,
+    registry: Mapping[str, Any],
+    kind: str,
+    *,
+    check: Callable[[Any], bool] | None = None,
+    expected: str = "",
+) -> Any:
+    """``registry[name]``, or the object at import path ``name``.
+
+    Registry values may themselves be import paths (strings), imported only when used, so
+    that e.g. the Ray backend is imported only by runs that ask for it. ``check`` validates
+    the resolved object; ``expected`` says what it should have been, for the error.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{kind} must be a non-empty name, got {name!r}")
+    if name in registry:
+        obj = registry[name]
+        if isinstance(obj, str):
+            obj = import_object(obj, kind)
+    elif ":" in name or "." in name:
+        obj = import_object(name, kind)
+    else:
+        raise ValueError(
+            f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}, "
+            "or an import path 'package.module:Name'"
+        )
+    if check is not None and not check(obj):
+        raise ValueError(f"{kind} {name!r} is {obj!r}, not {expected}")
+    return obj
+
+
+def subclass_of(base: type) -> Callable[[Any], bool]:
+    """A ``check`` for :func:`resolve`: the object is a subclass of ``base``."""
+    return lambda obj: isinstance(obj, type) and issubclass(obj, base)

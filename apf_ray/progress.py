@@ -1,0 +1,59 @@
+"""The terminal progress display of a run: a callback drawing one bar with the latest numbers.
+
+It fits an 80-column terminal: the label is shortened, and the status line keeps only what
+changes per round (accuracy, frozen fraction, cumulative uplink, clients reporting).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from apf_ray.callbacks import Callback, RunContext
+from apf_ray.records import RoundEvent, RoundRecord
+
+
+def round_status(rec: RoundRecord) -> str:
+    """``acc 0.912 · frozen 41% · up 12.3 MB · 10/10`` (accuracy — in rounds without evaluation)."""
+    acc = "—" if rec.test_accuracy is None else f"{rec.test_accuracy:.3f}"
+    return (f"acc {acc} · frozen {rec.frozen_fraction:.0%} · up {rec.cum_bytes_up / 1e6:.1f} MB · "
+            f"{rec.clients_reported}/{rec.clients_sampled}")
+
+
+class ProgressDisplay(Callback):
+    """A rich progress bar per run; pool events and dropped clients are printed above it."""
+
+    def __init__(self, console: Console, label: str, *, show_events: bool = True) -> None:
+        self.console = console
+        self.label = label if len(label) <= 18 else label[:17] + "…"
+        self.show_events = show_events
+        self.progress: Progress | None = None
+
+    def on_start(self, ctx: RunContext) -> None:
+        self.progress = Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(bar_width=12),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
+                                 console=self.console, transient=False)
+        self.progress.start()
+        pools = ctx.info.get("pools")
+        status = "started" if not pools else ", ".join(f"{n}: {len(m)} actor(s)" for n, m in pools.items())
+        self.task = self.progress.add_task("run", total=ctx.cfg.train.rounds, completed=ctx.start_round,
+                                           label=self.label, status=status)
+
+    def on_round(self, event: RoundEvent) -> None:
+        rec = event.record
+        if self.show_events:
+            for e in event.pool_events:
+                self.progress.console.print(f"[yellow]round {rec.round}: {e}")
+            if rec.clients_dropped:
+                self.progress.console.print(f"[yellow]round {rec.round}: {rec.clients_dropped} client(s) dropped")
+        self.progress.update(self.task, completed=rec.round, status=round_status(rec))
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

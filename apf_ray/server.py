@@ -1,0 +1,204 @@
+"""The server side of a round: global model, strategy, sampling, aggregation, accounting.
+
+:class:`ServerCore` is the only place a round's server work happens; how client work runs
+is passed in as an :data:`Executor` (in this process, or on Ray client pools), so every
+backend gives the same global model for the same seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from apf_ray.config import ExperimentConfig
+from apf_ray.downlink import DownlinkTracker
+from apf_ray.flat import set_buffers, set_params
+from apf_ray.network import NetworkModel
+from apf_ray.records import REPORTED, Broadcast, ClientRecord, ClientResult, RoundEvent, RoundRecord
+from apf_ray.strategies import DecodedUpload, make_strategy
+from apf_ray.training import evaluate
+from apf_ray.workload import Workload, model_factory, sample_clients
+
+Executor = Callable[[Broadcast, list[int]], tuple[list[ClientResult], dict[int, str]]]
+"""Runs a round's clients: ``(broadcast, client ids) -> (results, missing: id -> status)``."""
+
+
+class ServerCore:
+    """Owns the global model and everything the server counts; checkpointable."""
+
+    def __init__(self, cfg: ExperimentConfig, workload: Workload) -> None:
+        self.cfg = cfg
+        self.layout = workload.layout
+        self.x_test, self.y_test = workload.dataset.x_test, workload.dataset.y_test
+        self.pool_of_client = workload.pool_of_client
+        self.network = NetworkModel({p.name: p.network for p in cfg.cluster.pools})
+        self.eval_model = model_factory(cfg, workload.dataset.num_classes, workload.dataset.input_shape)()
+        self.params = workload.init_params.copy()
+        self.buffers = workload.init_buffers.copy()
+        self.strategy = make_strategy(cfg.strategy.name, cfg.strategy.options, cfg.strategy.uplink, cfg.seed)
+        self.strategy.setup(self.params)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.downlink = DownlinkTracker(self.params.size)
+        self.round = 0  # completed rounds = current model version
+        self.cum_up = self.cum_down = 0
+        self.cum_sim = 0.0
+
+    @property
+    def num_params(self) -> int:
+        return int(self.params.size)
+
+    @property
+    def done(self) -> bool:
+        return self.round >= self.cfg.train.rounds
+
+    def active_mask(self) -> np.ndarray:
+        """Full boolean mask of the scalars synchronised next round."""
+        mask = self.strategy.sync_mask
+        return np.ones(self.num_params, dtype=bool) if mask is None else mask.copy()
+
+    # ---- a round -------------------------------------------------------------------------
+    def begin_round(self) -> tuple[Broadcast, list[int]]:
+        r = self.round + 1
+        clients = sample_clients(self.rng, len(self.pool_of_client), self.cfg.train.clients_per_round)
+        return Broadcast(r, self.params, self.buffers, self.strategy.plan(r)), clients
+
+    def downlink_bytes(self, broadcast: Broadcast, clients: list[int]) -> dict[int, int]:
+        """Bytes each sampled client receives this round (real encoded payloads)."""
+        return self.downlink.bytes_for(clients, self.params, self.buffers, self.strategy.sync_mask,
+                                       broadcast.plan.extras)
+
+    def run_round(self, execute: Executor) -> RoundEvent:
+        """Sample, execute, aggregate, account and evaluate one round."""
+        start = time.perf_counter()
+        broadcast, clients = self.begin_round()
+        down = self.downlink_bytes(broadcast, clients)
+        results, missing = execute(broadcast, clients)
+        record, client_records = self.finish_round(broadcast, clients, results, missing, down)
+        record.wall_s = time.perf_counter() - start
+        return RoundEvent(record, client_records)
+
+    def _decode(self, broadcast: Broadcast, res: ClientResult, rec: ClientRecord) -> DecodedUpload | None:
+        if res.upload is None:
+            rec.status, rec.error = "error", res.error or "unknown error"
+            return None
+        try:
+            up = self.strategy.decode_upload(broadcast.plan, res.client_id, np.asarray(res.upload))
+        except Exception as err:  # a corrupt upload drops the client, not the round
+            rec.status, rec.error = "error", f"bad upload: {err}"[: self.cfg.cluster.max_error_chars]
+            return None
+        rec.bytes_up, rec.num_samples, rec.train_loss = up.nbytes, up.num_samples, up.loss
+        if up.update is None:
+            rec.status = "skipped"
+        return up
+
+    def finish_round(self, broadcast: Broadcast, clients: list[int], results: list[ClientResult],
+                     missing: dict[int, str], down: dict[int, int]) -> tuple[RoundRecord, list[ClientRecord]]:
+        """Aggregate what arrived, run the strategy's observer, account bytes and time, evaluate.
+
+        ``missing`` maps clients that never reported to why (``timeout``, ``died``,
+        ``no_actor``). The record's ``wall_s`` is left to the caller, who times the round.
+        """
+        r = broadcast.round
+        records: dict[int, ClientRecord] = {}
+        uploads: list[DecodedUpload] = []
+        for res in sorted(results, key=lambda x: x.client_id):
+            rec = ClientRecord(r, res.client_id, self.pool_of_client[res.client_id], "ok",
+                               bytes_down=down.get(res.client_id, 0), compute_s=res.compute_s, device=res.device)
+            records[res.client_id] = rec
+            up = self._decode(broadcast, res, rec)
+            if up is not None:
+                uploads.append(up)
+        for cid, reason in missing.items():
+            records[cid] = ClientRecord(r, cid, self.pool_of_client[cid], reason,
+                                        bytes_down=0 if reason == "no_actor" else down.get(cid, 0), error=reason)
+        aggregated = len(uploads) >= self.cfg.quorum()  # a CMFL skip counts as reporting
+        self.downlink.record_received([c for c, rec in records.items() if rec.status != "no_actor"], r - 1)
+        if aggregated:
+            old = self.params
+            self.params, self.buffers = self.strategy.aggregate(self.params, self.buffers, uploads)
+            self.downlink.record_aggregation(old, self.params, r)
+        old_mask = self.active_mask()
+        self.strategy.observe(self.params)
+        if not np.array_equal(old_mask, self.active_mask()):
+            self.downlink.record_mask_change(r)
+        self.round = r
+        for rec in records.values():
+            if rec.status in REPORTED:
+                rec.simulated_s = self.network.client_round_s(rec.pool, rec.bytes_down, rec.compute_s, rec.bytes_up)
+        client_records = sorted(records.values(), key=lambda c: c.client_id)
+        return self._record_round(r, clients, client_records, aggregated), client_records
+
+    def _record_round(self, r: int, clients: list[int], recs: list[ClientRecord], aggregated: bool) -> RoundRecord:
+        ok = [c for c in recs if c.status in REPORTED]
+        up = sum(c.bytes_up for c in recs)
+        down = sum(c.bytes_down for c in recs)
+        sim = max((c.simulated_s for c in ok), default=0.0)
+        self.cum_up += up
+        self.cum_down += down
+        self.cum_sim += sim
+        acc = loss = None
+        if r % self.cfg.train.eval_every == 0 or r == self.cfg.train.rounds:
+            acc, loss = self.evaluate()
+        weights = np.array([c.num_samples for c in ok], dtype=np.float64)
+        losses = np.array([c.train_loss for c in ok], dtype=np.float64)
+        train_loss = float((weights * losses).sum() / weights.sum()) if weights.sum() > 0 else None
+        mask = self.active_mask()
+        reported = len(ok) if aggregated else 0
+        return RoundRecord(
+            round=r,
+            test_accuracy=acc,
+            test_loss=loss,
+            train_loss=train_loss,
+            bytes_up=up,
+            bytes_down=down,
+            cum_bytes_up=self.cum_up,
+            cum_bytes_down=self.cum_down,
+            frozen_fraction=float(1.0 - mask.mean()),
+            threshold=self.strategy.threshold,
+            clients_sampled=len(clients),
+            clients_reported=reported,
+            clients_dropped=len(clients) - reported,
+            wall_s=0.0,
+            simulated_s=sim,
+            cum_simulated_s=self.cum_sim,
+            layer_frozen={name: float(1.0 - mask[sl].mean()) for name, sl in self.layout.layer_slices().items()},
+        )
+
+    def evaluate(self) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) of the global model on the test set."""
+        set_params(self.eval_model, self.params)
+        set_buffers(self.eval_model, self.buffers)
+        return evaluate(self.eval_model, self.x_test, self.y_test, batch_size=self.cfg.train.eval_batch_size)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that evolves, as numpy arrays and JSON scalars with str keys."""
+        return {
+            "round": self.round,
+            "params": self.params.copy(),
+            "buffers": self.buffers.copy(),
+            "strategy": self.strategy.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "downlink": self.downlink.state_dict(),
+            "cum_bytes_up": self.cum_up,
+            "cum_bytes_down": self.cum_down,
+            "cum_simulated_s": self.cum_sim,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = np.asarray(state["params"], dtype=np.float32)
+        if params.shape != self.params.shape:
+            raise ValueError(
+                f"checkpoint holds {params.size} parameters, the configured model has {self.params.size}"
+            )
+        self.round = int(state["round"])
+        self.params = params.copy()
+        self.buffers = np.array(state["buffers"], dtype=np.float32)
+        self.strategy.load_state_dict(state["strategy"])
+        self.rng.bit_generator.state = state["rng"]
+        self.downlink.load_state_dict(state["downlink"])
+        self.cum_up, self.cum_down = int(state["cum_bytes_up"]), int(state["cum_bytes_down"])
+        self.cum_sim = float(state["cum_simulated_s"])

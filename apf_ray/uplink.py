@@ -1,0 +1,133 @@
+"""The uplink chain: select → sparsify → quantise → frame (Plato's processor pipeline, for FL bytes).
+
+``strategy.uplink`` lists at most one sparsifier and at most one quantiser, in that order,
+e.g. ``[{name: topk, ratio: 0.1}, int8]``; the strategy decides which scalars are
+synchronised at all (APF's active ones). So APF ∘ Top-k ∘ int8 is configuration::
+
+    strategy: {name: apf, uplink: [{name: topk, ratio: 0.1}, int8]}
+
+Without a sparsifier the synchronised values travel densely in flat order with no indices
+(the mask is shared); with one, as a sparse vector over the synchronised positions. A
+sparsifier keeps an error-feedback residual per client (what it did not send, and what
+quantisation lost), held in the client's strategy state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from apf_ray import wire
+from apf_ray.compression import Quantizer, Sparsifier, UplinkStage, stage_class, stage_spec
+from apf_ray.compression.quantize import Float32
+
+RESIDUAL = "residual"
+"""Key of the error-feedback residual (float32, one per scalar) in a client's strategy state."""
+
+
+class OptionsError(ValueError):
+    """Options that fail their pydantic model; ``errors`` keep pydantic's (location, message, input)."""
+
+    def __init__(self, errors: list[tuple[tuple, str, Any]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg, _ in errors))
+
+
+def validate_options(model: type, options: dict[str, Any], prefix: tuple = ()) -> Any:
+    """``model.model_validate(options)``, failures as :class:`OptionsError` with located errors."""
+    try:
+        return model.model_validate(options)
+    except ValidationError as err:
+        raise OptionsError([((*prefix, *e["loc"]), e["msg"].removeprefix("Value error, "), e.get("input"))
+                            for e in err.errors()]) from None
+
+
+def build_stages(spec: Sequence[Any]) -> list[UplinkStage]:
+    """Instantiate ``strategy.uplink`` items; errors are :class:`OptionsError` located by index."""
+    stages: list[UplinkStage] = []
+    for i, item in enumerate(spec):
+        try:
+            name, options = stage_spec(item)
+            cls = stage_class(name)
+        except ValueError as err:
+            raise OptionsError([((i,), str(err), item)]) from None
+        stages.append(cls(validate_options(cls.Options, options, (i,))))
+    kinds = [s.kind for s in stages]
+    if kinds.count("sparsify") > 1 or kinds.count("quantize") > 1 or kinds == ["quantize", "sparsify"]:
+        raise OptionsError([((), "at most one sparsifier then at most one quantiser, e.g. "
+                                 f"[topk, int8]; got {[s.name for s in stages]}", list(spec))])
+    return stages
+
+
+class UplinkChain:
+    """Encodes a client's update over the synchronised scalars, and decodes it on the server."""
+
+    def __init__(self, stages: Sequence[UplinkStage] = ()) -> None:
+        self.sparsifier: Sparsifier | None = next((s for s in stages if isinstance(s, Sparsifier)), None)
+        self.quantizer: type[Quantizer] = next(
+            (type(s) for s in stages if isinstance(s, Quantizer)), Float32)
+
+    @classmethod
+    def from_spec(cls, spec: Sequence[Any]) -> UplinkChain:
+        return cls(build_stages(spec))
+
+    @property
+    def sparse(self) -> bool:
+        """Whether uploads are sparse vectors (a sparsifier is in the chain)."""
+        return self.sparsifier is not None
+
+    def encode(self, update: np.ndarray, sync_mask: np.ndarray | None, weights: np.ndarray,
+               round_index: int, state: dict[str, Any]) -> np.ndarray:
+        """The ``values`` part of an upload for ``update`` (float32, one per scalar).
+
+        ``weights`` are the global values (Gaia's reference); ``state`` is the client's
+        strategy state, whose residual is read and replaced.
+        """
+        synced = update if sync_mask is None else update[sync_mask]
+        dtype = self.quantizer.name
+        if self.sparsifier is None:
+            return wire.encode_values(synced, dtype)
+        residual = state.get(RESIDUAL)
+        corrected = synced.astype(np.float32, copy=True)
+        if residual is not None:
+            corrected += residual if sync_mask is None else residual[sync_mask]
+        if not np.all(np.isfinite(corrected)):
+            raise ValueError("update + residual contains NaN or inf; refusing to compress it")
+        positions = self.sparsifier.select(corrected, weights if sync_mask is None else weights[sync_mask],
+                                           round_index)
+        buf = wire.encode_sparse(positions, corrected[positions], corrected.size, dtype)
+        _, sent, _ = wire.decode_sparse(buf)
+        corrected[positions] -= sent  # what the receiver did not get stays for later rounds
+        if sync_mask is None:
+            state[RESIDUAL] = corrected
+        else:
+            full = np.zeros(update.size, np.float32) if residual is None else residual.copy()
+            full[sync_mask] = corrected
+            state[RESIDUAL] = full
+        return buf
+
+    def decode(self, values_part: np.ndarray, sync_mask: np.ndarray | None, num_params: int) -> np.ndarray:
+        """Dense float32 update (0 where nothing was sent) from an upload's ``values`` part.
+
+        The container must be the kind this chain produces and cover exactly the
+        synchronised scalars; anything else is a ValueError naming the mismatch.
+        """
+        expected = num_params if sync_mask is None else int(np.count_nonzero(sync_mask))
+        kind = "sparse" if self.sparse else "dense"
+        if self.sparse:
+            positions, values, n = wire.decode_sparse(values_part)
+            if n != expected:
+                raise ValueError(f"sparse upload covers {n} scalars, the round synchronises {expected}")
+            synced = wire.densify(positions, values, n)
+        else:
+            synced = wire.decode_values(values_part)
+            if synced.size != expected:
+                raise ValueError(f"{kind} upload has {synced.size} values, the round synchronises {expected}")
+        if sync_mask is None:
+            return synced
+        dense = np.zeros(num_params, dtype=np.float32)
+        dense[sync_mask] = synced
+        return dense

@@ -1,0 +1,129 @@
+"""The run API in-process: outputs, resume, failing clients, every strategy, pinned numbers, plug-ins."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from apf_ray.config import load_config
+from apf_ray.resume import load_resume_point
+from apf_ray.run import run
+from tests.helpers import Crash, CrashAfter, journal_rounds, tiny_config
+
+
+def test_run_writes_summary_tables_tensorboard_and_a_checkpoint(tmp_path):
+    summary = run(tiny_config(rounds=3), tmp_path)
+    data = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("final_accuracy", "best_accuracy", "rounds", "bytes_up", "bytes_down", "wall_time_s",
+                "simulated_time_s", "frozen_fraction_final", "threshold_final", "clients_dropped", "config"):
+        assert key in data
+    assert data["rounds"] == 3 and summary["bytes_up"] > 0
+    assert pq.read_table(tmp_path / "rounds.parquet").num_rows == 3
+    clients = pq.read_table(tmp_path / "clients.parquet").to_pylist()
+    assert len(clients) == 9 and {c["device"] for c in clients} == {"cpu"}
+    assert pq.read_table(tmp_path / "layers.parquet").num_rows == 3 * 5  # LeNet-5 has 5 layers
+    assert load_resume_point(tmp_path).round == 3
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    for tag in ("accuracy/test", "bytes/up", "bytes/down_cumulative", "apf/frozen_fraction", "apf/threshold",
+                "clients/reporting", "time/simulated_s", "frozen_by_layer/features.0"):
+        assert [e.step for e in board.Scalars(tag)] == [1, 2, 3], tag
+
+
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
+    cfg = tiny_config("output.checkpoint_every=2", rounds=5)
+    run(cfg, tmp_path / "full")
+    full = load_resume_point(tmp_path / "full")
+    with pytest.raises(Crash):
+        run(cfg, tmp_path / "crash", callbacks=[CrashAfter(3)])  # dies after round 3; last checkpoint: round 2
+    point = load_resume_point(tmp_path / "crash")
+    assert point.round == 2
+    run(cfg, tmp_path / "crash", resume=point)
+    resumed = load_resume_point(tmp_path / "crash")
+    assert resumed.server["params"].tobytes() == full.server["params"].tobytes()
+    rounds = journal_rounds(tmp_path / "crash")
+    assert [h.round for h in rounds] == [1, 2, 3, 4, 5]
+    assert [h.bytes_up for h in rounds] == [h.bytes_up for h in journal_rounds(tmp_path / "full")]
+    board = EventAccumulator(str(tmp_path / "crash" / "tensorboard"))
+    board.Reload()  # round 3, written before the crash and again after resume, appears once
+    assert [e.step for e in board.Scalars("bytes/up")] == [1, 2, 3, 4, 5]
+
+
+def test_resume_restores_error_feedback_residuals_so_topk_reproduces_the_uninterrupted_run(tmp_path):
+    cfg = tiny_config("strategy.name=fedavg", "strategy.uplink=[{name: topk, ratio: 0.05}]",
+                      "output.checkpoint_every=2", rounds=4)
+    run(cfg, tmp_path / "full")
+    with pytest.raises(Crash):
+        run(cfg, tmp_path / "crash", callbacks=[CrashAfter(3)])
+    point = load_resume_point(tmp_path / "crash")
+    assert point.clients and all("residual" in s for s in point.clients.values())
+    run(cfg, tmp_path / "crash", resume=point)
+    assert (load_resume_point(tmp_path / "crash").server["params"].tobytes()
+            == load_resume_point(tmp_path / "full").server["params"].tobytes())
+
+
+def test_failing_clients_are_dropped_and_the_round_completes(tmp_path):
+    cfg = tiny_config("faults.client_failure_prob=0.4", "cluster.min_clients=1", rounds=4)
+    summary = run(cfg, tmp_path)
+    errors = [c for c in pq.read_table(tmp_path / "clients.parquet").to_pylist() if c["status"] == "error"]
+    assert errors and all("injected failure" in c["error"] for c in errors)
+    assert summary["clients_dropped"] == len(errors)
+    assert summary["rounds"] == 4
+
+
+@pytest.mark.parametrize("strategy", [
+    "strategy.name=fedavg", "strategy.name=cmfl", "strategy.name=partial_sync", "strategy.name=permanent",
+    "strategy.uplink=[topk]", "strategy.uplink=[gaia]", "strategy.uplink=[bfloat16]",
+    "strategy.uplink=[{name: topk, ratio: 0.2}, int8]",
+])
+def test_every_strategy_and_uplink_stage_trains_and_counts_bytes(tmp_path, strategy):
+    summary = run(tiny_config(strategy, rounds=3), tmp_path)
+    assert summary["rounds"] == 3 and summary["bytes_up"] > 0
+    assert summary["final_accuracy"] is not None
+
+
+def test_topk_uploads_fewer_bytes_than_fedavg(tmp_path):
+    fed = run(tiny_config("strategy.name=fedavg", rounds=2), tmp_path / "f")
+    top = run(tiny_config("strategy.name=fedavg", "strategy.uplink=[{name: topk, ratio: 0.05}]", rounds=2),
+              tmp_path / "t")
+    assert top["bytes_up"] < 0.1 * fed["bytes_up"]
+
+
+# The default compare (digits, LeNet-5, 10 of 20 clients, T = 0.2) over its first 4 rounds, as the code
+# measured it before the strategies were split into classes: any change to what APF freezes, to the wire
+# format or to training moves one of these numbers.
+PINNED = {
+    "strategy.name=fedavg": {
+        "bytes_up": [2468950, 2468950, 2468950, 2468950], "bytes_down": [2468550, 2304528, 2298463, 2345447],
+        "correct": [39, 59, 117, 115], "frozen": [0, 0, 0, 0]},
+    "strategy.name=apf": {
+        "bytes_up": [2468950, 2118390, 2315990, 2045790], "bytes_down": [2468550, 2381808, 2335031, 2316983],
+        "correct": [39, 59, 106, 66], "frozen": [8764, 3824, 10579, 11762]},
+    "strategy.options.aggressive_prob=0.3": {
+        "bytes_up": [2468950, 1486030, 1978630, 1582310], "bytes_down": [2468550, 2381808, 2000031, 2173659],
+        "correct": [39, 69, 120, 95], "frozen": [24573, 12258, 22166, 22628]},
+}
+
+
+@pytest.mark.parametrize("variant", list(PINNED))
+def test_default_workload_numbers_are_pinned_for_a_short_run(tmp_path, variant):
+    cfg = load_config("configs/digits-lenet5.yaml", [variant, "train.rounds=4", "output.tensorboard=false",
+                                                     "output.plots=false"])
+    run(cfg, tmp_path)
+    rounds = journal_rounds(tmp_path)
+    got = {"bytes_up": [r.bytes_up for r in rounds], "bytes_down": [r.bytes_down for r in rounds],
+           "correct": [round(r.test_accuracy * 360) for r in rounds],
+           "frozen": [round(r.frozen_fraction * 61706) for r in rounds]}
+    assert got == PINNED[variant]
+
+
+def test_a_strategy_from_a_file_outside_the_package_runs_by_import_path_with_its_own_options(tmp_path):
+    cfg = tiny_config("strategy.name=tests.plugins.median_strategy:Median", "strategy.options.step=0.5", rounds=2)
+    assert cfg.strategy.options == {"step": 0.5}
+    summary = run(cfg, tmp_path)
+    assert summary["rounds"] == 2 and summary["final_accuracy"] is not None
+    with pytest.raises(ValueError, match=r"strategy\.options\.step"):
+        tiny_config("strategy.name=tests.plugins.median_strategy:Median", "strategy.options.step=5")

@@ -1,0 +1,118 @@
+"""The Ray-free round: uploads, aggregation, frozen values, downlink deltas, quorum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from apf_ray.client import ClientHost
+from apf_ray.server import ServerCore
+from apf_ray.wire import decode_downlink, decode_message
+from apf_ray.workload import build_workload
+from tests.helpers import tiny_config
+
+# alpha=0.5, T=0.95: a scalar whose update changed sign once since its last check has
+# P = |E|/A < 0.95 and is judged stable from check 2 on.
+FREEZE_FAST = ("strategy.options.threshold=0.95", "strategy.options.alpha=0.5")
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return build_workload(tiny_config())
+
+
+def _host(cfg, wl):
+    ds = wl.dataset
+    host = ClientHost(cfg, ds.x_train, ds.y_train, ds.num_classes, ds.input_shape)
+    host.add_clients(dict(enumerate(wl.partitions)))
+    return host
+
+
+def _round(server, host):
+    b, clients = server.begin_round()
+    results = host.run(b, clients)
+    return b, clients, results, server.finish_round(b, clients, results, {}, server.downlink_bytes(b, clients))
+
+
+def test_apf_upload_carries_exactly_the_active_scalars(workload):
+    cfg = tiny_config(*FREEZE_FAST)
+    server, host = ServerCore(cfg, workload), _host(cfg, workload)
+    sizes = []
+    for _ in range(3):
+        b, _, results, _ = _round(server, host)
+        active = server.num_params if b.plan.sync_mask is None else int(b.plan.sync_mask.sum())
+        sizes.append((active, {r.upload.nbytes for r in results}))
+    (a0, s0), *rest = sizes
+    assert len(s0) == 1
+    frozen_rounds = [(a, s) for a, s in rest if a < a0]
+    assert frozen_rounds, "alpha=0.5, T=0.95 must freeze scalars after the second check"
+    for a, s in frozen_rounds:
+        assert s == {next(iter(s0)) - 4 * (a0 - a)}  # 4 float32 bytes per frozen scalar fewer
+
+
+def test_global_frozen_values_never_move_and_match_the_clients(workload):
+    cfg = tiny_config(*FREEZE_FAST)
+    server, host = ServerCore(cfg, workload), _host(cfg, workload)
+    for _ in range(2):
+        _round(server, host)
+    b, clients = server.begin_round()
+    frozen = ~b.plan.sync_mask
+    assert frozen.any()
+    before = server.params.copy()
+    results = host.run(b, clients)
+    for r in results:  # the client's trained model at frozen positions equals the server's
+        local = before + server.strategy.decode_upload(b.plan, r.client_id, r.upload).update
+        assert local[frozen].tobytes() == before[frozen].tobytes()
+    server.finish_round(b, clients, results, {}, server.downlink_bytes(b, clients))
+    assert server.params[frozen].tobytes() == before[frozen].tobytes()
+
+
+def test_returning_client_downlink_is_a_delta_that_reconstructs_the_model(workload):
+    cfg = tiny_config(*FREEZE_FAST, "train.clients_per_round=6")
+    server, host = ServerCore(cfg, workload), _host(cfg, workload)
+    for _ in range(2):
+        _round(server, host)
+    held_params, held_mask = server.params.copy(), server.active_mask()
+    assert not held_mask.all()
+    _round(server, host)
+    delta = server.downlink.payload(2, server.params, server.buffers, server.strategy.sync_mask, {})
+    full = server.downlink.payload(None, server.params, server.buffers, server.strategy.sync_mask, {})
+    assert delta.nbytes < full.nbytes
+    params, mask = decode_downlink(decode_message(delta)["model"], held_params, held_mask)
+    assert params.tobytes() == server.params.tobytes()
+    assert np.array_equal(mask, server.active_mask())
+
+
+def test_round_below_quorum_leaves_the_model_unchanged(workload):
+    cfg = tiny_config("cluster.min_clients=3")
+    server, host = ServerCore(cfg, workload), _host(cfg, workload)
+    b, clients = server.begin_round()
+    results = host.run(b, clients)[:2]
+    before = server.params.copy()
+    rec, _ = server.finish_round(b, clients, results, {clients[2]: "timeout"}, server.downlink_bytes(b, clients))
+    assert server.params.tobytes() == before.tobytes()
+    assert rec.clients_reported == 0 and rec.clients_dropped == 3
+
+
+def test_partial_sync_clients_drift_apart_at_unsynchronised_positions(workload):
+    cfg = tiny_config("strategy.name=partial_sync", *FREEZE_FAST, "train.clients_per_round=6")
+    server, host = ServerCore(cfg, workload), _host(cfg, workload)
+    for _ in range(3):
+        _round(server, host)
+    frozen = ~server.active_mask()
+    locals_ = [host.state[c]["local"][frozen] for c in range(2)]
+    assert frozen.any() and not np.array_equal(locals_[0], locals_[1])
+
+
+def test_server_state_round_trips_through_state_dict(workload):
+    cfg = tiny_config(*FREEZE_FAST)
+    server, host = ServerCore(cfg, workload), _host(cfg, workload)
+    for _ in range(2):
+        _round(server, host)
+    copy = ServerCore(cfg, workload)
+    copy.load_state_dict(server.state_dict())
+    for s in (server, copy):
+        _round(s, host)
+    assert copy.params.tobytes() == server.params.tobytes()
+    assert np.array_equal(copy.active_mask(), server.active_mask())
+    assert (copy.cum_up, copy.cum_down) == (server.cum_up, server.cum_down)
