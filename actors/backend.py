@@ -13,10 +13,11 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.pools import alive_node_resources, fits, pool_request
+from actors.pools import alive_node_resources
 from actors.server import ServerActor
 from apf_ray.backends import Backend
 from apf_ray.config import ExperimentConfig
+from apf_ray.placement import fits, pool_request
 from apf_ray.records import RoundEvent
 from apf_ray.resume import ResumePoint
 from apf_ray.workload import Workload
@@ -49,12 +50,14 @@ def local_resources(cfg: ExperimentConfig) -> dict[str, float]:
 def ray_session(cfg: ExperimentConfig, address: str | None = None) -> Iterator[bool]:
     """Join ``address`` (or the running Ray in this process) or start a local cluster for the block.
 
-    Yields True when this call started Ray (and will shut it down on exit).
+    Without an address, ``cluster.address`` and then ``RAY_ADDRESS`` (which ``ray job submit``
+    sets for the jobs it runs) name the cluster to join. Yields True when this call started or
+    joined Ray (and will disconnect on exit).
     """
     if ray.is_initialized():
         yield False
         return
-    address = address or cfg.cluster.address
+    address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         enable_token_auth()
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
@@ -113,11 +116,16 @@ class RayBackend(Backend):
         self._session.enter_context(ray_session(cfg, self.address))
         check_placeable(cfg)
         dataset_ref = self.dataset_ref if self.dataset_ref is not None else ray.put(workload.dataset)
-        here = ray.get_runtime_context().get_node_id()
-        self.server = ServerActor.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)
-        ).remote(cfg.to_dict(), str(Path(run_dir).resolve()), dataset_ref, [dataset_ref],
-                 replace(workload, dataset=None), resume)
+        options = {}
+        if ray.util.get_current_placement_group() is None:
+            # Pinned to this node so the run directory is local. Inside a placement group (a Tune
+            # trial) the server must stay in the group instead, or its client actors — which the
+            # group captures through it — would be placed outside the trial's reserved bundles.
+            here = ray.get_runtime_context().get_node_id()
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=here, soft=False)
+        self.server = ServerActor.options(**options).remote(
+            cfg.to_dict(), str(Path(run_dir).resolve()), dataset_ref, [dataset_ref],
+            replace(workload, dataset=None), resume)
         timeout = cfg.cluster.startup_timeout_s + cfg.cluster.control_timeout_s
         return ray.get(self.server.start.remote(), timeout=timeout)
 

@@ -12,56 +12,21 @@ from ray.exceptions import RayActorError, RayError
 
 from actors.client import ClientPoolActor
 from apf_ray.config import ExperimentConfig, PoolConfig
+from apf_ray.placement import plan_pool_sizes
 from apf_ray.records import Broadcast, ClientResult
-
-
-def pool_request(pool: PoolConfig) -> dict[str, float]:
-    """The Ray resources one actor of ``pool`` asks for."""
-    req = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **pool.resources}
-    return {k: v for k, v in req.items() if v > 0}
-
-
-def fits(node: dict[str, float], request: dict[str, float]) -> bool:
-    """Whether one actor asking for ``request`` fits on a node with these resources."""
-    return all(node.get(k, 0.0) + 1e-9 >= v for k, v in request.items())
-
-
-def plan_pool_sizes(pools: list[PoolConfig], nodes: list[dict[str, float]]) -> dict[str, int]:
-    """Target actor count per pool, packing actors onto the nodes' total resources.
-
-    A pool with a fixed ``num_actors`` always targets that many and is placed first (extra
-    ones wait for resources). ``auto`` pools then take turns, one actor each per pass, so
-    pools that compete for the same nodes share them instead of the first taking everything;
-    each targets what fits, at most ``max_actors`` — zero when no node has its resources.
-    """
-    free = [dict(n) for n in nodes]
-
-    def place(req: dict[str, float]) -> bool:
-        for node in free:
-            if fits(node, req):
-                for k, v in req.items():
-                    node[k] = node.get(k, 0.0) - v
-                return True
-        return False
-
-    fixed = [p for p in pools if p.num_actors != "auto"]
-    auto = [p for p in pools if p.num_actors == "auto"]
-    for p in fixed:  # asked for exactly this many: reserve them first
-        for _ in range(int(p.num_actors)):
-            place(pool_request(p))
-    placed = {p.name: 0 for p in auto}
-    progress = True
-    while progress:
-        progress = False
-        for p in auto:
-            if placed[p.name] < p.max_actors and place(pool_request(p)):
-                placed[p.name] += 1
-                progress = True
-    return {p.name: int(p.num_actors) if p.num_actors != "auto" else placed[p.name] for p in pools}
 
 
 def alive_node_resources() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def capacity() -> list[dict[str, float]]:
+    """Where client actors may go: the bundles of the placement group this code runs in (a Tune
+    trial's, which captures child actors), else every alive node of the cluster."""
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        return [dict(b) for b in group.bundle_specs]
+    return alive_node_resources()
 
 
 def _kill(handle: ray.actor.ActorHandle) -> None:
@@ -118,7 +83,7 @@ class ClientPools:
 
     def refresh(self) -> None:
         """Mark finished start-ups ready and bring each pool up to its target size."""
-        targets = plan_pool_sizes(list(self.pools.values()), alive_node_resources())
+        targets = plan_pool_sizes(list(self.pools.values()), capacity())
         for name, pool in self.pools.items():
             self._mark_started(name)
             target = targets[name]

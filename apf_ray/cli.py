@@ -90,6 +90,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from apf_ray.plugins import import_object
+    from apf_ray.tuning import SEARCH_DRIVER, load_tune_spec
+
+    if args.resume:
+        if args.config or args.set:
+            raise ValueError("--resume continues the search as it was saved; drop --config and --set")
+        resume_search = import_object(SEARCH_DRIVER["resume"], "search driver")  # the Ray layer, by path
+        resume_search(Path(args.resume), address=args.address, console=console)
+        return 0
+    if not args.config:
+        raise ValueError("apf-ray tune needs --config tune_configs/NAME.yaml (or --resume DIR)")
+    spec, base = load_tune_spec(args.config, args.set or [])
+    output = Path(args.output) if args.output else Path("runs") / f"tune-{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_search = import_object(SEARCH_DRIVER["run"], "search driver")
+    run_search(spec, base, output, address=args.address, console=console)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apf-ray", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -112,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strategies", nargs="+", default=["fedavg", "apf", "apf:aggressive_prob=0.3"],
                    help="variants 'name[:key=value,...][+stage[:key=value,...]]'; the first is the baseline")
     c.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("tune", help="search APF's knobs with Ray Tune (each trial a federated run)")
+    s.add_argument("--config", help="search file, e.g. tune_configs/tiny.yaml")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the search file")
+    s.add_argument("--address", help="existing Ray cluster address (default: start a local one)")
+    s.add_argument("--output", help="output folder (default runs/tune-<name>-<time>)")
+    s.add_argument("--resume", metavar="DIR", help="finish the interrupted search in DIR")
+    s.set_defaults(func=cmd_tune)
     return p
 
 

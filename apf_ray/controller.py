@@ -204,6 +204,12 @@ class APFController:
         """Current stability threshold T (halved by tightening, never below threshold_min)."""
         return self._threshold
 
+    def set_threshold(self, threshold: float) -> None:
+        """Replace the current T (a search changing it mid-run, e.g. a PBT exploit)."""
+        self._threshold = _check_range("threshold", threshold, 0.0, np.inf, low_open=True, high_open=True)
+        if self.threshold_min > self._threshold:
+            raise ValueError(f"threshold {threshold} is below threshold_min {self.threshold_min}")
+
     @property
     def num_checks(self) -> int:
         """Index k of the last stability check (0 before the first)."""

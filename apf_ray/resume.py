@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apf_ray.checkpoint import load_latest, save_checkpoint
+from apf_ray.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from apf_ray.config import ExperimentConfig
 from apf_ray.server import ServerCore
 
@@ -43,17 +43,25 @@ class ResumePoint:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # newer checkpoints that were damaged
 
 
-def load_resume_point(run_dir: Path) -> ResumePoint:
-    """The newest valid checkpoint under ``run_dir`` (FileNotFoundError if there is none)."""
-    loaded = load_latest(Path(run_dir))
-    state = loaded.state
+def _resume_point(state: Any, path: Path, skipped: list[tuple[Path, str]]) -> ResumePoint:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{loaded.path} is not an apf-ray run checkpoint")
+        raise ValueError(f"{path} is not an apf-ray run checkpoint")
     return ResumePoint(
         round=int(state["server"]["round"]),
         config=state["config"],
         server=state["server"],
         clients={int(cid): s for cid, s in state["clients"].items()},
-        path=loaded.path,
-        skipped=list(loaded.skipped),
+        path=path,
+        skipped=skipped,
     )
+
+
+def load_resume_point(run_dir: Path) -> ResumePoint:
+    """The newest valid checkpoint under ``run_dir`` (FileNotFoundError if there is none)."""
+    loaded = load_latest(Path(run_dir))
+    return _resume_point(loaded.state, loaded.path, list(loaded.skipped))
+
+
+def read_resume_point(checkpoint_dir: Path) -> ResumePoint:
+    """One checkpoint directory (``round-NNNNNNNN``, or a copy of it such as a Tune checkpoint)."""
+    return _resume_point(load_checkpoint(Path(checkpoint_dir)), Path(checkpoint_dir), [])

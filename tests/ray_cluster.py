@@ -22,6 +22,7 @@ Ray 2.60 facts this module is built on:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -261,6 +262,36 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"LocalCluster: {describe_failure()}")
             time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def job_head(num_cpus: int = 2, start_timeout_s: float = 120.0) -> Iterator[str]:
+    """A `ray start --head` node whose dashboard (Ray's job server) listens on 127.0.0.1.
+
+    Yields the job server's URL for ``ray job submit --address``. This process does not
+    connect to it as a driver, so it can run beside ``local_ray``.
+    """
+    _ensure_auth_token()
+    nodes = LocalCluster()
+    dashboard = _free_port()
+    process, _ = nodes._launch(
+        ["--head", f"--port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"],
+        num_cpus, {})
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:  # the dashboard comes up after the node reported itself started
+            try:
+                socket.create_connection(("127.0.0.1", dashboard), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"job server not listening on 127.0.0.1:{dashboard}") from None
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        nodes._stop(process, signal.SIGTERM)
+        shutil.rmtree(nodes._root, ignore_errors=True)
 
 
 def _free_port() -> int:

@@ -1,7 +1,7 @@
 """Sizing client pools from the nodes' resources (pure logic, no cluster needed)."""
 
-from actors.pools import plan_pool_sizes
-from apf_ray.config import PoolConfig
+from apf_ray.config import PoolConfig, build_config
+from apf_ray.placement import plan_pool_sizes, run_bundles
 
 
 def _pool(name, **kw):
@@ -36,3 +36,12 @@ def test_fixed_pools_keep_their_size_and_are_placed_first_in_turn():
 
 def test_zero_resource_pool_gets_max_actors():
     assert plan_pool_sizes([_pool("free", num_cpus=0, max_actors=5)], [{"CPU": 1}]) == {"free": 5}
+
+
+def test_a_runs_bundles_are_one_per_client_actor_and_fill_exactly_its_pools():
+    cfg = build_config({"cluster": {"pools": [
+        {"name": "edge", "num_actors": 2, "num_cpus": 1, "resources": {"edge_cpu": 1}},
+        {"name": "gpu", "max_actors": 1, "num_cpus": 0.5, "num_gpus": 1}]}})
+    bundles = run_bundles(cfg)
+    assert bundles == [{"CPU": 1, "edge_cpu": 1}, {"CPU": 1, "edge_cpu": 1}, {"CPU": 0.5, "GPU": 1}]
+    assert plan_pool_sizes(cfg.cluster.pools, bundles) == {"edge": 2, "gpu": 1}  # a trial's group, sized back

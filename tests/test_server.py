@@ -116,3 +116,21 @@ def test_server_state_round_trips_through_state_dict(workload):
     assert copy.params.tobytes() == server.params.tobytes()
     assert np.array_equal(copy.active_mask(), server.active_mask())
     assert (copy.cum_up, copy.cum_down) == (server.cum_up, server.cum_down)
+
+
+def test_a_changed_threshold_replaces_the_restored_one_and_everything_else_is_kept(workload):
+    cfg = tiny_config(*FREEZE_FAST)
+    server, host = ServerCore(cfg, workload), _host(cfg, workload)
+    for _ in range(2):
+        _round(server, host)
+    state = server.state_dict()
+    mutated = ServerCore(tiny_config("strategy.options.threshold=0.3", "strategy.options.alpha=0.5"), workload)
+    mutated.load_state_dict(state)
+    assert mutated.strategy.threshold == 0.3  # the mutated knob
+    assert mutated.round == server.round and mutated.params.tobytes() == server.params.tobytes()
+    ours, theirs = server.strategy.controller.state_dict(), mutated.strategy.controller.state_dict()
+    for key in ("ref", "ema", "abs_ema", "period", "remaining"):
+        assert ours[key].tobytes() == theirs[key].tobytes(), key
+    same = ServerCore(cfg, workload)
+    same.load_state_dict(state)
+    assert same.strategy.threshold == server.strategy.threshold  # unchanged config: the tightened T stays

@@ -77,8 +77,16 @@ class APF(Strategy):
         return float(self.controller.threshold)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"controller": self.controller.state_dict()}
+        return {"controller": self.controller.state_dict(), "configured_threshold": self.options.threshold}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the controller (ref, E, A, periods, current T, RNG).
+
+        If the configured threshold differs from the one the state was saved under (a search
+        mutated it, e.g. a PBT exploit), the new value replaces the current, possibly
+        tightened, T; every other knob (α, p, Φ, ...) comes from the options anyway.
+        """
         self.controller.load_state_dict(state["controller"])
+        if state.get("configured_threshold", self.options.threshold) != self.options.threshold:
+            self.controller.set_threshold(self.options.threshold)
         self._mask = self.controller.active

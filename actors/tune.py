@@ -1,0 +1,589 @@
+"""Ray Tune search over APF's knobs: each trial is a real federated run on Ray.
+
+``apf-ray tune --config tune_configs/NAME.yaml`` lands here (the CLI imports this module by
+path, so the core never imports Ray). The search file is validated by
+:mod:`apf_ray.tuning`; this module turns it into a Tune experiment:
+
+- **Trials are federated runs**: the trainable calls :func:`apf_ray.run.run` with the Ray
+  backend. Its server actor and client-pool actors live inside the trial's placement group,
+  whose bundles come from :func:`apf_ray.placement.run_bundles` (one per client actor), and
+  the pools size themselves from those bundles, so concurrent trials never wait on each
+  other's actors.
+- **One dataset copy**: the driver loads the dataset once and puts it in the object store;
+  trials receive the reference (wrapped in a list, so Ray does not copy it per trial).
+- **Reporting**: a run callback reports after every round (all values finite, see
+  :func:`apf_ray.tuning.round_metrics`) and attaches the run's own checkpoint as a
+  ``tune.Checkpoint`` whenever the run writes one. A trial that fails restarts from it
+  (``FailureConfig``); a PBT exploit continues the donor's run — same round, same controller
+  state — with only the mutated knobs changed.
+- **Baseline**: one FedAvg trial on the same workload and seed runs first; every saving is
+  measured against its bytes at the same round.
+
+Output folder: ``trials/<id>/`` and ``baseline/`` (each a run directory with TensorBoard
+events, so ``tensorboard --logdir OUTPUT`` shows them side by side), ``tune/`` (Tune's own
+experiment state and checkpoint copies), ``search.json`` (the resolved search, for
+``--resume``), and at the end ``trials.parquet``, ``pareto.png``, ``best.yaml``,
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import yaml
+from ray import tune
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from actors.backend import RayBackend, ray_session
+from apf_ray.callbacks import Callback, RunContext
+from apf_ray.config import ExperimentConfig, build_config
+from apf_ray.data import load_dataset
+from apf_ray.metrics import JOURNAL, write_json, write_tables
+from apf_ray.placement import run_bundles
+from apf_ray.records import RoundEvent, RoundRecord
+from apf_ray.resume import read_resume_point
+from apf_ray.run import run
+from apf_ray.tuning import (
+    UNREACHED,
+    Domain,
+    TuneSpec,
+    baseline_config,
+    choose_best,
+    pareto_front,
+    round_metrics,
+    trial_config,
+)
+
+SEARCH_FILE = "search.json"
+ENCODED = "yaml:"
+"""Prefix of a choice value that is not a scalar (e.g. an uplink chain), sent to searchers as text:
+Optuna's categorical values must be None, bool, int, float or str."""
+
+
+# --------------------------------------------------------------------------- search space
+
+
+def _encode(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return ENCODED + yaml.safe_dump(value, default_flow_style=True).strip()
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(ENCODED):
+        return yaml.safe_load(value[len(ENCODED):])
+    return value
+
+
+def tune_domain(domain: Domain) -> Any:
+    """The Ray Tune sampler for one searched key."""
+    args = domain.args
+    if domain.kind == "uniform":
+        return tune.uniform(*args)
+    if domain.kind == "loguniform":
+        return tune.loguniform(*args)
+    if domain.kind == "quniform":
+        return tune.quniform(*args)
+    if domain.kind == "randint":
+        return tune.randint(*args)
+    if domain.kind == "choice":
+        return tune.choice([_encode(v) for v in args])
+    return tune.grid_search([_encode(v) for v in args])
+
+
+def sampled_params(config: Mapping[str, Any], spec: TuneSpec) -> dict[str, Any]:
+    """The searched dotted keys of a trial's Tune config, decoded."""
+    return {key: _decode(config[key]) for key in spec.search_space if key in config}
+
+
+# --------------------------------------------------------------------------- the trial
+
+
+class TuneReporter(Callback):
+    """Reports every round to Tune and attaches the run's checkpoint when one was written.
+
+    The last round is reported from ``on_end``, after the run wrote its tables and summary:
+    a scheduler may end the trial as soon as it sees the final round.
+    """
+
+    def __init__(self, spec: TuneSpec, baseline_bytes: list[int] | None) -> None:
+        self.spec, self.baseline_bytes = spec, baseline_bytes
+        self.history: list[RoundRecord] = []
+        self.final: tuple[dict[str, float], Path | None] | None = None
+
+    def on_start(self, ctx: RunContext) -> None:
+        self.rounds = ctx.cfg.train.rounds
+        path = ctx.run_dir / JOURNAL / "rounds.jsonl"  # the rounds this trial already ran (a restart)
+        if ctx.start_round and path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.history = [RoundRecord(**r) for r in rows if r["round"] <= ctx.start_round]
+
+    def on_round(self, event: RoundEvent) -> None:
+        self.history.append(event.record)
+        metrics = round_metrics(self.history, self.spec, self.baseline_bytes)
+        if event.record.round >= self.rounds:
+            self.final = (metrics, event.checkpoint)
+        else:
+            self._report(metrics, event.checkpoint)
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        if self.final is not None:
+            self._report(*self.final)
+        elif self.history:  # restored at the last round (a late PBT exploit): nothing ran, say where it stands
+            self._report(round_metrics(self.history, self.spec, self.baseline_bytes), None)
+
+    @staticmethod
+    def _report(metrics: dict[str, float], checkpoint: Path | None) -> None:
+        if checkpoint is not None:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint)))
+        else:
+            tune.report(metrics)
+
+
+def _log_resume(run_dir: Path, resume: Any, cfg: ExperimentConfig) -> None:
+    """Append to ``resumes.jsonl`` where this trial continued from: its own checkpoint after a
+    failure, or a donor's after a PBT exploit (``from`` names the run the state came from)."""
+    controller = resume.server["strategy"].get("controller", {})
+    digest = hashlib.sha256()
+    for key in ("ref", "ema", "abs_ema", "period", "remaining"):
+        if key in controller:
+            digest.update(controller[key].tobytes())
+    entry = {"round": resume.round, "from": resume.config["name"], "into": cfg.name,
+             "options": cfg.strategy.options, "donor_options": resume.config["strategy"]["options"],
+             "controller_sha256": digest.hexdigest() if controller else None}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "resumes.jsonl").open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def federated_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
+    """Tune's function trainable: one federated run, resumed from Tune's checkpoint if it has one."""
+    spec = TuneSpec.model_validate(shared["spec"])
+    base = build_config(shared["base"], source="search base")
+    trial_id = tune.get_context().get_trial_id()
+    if config.get("baseline"):
+        cfg, run_dir, baseline_bytes = baseline_config(base), Path(shared["output"]) / "baseline", None
+    else:
+        cfg = trial_config(base, sampled_params(config, spec), name=f"{base.name}-{trial_id}")
+        run_dir, baseline_bytes = Path(shared["output"]) / "trials" / trial_id, shared["baseline_bytes"]
+    if spec.scheduler.name == "pbt":  # PBT exploits only at rounds that carry a checkpoint
+        cfg = build_config(cfg.to_dict(), {"output.checkpoint_every": spec.scheduler.perturbation_interval})
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            resume = read_resume_point(Path(path))
+        _log_resume(run_dir, resume, cfg)
+    dataset_ref = shared["dataset_ref"][0]
+    run(cfg, run_dir, backend=RayBackend(dataset_ref=dataset_ref), callbacks=[TuneReporter(spec, baseline_bytes)],
+        resume=resume, dataset=ray.get(dataset_ref))
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class SearchProgress(tune.Callback):
+    """The search on the terminal: a live table of trials (running / done / stopped / errored)
+    with the best so far; in a log (not a terminal), one line per finished trial instead."""
+
+    def __init__(self, console: Console, spec: TuneSpec, rounds: int, phase: str) -> None:
+        self.console, self.spec, self.rounds, self.phase = console, spec, rounds, phase
+        self.metric, self.mode = spec.scheduler_metric
+        self.last: dict[str, dict[str, float]] = {}
+        self.state: dict[str, str] = {}
+        self.live: Live | None = None
+
+    def _best(self) -> tuple[str, dict[str, float]] | None:
+        seen = [(t, m) for t, m in self.last.items() if self.metric in m and self.state.get(t) != "errored"]
+        if not seen:
+            return None
+        sign = 1 if self.mode == "max" else -1
+        return max(seen, key=lambda tm: sign * tm[1][self.metric])
+
+    def _headline(self) -> str:
+        counts = {s: list(self.state.values()).count(s) for s in ("running", "done", "stopped", "errored")}
+        best = self._best()
+        best_text = f" · best {self.metric} {best[1][self.metric]:.4g} ({best[0]})" if best else ""
+        return f"{self.phase}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + best_text
+
+    def _render(self) -> Table:
+        table = Table(title=self._headline(), box=None)
+        for col in ("trial", "round", "accuracy", "MB total", "saving", "frozen"):
+            table.add_column(col, justify="left" if col == "trial" else "right")
+        for trial, m in list(self.last.items())[-8:]:
+            saving = f"{m['saving']:.1%}" if "saving" in m else "—"
+            table.add_row(f"{trial} {self.state[trial]}", f"{int(m.get('round', 0))}/{self.rounds}",
+                          f"{m.get('accuracy', 0.0):.3f}", f"{m.get('bytes_total', 0.0) / 1e6:.1f}", saving,
+                          f"{m.get('frozen_fraction', 0.0):.0%}")
+        return table
+
+    def _refresh(self) -> None:
+        if not self.console.is_terminal:
+            return
+        if self.live is None:
+            self.live = Live(self._render(), console=self.console, refresh_per_second=2, transient=True)
+            self.live.start()
+        else:
+            self.live.update(self._render())
+
+    def _line(self, trial: str) -> None:
+        if not self.console.is_terminal:
+            m = self.last.get(trial, {})
+            self.console.print(f"{self.phase}: trial {trial} {self.state[trial]} at round "
+                               f"{int(m.get('round', 0))}/{self.rounds}, accuracy {m.get('accuracy', 0.0):.3f}")
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.state[trial.trial_id] = "running"
+        self.last.setdefault(trial.trial_id, {})
+        self._refresh()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.last[trial.trial_id] = {k: v for k, v in result.items() if isinstance(v, int | float)}
+        self._refresh()
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        done = self.last.get(trial.trial_id, {}).get("round", 0) >= self.rounds
+        self.state[trial.trial_id] = "done" if done else "stopped"
+        self._refresh()
+        self._line(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.state[trial.trial_id] = "errored"
+        self._refresh()
+        self._line(trial.trial_id)
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+        if self.state:
+            self.console.print(self._headline())
+
+    def __getstate__(self) -> dict:  # Tune pickles callbacks into its experiment state
+        return {**self.__dict__, "live": None, "console": None}
+
+    def __setstate__(self, state: dict) -> None:  # a restored search draws on this process's terminal
+        self.__dict__.update(state, console=Console())
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+def quiet_tune() -> None:
+    """Keep Tune's own console output out of the user's terminal (our progress table replaces it)."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # no traceback per failed trial
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # our runs write TensorBoard/Parquet
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often: resume loses little
+    for name in ("ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module=r"ray\.(tune|train).*")
+
+
+def _trainable(cfg: ExperimentConfig, shared: dict[str, Any]) -> Any:
+    bundles = run_bundles(cfg)
+    return tune.with_resources(tune.with_parameters(federated_trial, shared=shared),
+                               tune.PlacementGroupFactory([{}, *bundles]))
+
+
+def _search_algorithm(spec: TuneSpec) -> Any:
+    if spec.search.algorithm not in ("optuna", "optuna_nsga2"):
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=spec.search.seed)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    if spec.search.algorithm == "optuna":
+        return OptunaSearch(metric=spec.objective[0].key, mode=spec.objective[0].mode,
+                            sampler=optuna.samplers.TPESampler(seed=spec.search.seed))
+    return OptunaSearch(metric=[o.key for o in spec.objective], mode=[o.mode for o in spec.objective],
+                        sampler=optuna.samplers.NSGAIISampler(seed=spec.search.seed))
+
+
+def _scheduler(spec: TuneSpec, rounds: int) -> Any:
+    metric, mode = spec.scheduler_metric
+    s = spec.scheduler
+    if s.name == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(time_attr="round", metric=metric, mode=mode, max_t=rounds,
+                             grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    if s.name == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        mutations = s.mutations or spec.search_space
+        return PopulationBasedTraining(time_attr="round", metric=metric, mode=mode,
+                                       perturbation_interval=s.perturbation_interval,
+                                       quantile_fraction=s.quantile_fraction,
+                                       hyperparam_mutations={k: tune_domain(d) for k, d in mutations.items()})
+    return None
+
+
+def _fit(tuner_or_restore: Any, progress: SearchProgress) -> Any:
+    try:
+        return tuner_or_restore.fit()
+    finally:
+        progress.close()
+
+
+def _trial_dirname(trial: Any) -> str:
+    """Tune's folder of a trial is named after its id, like the trial's run folder under trials/.
+
+    (Not ``result.metrics["trial_id"]``: after a PBT exploit a trial's last result is the donor's.)
+    """
+    return trial.trial_id
+
+
+def _experiment(name: str, output: Path, cfg: ExperimentConfig, shared: dict[str, Any], spec: TuneSpec,
+                param_space: dict[str, Any], tune_config: tune.TuneConfig, console: Console,
+                resume: bool) -> Any:
+    tune_config.trial_dirname_creator = _trial_dirname
+    progress = SearchProgress(console, spec, cfg.train.rounds, name)
+    storage = str((output / "tune").resolve())
+    trainable = _trainable(cfg, shared)
+    if resume and tune.Tuner.can_restore(os.path.join(storage, name)):
+        tuner = tune.Tuner.restore(os.path.join(storage, name), trainable=trainable, resume_errored=True)
+        return _fit(tuner, progress)
+    # PBT restores donors' checkpoints some time after choosing them: keep them all (disk: one copy
+    # of the run's checkpoint per perturbation interval per trial); otherwise the last two suffice.
+    keep = None if spec.scheduler.name == "pbt" else 2
+    run_config = tune.RunConfig(
+        name=name, storage_path=storage, verbose=0, callbacks=[progress],
+        failure_config=tune.FailureConfig(max_failures=spec.trial_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
+    )
+    return _fit(tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config),
+                progress)
+
+
+def _journal(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "journal" / "rounds.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _row(trial_id: str, status: str, params: Mapping[str, Any], rows: list[dict[str, Any]], spec: TuneSpec,
+         baseline_total: list[int] | None) -> dict[str, Any]:
+    """One trial's line of trials.parquet, from its own journal."""
+    last = rows[-1] if rows else None
+    accs = [r["test_accuracy"] for r in rows if r["test_accuracy"] is not None]
+    total = (last["cum_bytes_up"] + last["cum_bytes_down"]) if last else None
+    row: dict[str, Any] = {
+        "trial_id": trial_id, "status": status, **{f"param:{k}": _encode(v) for k, v in params.items()},
+        "rounds": last["round"] if last else 0,
+        "final_accuracy": accs[-1] if accs else None,
+        "best_accuracy": max(accs) if accs else None,
+        "bytes_up": last["cum_bytes_up"] if last else None,
+        "bytes_down": last["cum_bytes_down"] if last else None,
+        "bytes_total": total,
+        "saving": (1.0 - total / baseline_total[last["round"] - 1]) if baseline_total and last
+        and last["round"] <= len(baseline_total) else None,
+        "frozen_fraction_final": last["frozen_fraction"] if last else None,
+    }
+    if spec.target_accuracy is not None:
+        reached = next((r for r in rows if (r["test_accuracy"] or 0) >= spec.target_accuracy), None)
+        row["bytes_to_target"] = math.inf if reached is None else reached["cum_bytes_up"] + reached["cum_bytes_down"]
+    for objective in spec.objective:
+        if objective.metric == "accuracy":
+            tail = accs[-objective.last_n:]
+            row[objective.key] = sum(tail) / len(tail) if tail else None
+    return row
+
+
+def _status(result: Any, rounds: int) -> str:
+    if result.error is not None:
+        return "errored"
+    last = (result.metrics or {}).get("round", 0)
+    return "completed" if last >= rounds else "early_stopped"
+
+
+def _plot_pareto(path: Path, rows: list[dict[str, Any]], front: list[int], base: dict[str, Any] | None,
+                 best: int | None, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    done = [r for r in rows if r["final_accuracy"] is not None]
+    colours = {"completed": "tab:blue", "early_stopped": "tab:gray", "errored": "tab:red"}
+    for status, colour in colours.items():
+        pts = [(r["bytes_total"] / 1e6, r["final_accuracy"]) for r in done if r["status"] == status]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), c=colour, label=f"trials ({status.replace('_', ' ')})", s=28)
+    if front:
+        pts = sorted((rows[i]["bytes_total"] / 1e6, rows[i]["final_accuracy"]) for i in front)
+        ax.plot(*zip(*pts, strict=True), "-", c="tab:orange", label="Pareto front", zorder=1)
+    if base is not None:
+        ax.scatter([base["bytes_total"] / 1e6], [base["final_accuracy"]], marker="*", s=220, c="black",
+                   label="FedAvg baseline", zorder=3)
+    if best is not None:
+        ax.scatter([rows[best]["bytes_total"] / 1e6], [rows[best]["final_accuracy"]], marker="o", s=160,
+                   facecolors="none", edgecolors="tab:green", linewidths=2, label="best (best.yaml)", zorder=3)
+    ax.set_xlabel("total bytes, uplink + downlink (MB)")
+    ax.set_ylabel("final test accuracy (fraction correct)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _results_table(rows: list[dict[str, Any]], spec: TuneSpec, best: int | None) -> Table:
+    objective = spec.objective[0]
+    sign = -1 if objective.mode == "max" else 1
+
+    def order(i: int) -> float:
+        value = rows[i].get(objective.key)
+        return math.inf if value is None else sign * float(value)
+
+    table = Table(title=f"{spec.name}: trials by {objective.key} ({objective.mode})")
+    params = [k for k in rows[0] if k.startswith("param:")] if rows else []
+    names = [p.rsplit(".", 1)[-1] for p in params]
+    if len(set(names)) < len(names):  # two keys end alike: show them whole
+        names = [p.removeprefix("param:") for p in params]
+    for col in ("trial", "status", *names, "rounds", "final acc", "MB total", "saving"):
+        table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+    for i in sorted(range(len(rows)), key=order):
+        r = rows[i]
+        values = [_short(r[p]) for p in params]
+        acc = "—" if r["final_accuracy"] is None else f"{r['final_accuracy']:.4f}"
+        size = "—" if r["bytes_total"] is None else f"{r['bytes_total'] / 1e6:.1f}"
+        saving = "—" if r["saving"] is None else f"{r['saving']:.1%}"
+        mark = " ★" if i == best else ""
+        table.add_row(r["trial_id"] + mark, r["status"], *values, str(r["rounds"]), acc, size, saving)
+    return table
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).removeprefix(ENCODED)
+
+
+def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address: str | None = None,
+               resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+    """Run (or finish) the search into ``output``; returns the search summary (also summary.json)."""
+    console = console or Console()
+    output = Path(output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / SEARCH_FILE, {"spec": spec.model_dump(mode="json"), "base": base.to_dict()})
+    quiet_tune()
+    dataset = load_dataset(base.data.dataset, **base.data.options)  # once, before any cluster starts
+    started = time.perf_counter()
+    with ray_session(base, address):
+        dataset_ref = ray.put(dataset)
+        shared: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "base": base.to_dict(),
+                                  "output": str(output), "dataset_ref": [dataset_ref], "baseline_bytes": None}
+        baseline_rows: list[dict[str, Any]] = []
+        if spec.baseline:
+            baseline_rows = _journal(output / "baseline")
+            if len(baseline_rows) < base.train.rounds:
+                console.print("[bold]baseline[/bold]: FedAvg on the same workload and seed")
+                _experiment("baseline", output, base, shared, spec, {"baseline": True},
+                            tune.TuneConfig(num_samples=1), console, resume)
+                baseline_rows = _journal(output / "baseline")
+            shared["baseline_bytes"] = [r["cum_bytes_up"] + r["cum_bytes_down"] for r in baseline_rows]
+        metric, mode = spec.scheduler_metric
+        param_space = {k: tune_domain(d) for k, d in spec.search_space.items()}
+        scheduler = _scheduler(spec, base.train.rounds)
+        search_alg = _search_algorithm(spec)
+        tune_config = tune.TuneConfig(
+            num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
+            scheduler=scheduler, search_alg=search_alg,
+            **({"metric": metric, "mode": mode} if scheduler is None and not spec.multi_objective
+               and spec.search.algorithm not in ("optuna",) else {}),
+        )
+        console.print(f"[bold]search[/bold]: {spec.num_samples} sample(s) of {len(spec.search_space)} key(s), "
+                      f"{spec.search.algorithm}, scheduler {spec.scheduler.name}")
+        grid = _experiment("search", output, base, shared, spec, param_space, tune_config, console, resume)
+    elapsed = time.perf_counter() - started
+    return _write_outputs(output, spec, base, grid, baseline_rows, elapsed, console)
+
+
+def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: Any,
+                   baseline_rows: list[dict[str, Any]], elapsed: float, console: Console) -> dict[str, Any]:
+    baseline_total = [r["cum_bytes_up"] + r["cum_bytes_down"] for r in baseline_rows] or None
+    for run_dir in [output / "baseline", *sorted((output / "trials").glob("*"))]:
+        if (run_dir / JOURNAL / "rounds.jsonl").is_file():
+            write_tables(run_dir)  # trials a scheduler stopped early never wrote theirs
+    rows = []
+    for result in grid:
+        trial_id = Path(result.path).name  # trial_dirname_creator names it after the trial id
+        params = sampled_params(result.config, spec)
+        rows.append(_row(trial_id, _status(result, base.train.rounds), params,
+                         _journal(output / "trials" / trial_id), spec, baseline_total))
+    rows.sort(key=lambda r: r["trial_id"])
+    base_row = _row("baseline", "completed", {}, baseline_rows, spec, baseline_total) if baseline_rows else None
+    base_acc = base_row["final_accuracy"] if base_row else None
+    best = choose_best(rows, spec, base_acc)
+    done = [i for i, r in enumerate(rows) if r["final_accuracy"] is not None and r["status"] == "completed"]
+    front = [done[j] for j in pareto_front([(rows[i]["final_accuracy"], rows[i]["bytes_total"]) for i in done])]
+    table_rows = [{**r, "pareto": i in front, "best": i == best, "baseline": False} for i, r in enumerate(rows)]
+    if base_row is not None:
+        table_rows.append({**base_row, "pareto": False, "best": False, "baseline": True})
+    columns = sorted({k for r in table_rows for k in r}, key=lambda k: (k.startswith("param:") is False, k))
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in table_rows]),
+                   output / "trials.parquet")
+    _plot_pareto(output / "pareto.png", rows, front, base_row, best,
+                 f"{spec.name}: accuracy vs bytes ({base.train.rounds} rounds)")
+    summary: dict[str, Any] = {
+        "name": spec.name, "trials": len(rows), "search_time_s": elapsed,
+        "statuses": {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "errored")},
+        "baseline": _jsonable(base_row), "best": _jsonable(rows[best]) if best is not None else None,
+        "pareto": [rows[i]["trial_id"] for i in front],
+    }
+    if best is not None:
+        cfg = trial_config(base, {k.removeprefix("param:"): _decode(v) for k, v in rows[best].items()
+                                  if k.startswith("param:")}, name=f"{spec.name}-best")
+        raw = cfg.to_dict()
+        raw["output"]["dir"] = None
+        raw["train"]["eval_every"] = base.train.eval_every
+        (output / "best.yaml").write_text(
+            f"# best trial {rows[best]['trial_id']} of the search {spec.name} — run it with\n"
+            f"#   apf-ray train --config {output / 'best.yaml'}\n" + yaml.safe_dump(raw, sort_keys=False))
+    write_json(output / "summary.json", summary)
+    console.print(_results_table(rows, spec, best))
+    if base_row is not None:
+        console.print(f"baseline (FedAvg): accuracy {base_row['final_accuracy']:.4f}, "
+                      f"{base_row['bytes_total'] / 1e6:.1f} MB")
+    console.print(f"wrote {output / 'trials.parquet'}, {output / 'pareto.png'}"
+                  + (f", {output / 'best.yaml'}" if best is not None else "")
+                  + f"; search took {elapsed:.0f} s; tensorboard --logdir {output}")
+    return summary
+
+
+def _jsonable(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def resume_search(output: Path, *, address: str | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Finish an interrupted search in ``output`` without redoing finished trials."""
+    saved = json.loads((Path(output) / SEARCH_FILE).read_text())
+    spec = TuneSpec.model_validate(saved["spec"])
+    base = build_config(saved["base"], source=str(Path(output) / SEARCH_FILE))
+    return run_search(spec, base, output, address=address, resume=True, console=console)
+
+
+__all__ = ["UNREACHED", "federated_trial", "resume_search", "run_search", "tune_domain"]
+

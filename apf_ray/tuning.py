@@ -1,0 +1,290 @@
+"""Hyperparameter search, the Ray-free half: the search-file schema, objectives, Pareto front.
+
+``apf-ray tune --config tune_configs/NAME.yaml`` searches dotted config keys (APF's threshold,
+EMA α, check interval and aggressive probability, the uplink quantiser, ...) with Ray Tune;
+each trial is a full federated run. This module holds what needs no Ray: the validated
+search file (:class:`TuneSpec`), the trial configs it implies, the objectives computed from a
+trial's round records, the Pareto front over (accuracy, bytes), and the choice of the best
+trial. The Ray half is ``actors/tune.py``.
+
+Units: bytes are cumulative wire bytes of a trial up to its last round; accuracy is the
+fraction of the test set classified correctly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from apf_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    Overrides,
+    _format_validation,
+    apply_overrides,
+    read_yaml_mapping,
+)
+from apf_ray.config import build_config as build_experiment
+
+SEARCH_DRIVER = {"run": "actors.tune:run_search", "resume": "actors.tune:resume_search"}
+"""The Ray half of the search, imported by path by the CLI (the core never imports Ray)."""
+
+UNREACHED = 1e30
+"""``bytes_to_target`` reported to Tune while the target accuracy has not been reached: a
+finite stand-in for "never" (schedulers need finite metrics); tables show it as ``never``."""
+
+DOMAINS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
+OBJECTIVE_METRICS = ("accuracy", "bytes_total", "bytes_up", "bytes_to_target")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Domain(_Strict):
+    """One searched key: exactly one of the distributions."""
+
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    quniform: tuple[float, float, float] | None = None
+    randint: tuple[int, int] | None = Field(None, description="[low, high): high excluded, as in Ray Tune")
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Domain:
+        given = [k for k in DOMAINS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DOMAINS)}; got {given or 'none'}")
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("uniform", "loguniform", "quniform", "randint") and not value[0] < value[1]:
+            raise ValueError(f"{kind}: low ({value[0]}) must be < high ({value[1]})")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError(f"loguniform: low must be > 0, got {value[0]}")
+        if kind == "quniform" and value[2] <= 0:
+            raise ValueError(f"quniform: q must be > 0, got {value[2]}")
+        if kind in ("choice", "grid") and not value:
+            raise ValueError(f"{kind}: give at least one value")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DOMAINS if getattr(self, k) is not None)
+
+    @property
+    def args(self) -> Any:
+        return getattr(self, self.kind)
+
+    def values(self) -> list[Any]:
+        """Every value a grid or choice domain can take (empty for continuous ones)."""
+        return list(self.args) if self.kind in ("choice", "grid") else []
+
+
+class Objective(_Strict):
+    """One quantity to optimise, computed from a trial's round records."""
+
+    metric: Literal["accuracy", "bytes_total", "bytes_up", "bytes_to_target"]
+    mode: Literal["max", "min"] | None = Field(None, description="default: max for accuracy, min for bytes")
+    last_n: int = Field(1, ge=1, description="accuracy: mean of the last N evaluations (1 = final)")
+
+    @model_validator(mode="after")
+    def _default_mode(self) -> Objective:
+        if self.mode is None:
+            self.mode = "max" if self.metric == "accuracy" else "min"
+        return self
+
+    @property
+    def key(self) -> str:
+        """The name reported to Tune (``accuracy_last5`` for a mean of the last 5)."""
+        return f"accuracy_last{self.last_n}" if self.metric == "accuracy" and self.last_n > 1 else self.metric
+
+
+class SearchSpec(_Strict):
+    algorithm: Literal["random", "grid", "optuna", "optuna_nsga2"] = "random"
+    seed: int | None = Field(0, description="seed of the searcher (None: nondeterministic)")
+
+
+class SchedulerSpec(_Strict):
+    name: Literal["fifo", "asha", "pbt"] = "fifo"
+    metric: str | None = Field(None, description="per-round metric the scheduler watches; default: first objective")
+    grace_period: int = Field(2, ge=1, description="asha: rounds every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="asha: keep 1/reduction_factor at each rung")
+    perturbation_interval: int = Field(2, ge=1, description="pbt: rounds between exploit/explore steps")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="pbt: bottom fraction that copies the top")
+    mutations: dict[str, Domain] = Field(default_factory=dict,
+                                         description="pbt: dotted keys → resampling domains (default: search_space)")
+
+
+class TuneSpec(_Strict):
+    """A search file (``tune_configs/*.yaml``)."""
+
+    name: str = "tune"
+    base: str | dict[str, Any] = Field(..., description="train config: a path relative to this file, or inline")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys applied to the base")
+    search_space: dict[str, Domain] = Field(..., min_length=1)
+    objective: list[Objective] = Field(..., min_length=1)
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="for bytes_to_target")
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="best trial: accuracy ≥ baseline − this")
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    num_samples: int = Field(4, ge=1, description="trials (per grid point for grid domains)")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the cluster fits")
+    baseline: bool = Field(True, description="run one FedAvg trial on the same workload and seed first")
+    trial_failures: int = Field(1, ge=0, description="restarts of a failing trial from its last checkpoint")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TuneSpec:
+        metrics = [o.metric for o in self.objective]
+        if len(set(o.key for o in self.objective)) != len(self.objective):
+            raise ValueError(f"objective lists a metric twice: {metrics}")
+        if "bytes_to_target" in metrics and self.target_accuracy is None:
+            raise ValueError("objective bytes_to_target needs target_accuracy")
+        multi = len(self.objective) > 1
+        if self.search.algorithm == "optuna_nsga2" and not multi:
+            raise ValueError("search.algorithm optuna_nsga2 is multi-objective: list at least two objectives")
+        if multi and self.search.algorithm in ("random", "grid") and self.scheduler.name == "pbt":
+            raise ValueError("pbt optimises one metric; give one objective or set scheduler.metric")
+        grids = [k for k, d in self.search_space.items() if d.kind == "grid"]
+        if grids and self.search.algorithm in ("optuna", "optuna_nsga2"):
+            raise ValueError(f"grid domains ({', '.join(grids)}) need search.algorithm random or grid")
+        if self.search.algorithm == "grid" and len(grids) != len(self.search_space):
+            raise ValueError("search.algorithm grid needs every search_space key to be a grid domain")
+        if self.scheduler.name == "pbt" and self.search.algorithm != "random":
+            raise ValueError("pbt explores by itself: use search.algorithm random")
+        return self
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective) > 1
+
+    @property
+    def scheduler_metric(self) -> tuple[str, str]:
+        """(metric, mode) the scheduler watches every round."""
+        if self.scheduler.metric is None:
+            return self.objective[0].key, self.objective[0].mode
+        mode = next((o.mode for o in self.objective if o.key == self.scheduler.metric),
+                    "max" if self.scheduler.metric.startswith("accuracy") else "min")
+        return self.scheduler.metric, mode
+
+
+def load_tune_spec(path: str | Path, overrides: Overrides = ()) -> tuple[TuneSpec, ExperimentConfig]:
+    """The search file at ``path`` (plus overrides of it) and its validated base train config.
+
+    Every searched value (each choice/grid value, both ends of each range) is also checked
+    against the train config's schema here, so a bad search space fails before any trial.
+    """
+    path = Path(path)
+    merged, applied = apply_overrides(read_yaml_mapping(path), overrides)
+    try:
+        spec = TuneSpec.model_validate(merged)
+    except Exception as err:  # pydantic's ValidationError, formatted like train-config errors
+        from pydantic import ValidationError
+
+        if isinstance(err, ValidationError):
+            raise ConfigError(_format_validation(err, str(path), applied)) from None
+        raise
+    if isinstance(spec.base, str):
+        base_path = (path.parent / spec.base).resolve()
+        base_raw, source = read_yaml_mapping(base_path), str(base_path)
+    else:
+        base_raw, source = spec.base, f"{path}: base"
+    base = build_experiment(base_raw, spec.overrides, source=source)
+    for key, domain in spec.search_space.items():
+        samples = domain.values() or [domain.args[0], domain.args[1]]
+        for value in samples:
+            build_experiment(base.to_dict(), {key: value}, source=f"{path}: search_space.{key}")
+    return spec, base
+
+
+def trial_config(base: ExperimentConfig, params: Mapping[str, Any], *, name: str) -> ExperimentConfig:
+    """The train config of one trial: the base with the sampled dotted keys, evaluated every round.
+
+    Evaluation runs every round in a search, so the accuracy a scheduler sees is never stale.
+    """
+    return build_experiment(base.to_dict(), {**params, "train.eval_every": 1, "name": name},
+                            source=f"trial {name}")
+
+
+def baseline_config(base: ExperimentConfig) -> ExperimentConfig:
+    """FedAvg on the same workload and seed, with no uplink compression."""
+    return build_experiment(base.to_dict(), {"strategy.name": "fedavg", "strategy.uplink": [],
+                                             "train.eval_every": 1, "name": f"{base.name}-fedavg"},
+                            source="baseline")
+
+
+def round_metrics(history: Sequence[Any], spec: TuneSpec, baseline_bytes: Sequence[int] | None) -> dict[str, float]:
+    """What a trial reports after its latest round: every value finite (see :data:`UNREACHED`).
+
+    ``history`` are the trial's :class:`~apf_ray.records.RoundRecord` so far (evaluated every
+    round); ``baseline_bytes[r-1]`` is the baseline's cumulative total bytes after round r.
+    """
+    rec = history[-1]
+    total = rec.cum_bytes_up + rec.cum_bytes_down
+    out = {
+        "round": float(rec.round),
+        "accuracy": float(rec.test_accuracy),
+        "test_loss": float(rec.test_loss),
+        "bytes_up": float(rec.cum_bytes_up),
+        "bytes_down": float(rec.cum_bytes_down),
+        "bytes_total": float(total),
+        "frozen_fraction": float(rec.frozen_fraction),
+        "threshold": float(rec.threshold) if rec.threshold is not None else 0.0,
+        "wall_s": float(sum(h.wall_s for h in history)),
+        "simulated_s": float(rec.cum_simulated_s),
+    }
+    for objective in spec.objective:
+        if objective.metric == "accuracy" and objective.last_n > 1:
+            accs = [h.test_accuracy for h in history][-objective.last_n:]
+            out[objective.key] = float(sum(accs) / len(accs))
+    if spec.target_accuracy is not None:
+        reached = next((h for h in history if h.test_accuracy >= spec.target_accuracy), None)
+        out["bytes_to_target"] = UNREACHED if reached is None else float(reached.cum_bytes_up + reached.cum_bytes_down)
+    if baseline_bytes is not None and rec.round <= len(baseline_bytes):
+        out["saving"] = 1.0 - total / baseline_bytes[rec.round - 1]
+    return out
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated in (accuracy: higher is better, bytes: lower is better)."""
+    front = []
+    for i, (acc, size) in enumerate(points):
+        dominated = any(a >= acc and b <= size and (a > acc or b < size) for j, (a, b) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][1])
+
+
+def choose_best(rows: Sequence[Mapping[str, Any]], spec: TuneSpec, baseline_accuracy: float | None) -> int | None:
+    """Index of the trial to recommend among completed ones, or None.
+
+    Only trials whose final accuracy is within ``max_accuracy_drop`` of the baseline qualify
+    (all completed ones when there is no baseline, or none qualifies: then the most accurate).
+    One objective: its best value. Several: the Pareto point (accuracy, total bytes) with the
+    fewest bytes.
+    """
+    done = [i for i, r in enumerate(rows) if r["status"] == "completed" and r["final_accuracy"] is not None]
+    if not done:
+        return None
+    eligible = done
+    if baseline_accuracy is not None:
+        eligible = [i for i in done if rows[i]["final_accuracy"] >= baseline_accuracy - spec.max_accuracy_drop]
+        if not eligible:
+            return max(done, key=lambda i: rows[i]["final_accuracy"])
+    if spec.multi_objective:
+        front = pareto_front([(rows[i]["final_accuracy"], rows[i]["bytes_total"]) for i in eligible])
+        return eligible[front[0]]
+    objective = spec.objective[0]
+    sign = 1.0 if objective.mode == "max" else -1.0
+    return max(eligible, key=lambda i: sign * _objective_value(rows[i], objective))
+
+
+def _objective_value(row: Mapping[str, Any], objective: Objective) -> float:
+    value = row.get(objective.key)
+    if value is None:
+        return -math.inf if objective.mode == "max" else math.inf
+    return float(value)
