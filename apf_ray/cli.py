@@ -91,8 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = build_config(resume.config, args.set or [], source=f"{run_dir / 'checkpoints'}")
         summary = _finished_summary(run_dir, resume.round, cfg.train.rounds)
         if summary is not None:  # nothing to train: no backend, no Ray
-            console().print(f"{run_dir} is finished ({resume.round} rounds); raise train.rounds "
-                            f"(--set train.rounds=N) to continue it")
+            _say(args, f"{run_dir} is finished ({resume.round} rounds); raise train.rounds "
+                       f"(--set train.rounds=N) to continue it")
             console().print(summary_table(summary, title=f"{cfg.name} · {cfg.strategy.name}"))
             return 0
         _say(args, f"resuming {run_dir} after round {resume.round}")
