@@ -47,20 +47,24 @@ def local_resources(cfg: ExperimentConfig) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def ray_session(cfg: ExperimentConfig, address: str | None = None) -> Iterator[bool]:
+def ray_session(cfg: ExperimentConfig, address: str | None = None, verbose: bool = False) -> Iterator[bool]:
     """Join ``address`` (or the running Ray in this process) or start a local cluster for the block.
 
     Without an address, ``cluster.address`` and then ``RAY_ADDRESS`` (which ``ray job submit``
     sets for the jobs it runs) name the cluster to join. Yields True when this call started or
-    joined Ray (and will disconnect on exit).
+    joined Ray (and will disconnect on exit). Ray's own output (its start-up warnings, such as
+    the token-authentication notice every new local cluster logs, and the workers'
+    stdout/stderr) stays out of the terminal unless ``verbose``: the run's records already
+    carry every client error, and Ray's logs stay in its session folder.
     """
     if ray.is_initialized():
         yield False
         return
     address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    logs = {"logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose}
     if address:
         enable_token_auth()
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=address, **logs)
     else:
         if any(p.num_gpus > 0 for p in cfg.cluster.pools):
             log.warning("a pool asks for GPUs; a local cluster only has the GPUs Ray detects")
@@ -69,8 +73,7 @@ def ray_session(cfg: ExperimentConfig, address: str | None = None) -> Iterator[b
             object_store_memory=cfg.cluster.object_store_mb * 2**20,
             resources=local_resources(cfg) or None,
             include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
+            **logs,
         )
     try:
         yield True
@@ -94,18 +97,21 @@ class RayBackend(Backend):
     """A server actor (on the driver's node, ``num_cpus=0``) and client-pool actors.
 
     ``address`` joins an existing cluster (default: ``cluster.address``, else a local one;
-    a Ray session already open in this process is reused). ``dataset_ref`` is the dataset
-    already in the object store (Tune shares one among trials); by default it is put once.
+    a Ray session already open in this process is reused); ``verbose`` shows Ray's own logs.
+    ``dataset_ref`` is the dataset already in the object store (Tune shares one among trials);
+    by default it is put once.
     """
 
     @classmethod
-    def session(cls, cfg: ExperimentConfig, address: str | None = None,
+    def session(cls, cfg: ExperimentConfig, address: str | None = None, verbose: bool = False,
                 **options: Any) -> contextlib.AbstractContextManager:
         """One Ray session for several runs (``apf-ray compare``, Tune's driver)."""
-        return ray_session(cfg, address)
+        return ray_session(cfg, address, verbose)
 
-    def __init__(self, address: str | None = None, dataset_ref: ray.ObjectRef | None = None) -> None:
+    def __init__(self, address: str | None = None, dataset_ref: ray.ObjectRef | None = None,
+                 verbose: bool = False) -> None:
         self.address = address
+        self.verbose = verbose
         self.dataset_ref = dataset_ref
         self.server = None
         self._session = contextlib.ExitStack()
@@ -113,7 +119,7 @@ class RayBackend(Backend):
     def start(self, cfg: ExperimentConfig, run_dir: Path, workload: Workload,
               resume: ResumePoint | None) -> dict[str, Any]:
         self.cfg = cfg
-        self._session.enter_context(ray_session(cfg, self.address))
+        self._session.enter_context(ray_session(cfg, self.address, self.verbose))
         check_placeable(cfg)
         dataset_ref = self.dataset_ref if self.dataset_ref is not None else ray.put(workload.dataset)
         options = {}

@@ -200,8 +200,8 @@ class SearchProgress(tune.Callback):
     """The search on the terminal: a live table of trials (running / done / stopped / errored)
     with the best so far; in a log (not a terminal), one line per finished trial instead."""
 
-    def __init__(self, console: Console, spec: TuneSpec, rounds: int, phase: str) -> None:
-        self.console, self.spec, self.rounds, self.phase = console, spec, rounds, phase
+    def __init__(self, console: Console, spec: TuneSpec, rounds: int, phase: str, *, silent: bool = False) -> None:
+        self.console, self.spec, self.rounds, self.phase, self.silent = console, spec, rounds, phase, silent
         self.metric, self.mode = spec.scheduler_metric
         self.last: dict[str, dict[str, float]] = {}
         self.state: dict[str, str] = {}
@@ -232,7 +232,7 @@ class SearchProgress(tune.Callback):
         return table
 
     def _refresh(self) -> None:
-        if not self.console.is_terminal:
+        if self.silent or not self.console.is_terminal:
             return
         if self.live is None:
             self.live = Live(self._render(), console=self.console, refresh_per_second=2, transient=True)
@@ -241,7 +241,7 @@ class SearchProgress(tune.Callback):
             self.live.update(self._render())
 
     def _line(self, trial: str) -> None:
-        if not self.console.is_terminal:
+        if not self.silent and not self.console.is_terminal:
             m = self.last.get(trial, {})
             self.console.print(f"{self.phase}: trial {trial} {self.state[trial]} at round "
                                f"{int(m.get('round', 0))}/{self.rounds}, accuracy {m.get('accuracy', 0.0):.3f}")
@@ -270,7 +270,7 @@ class SearchProgress(tune.Callback):
         if self.live is not None:
             self.live.stop()
             self.live = None
-        if self.state:
+        if self.state and not self.silent:
             self.console.print(self._headline())
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks into its experiment state
@@ -352,9 +352,9 @@ def _trial_dirname(trial: Any) -> str:
 
 def _experiment(name: str, output: Path, cfg: ExperimentConfig, shared: dict[str, Any], spec: TuneSpec,
                 param_space: dict[str, Any], tune_config: tune.TuneConfig, console: Console,
-                resume: bool) -> Any:
+                resume: bool, quiet: bool) -> Any:
     tune_config.trial_dirname_creator = _trial_dirname
-    progress = SearchProgress(console, spec, cfg.train.rounds, name)
+    progress = SearchProgress(console, spec, cfg.train.rounds, name, silent=quiet)
     storage = str((output / "tune").resolve())
     trainable = _trainable(cfg, shared)
     if resume and tune.Tuner.can_restore(os.path.join(storage, name)):
@@ -480,16 +480,22 @@ def _short(value: Any) -> str:
 
 
 def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address: str | None = None,
-               resume: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Run (or finish) the search into ``output``; returns the search summary (also summary.json)."""
+               resume: bool = False, verbose: bool = False, quiet: bool = False,
+               console: Console | None = None) -> dict[str, Any]:
+    """Run (or finish) the search into ``output``; returns the search summary (also summary.json).
+
+    ``quiet`` leaves out the live trial table and progress lines (the final table stays);
+    ``verbose`` shows Ray's own logs.
+    """
     console = console or Console()
+    say = (lambda *_: None) if quiet else console.print
     output = Path(output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / SEARCH_FILE, {"spec": spec.model_dump(mode="json"), "base": base.to_dict()})
     quiet_tune()
     dataset = load_dataset(base.data.dataset, **base.data.options)  # once, before any cluster starts
     started = time.perf_counter()
-    with ray_session(base, address):
+    with ray_session(base, address, verbose):
         dataset_ref = ray.put(dataset)
         shared: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "base": base.to_dict(),
                                   "output": str(output), "dataset_ref": [dataset_ref], "baseline_bytes": None}
@@ -497,9 +503,9 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
         if spec.baseline:
             baseline_rows = _journal(output / "baseline")
             if len(baseline_rows) < base.train.rounds:
-                console.print("[bold]baseline[/bold]: FedAvg on the same workload and seed")
+                say("[bold]baseline[/bold]: FedAvg on the same workload and seed")
                 _experiment("baseline", output, base, shared, spec, {"baseline": True},
-                            tune.TuneConfig(num_samples=1), console, resume)
+                            tune.TuneConfig(num_samples=1), console, resume, quiet)
                 baseline_rows = _journal(output / "baseline")
             shared["baseline_bytes"] = [r["cum_bytes_up"] + r["cum_bytes_down"] for r in baseline_rows]
         metric, mode = spec.scheduler_metric
@@ -512,9 +518,9 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
             **({"metric": metric, "mode": mode} if scheduler is None and not spec.multi_objective
                and spec.search.algorithm not in ("optuna",) else {}),
         )
-        console.print(f"[bold]search[/bold]: {spec.num_samples} sample(s) of {len(spec.search_space)} key(s), "
-                      f"{spec.search.algorithm}, scheduler {spec.scheduler.name}")
-        grid = _experiment("search", output, base, shared, spec, param_space, tune_config, console, resume)
+        say(f"[bold]search[/bold]: {spec.num_samples} sample(s) of {len(spec.search_space)} key(s), "
+            f"{spec.search.algorithm}, scheduler {spec.scheduler.name}")
+        grid = _experiment("search", output, base, shared, spec, param_space, tune_config, console, resume, quiet)
     elapsed = time.perf_counter() - started
     return _write_outputs(output, spec, base, grid, baseline_rows, elapsed, console)
 
@@ -577,12 +583,14 @@ def _jsonable(row: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
-def resume_search(output: Path, *, address: str | None = None, console: Console | None = None) -> dict[str, Any]:
+def resume_search(output: Path, *, address: str | None = None, verbose: bool = False, quiet: bool = False,
+                  console: Console | None = None) -> dict[str, Any]:
     """Finish an interrupted search in ``output`` without redoing finished trials."""
     saved = json.loads((Path(output) / SEARCH_FILE).read_text())
     spec = TuneSpec.model_validate(saved["spec"])
     base = build_config(saved["base"], source=str(Path(output) / SEARCH_FILE))
-    return run_search(spec, base, output, address=address, resume=True, console=console)
+    return run_search(spec, base, output, address=address, resume=True, verbose=verbose, quiet=quiet,
+                      console=console)
 
 
 __all__ = ["UNREACHED", "federated_trial", "resume_search", "run_search", "tune_domain"]

@@ -1,72 +1,119 @@
-"""apf-ray: communication-efficient federated learning with Adaptive Parameter Freezing, on Ray.
+"""The ``apf-ray`` command line: a thin layer over the run API (:func:`apf_ray.run.run`).
 
-The CLI is a thin layer over the run API (:func:`apf_ray.run.run`): it chooses the backend
+Only the standard library is imported at module level, so ``apf-ray --help`` answers at once
+(no torch, Ray, pydantic or rich); each command imports what it needs. The backend is chosen
 by name, so this package never imports Ray or ``actors`` itself.
+
+Output levels: by default a progress bar per run, pool events, the summary; ``--quiet`` only
+errors and the final summary table; ``--verbose`` adds Ray's own logs (start-up, workers).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
-from apf_ray.backends import backend_class
-from apf_ray.config import ConfigError, ExperimentConfig, build_config, load_config
-from apf_ray.metrics import plot_history, write_json
-from apf_ray.progress import ProgressDisplay
-from apf_ray.records import RoundRecord
-from apf_ray.report import comparison_rows, comparison_table, summary_table
-from apf_ray.resume import load_resume_point
-from apf_ray.run import default_run_dir, run
-from apf_ray.variants import variant_dirname, variant_overrides
+    from apf_ray.config import ExperimentConfig
 
-# Logs and CI are not terminals; give tables room instead of rich's 80-column default.
-console = Console(width=None if sys.stdout.isatty() else 140)
+DESCRIPTION = ("Federated learning with Adaptive Parameter Freezing (APF), on a local or remote Ray cluster "
+               "or in-process. Run one training, or several strategies side by side.")
+
+
+@functools.cache
+def console() -> Console:
+    """The terminal console. Logs and CI are not terminals: give tables room (140 columns) there."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 140)
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    """An informational line, left out by ``--quiet``."""
+    if not args.quiet:
+        console().print(message)
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    """apf-ray's own warnings (e.g. a pool no node can place) show unless ``--quiet``."""
+    return logging.ERROR if args.quiet else logging.WARNING
 
 
 def _backend(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    return ("inprocess", {}) if args.inprocess else ("ray", {"address": args.address})
+    return ("inprocess", {}) if args.inprocess else ("ray", {"address": args.address, "verbose": args.verbose})
 
 
 def _train(cfg: ExperimentConfig, run_dir: Path, args: argparse.Namespace, label: str, resume=None) -> dict:
-    display = ProgressDisplay(console, label, show_events=not args.quiet)
-    callbacks = [] if args.quiet else [display]
+    from apf_ray.run import run
+
+    callbacks = []
+    if not args.quiet:
+        from apf_ray.progress import ProgressDisplay
+
+        callbacks.append(ProgressDisplay(console(), label))
     backend, options = _backend(args)
     try:
         return run(cfg, run_dir, backend=backend, backend_options=options, callbacks=callbacks, resume=resume)
     finally:
-        display.close()
+        for cb in callbacks:
+            cb.close()
+
+
+def _finished_summary(run_dir: Path, rounds_done: int, rounds: int) -> dict | None:
+    """The summary of a run that already did its ``rounds`` (None if it must train further)."""
+    path = run_dir / "summary.json"
+    if rounds_done < rounds or not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("rounds") == rounds_done else None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from apf_ray.config import build_config, load_config
+    from apf_ray.report import summary_table
+    from apf_ray.run import default_run_dir
+
     resume = None
     if args.resume:
+        from apf_ray.resume import load_resume_point
+
         run_dir = Path(args.resume)
         resume = load_resume_point(run_dir)
         for path, reason in resume.skipped:
-            console.print(f"[yellow]checkpoint {path.name} is damaged ({reason}); using {resume.path.name}")
-        cfg = build_config(resume.config, args.set or [], source=f"{run_dir} + --set")
-        console.print(f"resuming {run_dir} after round {resume.round}")
+            _say(args, f"[yellow]checkpoint {path.name} is damaged ({reason}); using {resume.path.name}")
+        cfg = build_config(resume.config, args.set or [], source=f"{run_dir / 'checkpoints'}")
+        summary = _finished_summary(run_dir, resume.round, cfg.train.rounds)
+        if summary is not None:  # nothing to train: no backend, no Ray
+            _say(args, f"{run_dir} is finished ({resume.round} rounds); raise train.rounds "
+                       f"(--set train.rounds=N) to continue it")
+            console().print(summary_table(summary, title=f"{cfg.name} · {cfg.strategy.name}"))
+            return 0
+        _say(args, f"resuming {run_dir} after round {resume.round}")
     else:
         cfg = load_config(args.config, args.set or [])
         run_dir = Path(args.output) if args.output else default_run_dir(cfg)
     summary = _train(cfg, run_dir, args, cfg.name, resume)
-    console.print(summary_table(summary, title=f"{cfg.name} · {cfg.strategy.name}"))
+    console().print(summary_table(summary, title=f"{cfg.name} · {cfg.strategy.name}"))
     if cfg.output.tensorboard:
-        console.print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+        _say(args, f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
     return 0
 
 
-def _history(run_dir: Path) -> list[RoundRecord]:
-    lines = (run_dir / "journal" / "rounds.jsonl").read_text().splitlines()
-    return [RoundRecord(**json.loads(line)) for line in lines if line.strip()]
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
+    from apf_ray.backends import backend_class
+    from apf_ray.config import build_config, load_config
+    from apf_ray.metrics import plot_history, read_history, write_json
+    from apf_ray.report import comparison_rows, comparison_table
+    from apf_ray.run import default_run_dir
+    from apf_ray.variants import variant_dirname, variant_overrides
+
     base = load_config(args.config, args.set or [])
     out = Path(args.output) if args.output else default_run_dir(base)
     variants = {  # every variant is validated before any run starts
@@ -74,19 +121,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for spec in args.strategies
     }
     results: dict[str, dict[str, Any]] = {}
-    histories: dict[str, list[RoundRecord]] = {}
+    histories = {}
     backend, options = _backend(args)
     with backend_class(backend).session(base, **options):  # Ray: one cluster for every variant
-        for spec, cfg in variants.items():
+        for i, (spec, cfg) in enumerate(variants.items(), 1):
+            _say(args, f"[bold]variant {i}/{len(variants)}:[/bold] {spec}")
             run_dir = out / variant_dirname(spec)
             results[spec] = _train(cfg, run_dir, args, spec)
-            histories[spec] = _history(run_dir)
+            histories[spec] = read_history(run_dir)
     rows = comparison_rows(results)
-    console.print(comparison_table(rows, title=f"{base.name}: {base.train.rounds} rounds, "
-                                                f"{base.train.clients_per_round} clients/round"))
+    console().print(comparison_table(rows, title=f"{base.name}: {base.train.rounds} rounds, "
+                                                  f"{base.train.clients_per_round} clients/round"))
     write_json(out / "compare.json", {"rows": rows, "config": base.to_dict()})
-    plot = plot_history(out / "compare.png", histories, title=f"{base.name}: strategies side by side")
-    console.print(f"wrote {out / 'compare.json'} and {plot}")
+    plot = plot_history(out / "compare.png", histories,
+                        title=f"{out.name}: {base.name}, {base.train.rounds} rounds, strategies side by side")
+    _say(args, f"wrote {out / 'compare.json'} and {plot}")
     return 0
 
 
@@ -100,35 +149,40 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if args.config or args.set:
             raise ValueError("--resume continues the search as it was saved; drop --config and --set")
         resume_search = import_object(SEARCH_DRIVER["resume"], "search driver")  # the Ray layer, by path
-        resume_search(Path(args.resume), address=args.address, console=console)
+        resume_search(Path(args.resume), address=args.address, verbose=args.verbose, quiet=args.quiet,
+                      console=console())
         return 0
     if not args.config:
         raise ValueError("apf-ray tune needs --config tune_configs/NAME.yaml (or --resume DIR)")
     spec, base = load_tune_spec(args.config, args.set or [])
     output = Path(args.output) if args.output else Path("runs") / f"tune-{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
     run_search = import_object(SEARCH_DRIVER["run"], "search driver")
-    run_search(spec, base, output, address=args.address, console=console)
+    run_search(spec, base, output, address=args.address, verbose=args.verbose, quiet=args.quiet, console=console())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="apf-ray", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="apf-ray", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", help="YAML config (default: the digits + LeNet-5 + APF workload)")
+        sp.add_argument("--config", help="YAML config (default: the digits + LeNet-5 + APF workload, "
+                                         "configs/digits-lenet5.yaml)")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, repeatable")
         sp.add_argument("--address", help="existing Ray cluster address (default: start a local one)")
         sp.add_argument("--output", help="run directory")
         sp.add_argument("--inprocess", action="store_true", help="reference loop in this process, no Ray")
-        sp.add_argument("--quiet", action="store_true", help="no progress display")
+        level = sp.add_mutually_exclusive_group()
+        level.add_argument("--quiet", action="store_true", help="print only errors and the final summary")
+        level.add_argument("--verbose", action="store_true", help="also show Ray's own logs")
 
-    t = sub.add_parser("train", help="run one federated training")
+    t = sub.add_parser("train", help="run one federated training", description="Run one federated training.")
     common(t)
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     t.set_defaults(func=cmd_train)
 
-    c = sub.add_parser("compare", help="run several strategies on the same workload, side by side")
+    c = sub.add_parser("compare", help="run several strategies on the same workload, side by side",
+                       description="Run several strategies on the same workload and cluster, side by side.")
     common(c)
     c.add_argument("--strategies", nargs="+", default=["fedavg", "apf", "apf:aggressive_prob=0.3"],
                    help="variants 'name[:key=value,...][+stage[:key=value,...]]'; the first is the baseline")
@@ -140,17 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="existing Ray cluster address (default: start a local one)")
     s.add_argument("--output", help="output folder (default runs/tune-<name>-<time>)")
     s.add_argument("--resume", metavar="DIR", help="finish the interrupted search in DIR")
+    level = s.add_mutually_exclusive_group()
+    level.add_argument("--quiet", action="store_true", help="no live trial table; errors and the final table")
+    level.add_argument("--verbose", action="store_true", help="also show Ray's own logs")
     s.set_defaults(func=cmd_tune)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from apf_ray.config import ConfigError
+
+    logger = logging.getLogger("apf_ray")
+    previous = logger.level
+    logger.setLevel(_log_level(args))  # restored on return: main() also runs inside tests and notebooks
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        console().print(f"[red]error:[/red] {err}")
         return 2
+    finally:
+        logger.setLevel(previous)
 
 
 if __name__ == "__main__":

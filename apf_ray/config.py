@@ -296,15 +296,25 @@ def _error_lines(err: ValidationError) -> list[tuple[tuple, str, Any]]:
 
 
 def _format_validation(err: ValidationError, source: str, applied: list[tuple[str, list[str]]]) -> str:
-    lines = [f"invalid config ({source}):"]
+    """One line per error: the field, the message, the value, and the override it came from.
+
+    The header names ``source`` (the config file) only when some error is not explained by an
+    override, so a bad ``--set`` never blames the file.
+    """
+    lines, from_file = [], False
     for loc, msg, value in _error_lines(err):
-        field = ".".join(str(p) for p in loc) or "<root>"
-        origin = next((label for label, path in reversed(applied)
-                       if [str(p) for p in loc[: len(path)]] == path or path[: len(loc)] == [str(p) for p in loc]),
-                      None)
+        if loc:
+            field = ".".join(str(p) for p in loc) + ": "
+            origin = next((label for label, path in reversed(applied)
+                           if [str(p) for p in loc[: len(path)]] == path or path[: len(loc)] == [str(p) for p in loc]),
+                          None)
+        else:  # a rule across fields names them in its message: blame the overrides of those fields
+            field = ""
+            origin = ", ".join(label for label, path in applied if ".".join(path) in msg) or None
+        from_file = from_file or origin is None
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {field}: {msg}{shown}" + (f" — from {origin}" if origin else ""))
-    return "\n".join(lines)
+        lines.append(f"  {field}{msg}{shown}" + (f" — from {origin}" if origin else ""))
+    return "\n".join([f"invalid config ({source}):" if from_file else "invalid config:", *lines])
 
 
 def build_config(raw: Mapping[str, Any], overrides: Overrides = (), source: str = "<dict>") -> ExperimentConfig:

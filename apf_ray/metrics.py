@@ -126,7 +126,7 @@ class MetricsWriter(Callback):
         write_json(self.run_dir / "summary.json", summary)
         if self.cfg.output.plots and self.history:
             plot_history(self.run_dir / "curves.png", {self.cfg.strategy.name: self.history},
-                         title=f"{self.cfg.name} · {self.cfg.strategy.name}")
+                         title=run_title(self.run_dir, self.cfg.name, self.cfg.strategy.name))
 
     def close(self) -> None:
         for f in getattr(self, "_files", {}).values():
@@ -137,20 +137,36 @@ class MetricsWriter(Callback):
             self.tb = None
 
 
-def write_tables(run_dir: Path) -> None:
-    """``rounds.parquet``, ``clients.parquet`` and ``layers.parquet`` from the journal."""
+def journal_tables(run_dir: Path) -> dict[str, pa.Table]:
+    """The ``rounds``, ``clients`` and ``layers`` tables of a run, from its journal.
+
+    Works on a finished run and on one still running or stopped (the journal is appended every
+    round). Every table has its columns even when it has no rows.
+    """
     journal = Path(run_dir) / JOURNAL
     rounds = _read_journal(journal / "rounds.jsonl", math.inf)
     clients = _read_journal(journal / "clients.jsonl", math.inf)
     layers = [{"round": r["round"], "layer": name, "frozen_fraction": f}
               for r in rounds for name, f in r["layer_frozen"].items()]
     rounds = [{k: v for k, v in r.items() if k != "layer_frozen"} for r in rounds]
-    for name, rows, schema in (("rounds", rounds, _schema(RoundRecord)), ("clients", clients, _schema(ClientRecord)),
-                               ("layers", layers, None)):
-        if not rows:
+    layer_schema = pa.schema([("round", pa.int64()), ("layer", pa.string()), ("frozen_fraction", pa.float64())])
+    return {"rounds": pa.Table.from_pylist(rounds, schema=_schema(RoundRecord)),
+            "clients": pa.Table.from_pylist(clients, schema=_schema(ClientRecord)),
+            "layers": pa.Table.from_pylist(layers, schema=layer_schema)}
+
+
+def read_history(run_dir: Path) -> list[RoundRecord]:
+    """The run's round records, from its journal (what the plots are drawn from)."""
+    return [RoundRecord(**row) for row in _read_journal(Path(run_dir) / JOURNAL / "rounds.jsonl", math.inf)]
+
+
+def write_tables(run_dir: Path) -> None:
+    """``rounds.parquet``, ``clients.parquet`` and ``layers.parquet`` from the journal."""
+    for name, table in journal_tables(run_dir).items():
+        if not table.num_rows:
             continue
         tmp = Path(run_dir) / f".{name}.parquet.tmp"
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+        pq.write_table(table, tmp)
         tmp.replace(Path(run_dir) / f"{name}.parquet")
 
 
@@ -194,8 +210,17 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
-def plot_history(path: Path, series: dict[str, Iterable[RoundRecord]], title: str) -> Path:
-    """Test accuracy, cumulative uplink and frozen fraction per round, one line per run."""
+def run_title(run_dir: Path, workload: str, strategy: str) -> str:
+    """``quickstart: digits-lenet5, apf`` — the run folder, then what ran in it."""
+    return f"{Path(run_dir).resolve().name}: {workload}, {strategy}"
+
+
+def history_figure(series: dict[str, Iterable[RoundRecord]], title: str):
+    """A matplotlib figure: test accuracy, cumulative uplink (MB) and frozen scalars (%) per round.
+
+    One line per run in ``series``; rounds are integers on every x axis, each y axis names its
+    unit, and ``title`` names the run.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,7 +233,7 @@ def plot_history(path: Path, series: dict[str, Iterable[RoundRecord]], title: st
         rounds = [h.round for h in hist]
         acc = [(h.round, h.test_accuracy) for h in hist if h.test_accuracy is not None]
         if acc:
-            axes[0].plot(*zip(*acc, strict=True), label=label)
+            axes[0].plot(*zip(*acc, strict=True), label=label, marker="." if len(acc) < 30 else None)
         axes[1].plot(rounds, [h.cum_bytes_up / 1e6 for h in hist], label=label)
         axes[2].plot(rounds, [100 * h.frozen_fraction for h in hist], label=label)
     ylabels = ("test accuracy (fraction correct)", "cumulative uplink (MB)", "frozen scalars (%)")
@@ -222,6 +247,14 @@ def plot_history(path: Path, series: dict[str, Iterable[RoundRecord]], title: st
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_history(path: Path, series: dict[str, Iterable[RoundRecord]], title: str) -> Path:
+    """Write :func:`history_figure` to ``path`` (PNG, 110 dpi)."""
+    import matplotlib.pyplot as plt
+
+    fig = history_figure(series, title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -1,7 +1,10 @@
 """The terminal progress display of a run: a callback drawing one bar with the latest numbers.
 
-It fits an 80-column terminal: the label is shortened, and the status line keeps only what
-changes per round (accuracy, frozen fraction, cumulative uplink, clients reporting).
+It fits an 80-column terminal without cutting a number: the label is shortened to
+:data:`LABEL_WIDTH` characters, the bar is narrow, the round counter and the elapsed time
+never shrink, and the status keeps only what changes per round (accuracy, frozen fraction,
+cumulative uplink; the clients that reported only when some did not) and is the one column
+that wraps, onto a second line, when a terminal is narrower still.
 """
 
 from __future__ import annotations
@@ -10,16 +13,29 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Column
 
 from apf_ray.callbacks import Callback, RunContext
 from apf_ray.records import RoundEvent, RoundRecord
 
+LABEL_WIDTH = 13  # characters; "digits-lenet5" fits whole
+BAR_WIDTH = 9  # characters
+
 
 def round_status(rec: RoundRecord) -> str:
-    """``acc 0.912 · frozen 41% · up 12.3 MB · 10/10`` (accuracy — in rounds without evaluation)."""
+    """``acc 0.912 · frozen 41% · up 12.3 MB`` (+ ``· 9/10 reported`` when clients dropped).
+
+    Accuracy is ``—`` in rounds without evaluation; uplink is cumulative, in MB (10⁶ bytes).
+    """
     acc = "—" if rec.test_accuracy is None else f"{rec.test_accuracy:.3f}"
-    return (f"acc {acc} · frozen {rec.frozen_fraction:.0%} · up {rec.cum_bytes_up / 1e6:.1f} MB · "
-            f"{rec.clients_reported}/{rec.clients_sampled}")
+    status = f"acc {acc} · frozen {rec.frozen_fraction:.0%} · up {rec.cum_bytes_up / 1e6:.1f} MB"
+    if rec.clients_reported < rec.clients_sampled:
+        status += f" · {rec.clients_reported}/{rec.clients_sampled} reported"
+    return status
+
+
+def short_label(label: str, width: int = LABEL_WIDTH) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
 
 
 class ProgressDisplay(Callback):
@@ -27,14 +43,21 @@ class ProgressDisplay(Callback):
 
     def __init__(self, console: Console, label: str, *, show_events: bool = True) -> None:
         self.console = console
-        self.label = label if len(label) <= 18 else label[:17] + "…"
+        self.label = short_label(label)
         self.show_events = show_events
         self.progress: Progress | None = None
 
     def on_start(self, ctx: RunContext) -> None:
-        self.progress = Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(bar_width=12),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
-                                 console=self.console, transient=False)
+        # Only the status may wrap (onto a second line in a narrow terminal); the other columns
+        # keep their width, so rich never cuts a round counter or a time to "10…".
+        fixed = {"no_wrap": True}
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[label]}", table_column=Column(min_width=len(self.label), **fixed)),
+            BarColumn(bar_width=BAR_WIDTH, table_column=Column(**fixed)),
+            MofNCompleteColumn(table_column=Column(**fixed)),
+            TimeElapsedColumn(table_column=Column(**fixed)),
+            TextColumn("{task.fields[status]}", table_column=Column(no_wrap=False)),
+            console=self.console, transient=False)
         self.progress.start()
         pools = ctx.info.get("pools")
         status = "started" if not pools else ", ".join(f"{n}: {len(m)} actor(s)" for n, m in pools.items())

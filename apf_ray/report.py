@@ -1,9 +1,15 @@
-"""Human-readable outputs: the summary table of a run and the side-by-side table of ``compare``."""
+"""Human-readable outputs: the summary table of a run and the side-by-side table of ``compare``.
+
+Both fit an 80-column terminal without cutting a number: numbers never wrap, headers are
+two short lines, and only text (a variant's name, a run directory) folds onto more lines.
+Units: MB are 10⁶ bytes, times are seconds, savings are relative to the first variant.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 
@@ -21,8 +27,8 @@ def _acc(x: float | None) -> str:
 
 def summary_table(summary: dict[str, Any], title: str = "run summary") -> Table:
     t = Table(title=title, show_header=False)
-    t.add_column("metric", style="bold")
-    t.add_column("value", justify="right")
+    t.add_column("metric", style="bold", no_wrap=True)
+    t.add_column("value", justify="right", overflow="fold")
     rows = [
         ("rounds", str(summary["rounds"])),
         ("final accuracy", _acc(summary["final_accuracy"])),
@@ -65,11 +71,15 @@ def comparison_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+COMPARISON_HEADERS = ("variant", "final\nacc", "best\nacc", "up\nMB", "down\nMB", "up\nsaving", "total\nsaving",
+                      "sim\ntime s", "time\nsaving", "\nfrozen")
+
+
 def comparison_table(rows: list[dict[str, Any]], title: str) -> Table:
-    t = Table(title=title)
-    for col in ("variant", "final acc", "best acc", "up MB", "down MB", "up saving", "total saving",
-                "sim time s", "time saving", "frozen"):
-        t.add_column(col, justify="left" if col == "variant" else "right")
+    t = Table(title=title, box=box.SIMPLE_HEAD, padding=0, show_edge=False)  # the box puts one space between columns
+    t.add_column(COMPARISON_HEADERS[0], overflow="fold", min_width=8)
+    for col in COMPARISON_HEADERS[1:]:
+        t.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         t.add_row(r["variant"], _acc(r["final_accuracy"]), _acc(r["best_accuracy"]), _mb(r["bytes_up"]),
                   _mb(r["bytes_down"]), _pct(r["uplink_saving"]), _pct(r["total_saving"]),

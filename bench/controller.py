@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import threading
 import time
@@ -22,6 +21,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from provenance import RESULTS, LoadSampler, command, machine, now
 
 from apf_ray.controller import APFController
 
@@ -150,26 +150,25 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
                         help="comma-separated parameter counts")
     parser.add_argument("--repeat", type=int, default=5, help="timed update calls per size")
-    parser.add_argument("--json", type=Path,
-                        default=Path(__file__).parent / "results" / "controller.json")
+    parser.add_argument("--json", type=Path, default=RESULTS / "controller.json")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
     if args.repeat < 1:
         parser.error(f"--repeat must be >= 1, got {args.repeat}")
 
-    rows = [bench_size(n, args.repeat) for n in sizes]
+    with LoadSampler() as load:
+        rows = [bench_size(n, args.repeat) for n in sizes]
     print_table(rows)
     report = {
         "benchmark": "APFController.update, check every call, default hyperparameters",
         "walk": {"step": STEP, "noise": NOISE, "oscillating_fraction": 0.5,
                  "warmup_rounds": WARMUP_ROUNDS},
         "repeat": args.repeat,
-        "machine": {"python": platform.python_version(), "numpy": np.__version__,
-                    "cpus": os.cpu_count(), "platform": platform.platform()},
+        "command": command(), "date": now(), "machine": machine(), "load_average": load.report(),
         "results": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    args.json.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     print(f"wrote {args.json}")
 
 

@@ -4,7 +4,7 @@ Runs the client's real training path (``apf_ray.training.train_local``) on CUDA 
 (else CPU) for LeNet-5 and ResNet-18 with SGD + momentum + weight decay and half the scalars
 frozen, checks the frozen ones bit for bit, and times a local round per model and device.
 
-    python3 bench/gpu_local_training.py [--steps 20] [--json bench/results/gpu_local_training.json]
+    python3 bench/gpu_local_training.py [--steps 20] [--json docs/results/gpu_local_training.json]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import RESULTS, command, now
 
 from apf_ray.flat import get_buffers, get_params
 from apf_ray.models import build_model
@@ -54,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--json", default="bench/results/gpu_local_training.json")
+    parser.add_argument("--json", default=str(RESULTS / "gpu_local_training.json"))
     args = parser.parse_args()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     torch.set_num_threads(1)
@@ -68,7 +69,8 @@ def main() -> None:
             "cpu_threads": 1}
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": meta, "results": rows}, indent=2))
+    path.write_text(json.dumps({"command": command(), "date": now(), "machine": meta, "results": rows},
+                               indent=2, allow_nan=False) + "\n")
     print(f"wrote {path}")
     if not all(r["frozen_bit_identical"] for r in rows):
         raise SystemExit("frozen scalars moved during local training")

@@ -35,6 +35,7 @@ import numpy as np
 import psutil  # bundled with Ray: importable once ray is imported (ray/thirdparty_files)
 import ray
 import torch
+from provenance import RESULTS, LoadSampler, command, now
 from ray._private.internal_api import memory_summary
 
 from actors.backend import ray_session
@@ -298,7 +299,7 @@ def main() -> None:
                         help="client actors (default: one per CPU of this machine)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every run, e.g. train.batch_size=16")
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "orchestration.json")
+    parser.add_argument("--json", type=Path, default=RESULTS / "orchestration.json")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     if args.rounds <= WARMUP_ROUNDS:
@@ -308,7 +309,7 @@ def main() -> None:
 
     started = time.perf_counter()
     load_start = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="apf-orchestration-") as tmp:
+    with LoadSampler() as load, tempfile.TemporaryDirectory(prefix="apf-orchestration-") as tmp:
         try:  # a bad --set fails here, before any Ray process starts
             session_cfg = bench_config(clients[0], args.rounds, args.local_steps, args.actors, 1.0, Path(tmp),
                                        args.set)
@@ -334,6 +335,7 @@ def main() -> None:
 
     print_table(rows, args.actors)
     report = {
+        "command": command(), "date": now(), "load_average": load.report(),
         "benchmark": "Ray orchestration overhead: round wall time vs. client compute time, peak memory",
         "setup": {
             "dataset": "digits", "model": "lenet5", "partitioner": "iid", "strategy": "apf",
@@ -364,7 +366,7 @@ def main() -> None:
         "results": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    args.json.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     print(f"wrote {args.json} ({report['total_runtime_s']:.0f} s)")
 
 

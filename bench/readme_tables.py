@@ -1,0 +1,235 @@
+"""Render the README's measured tables from the result files in ``docs/results/``.
+
+Every measured number in README.md sits between a pair of marker comments,
+``<!-- results:NAME -->`` … ``<!-- /results:NAME -->``; this script rewrites what is between
+them from ``docs/results/*.json`` (written by the scripts in ``bench/``), with the command
+that made each file and the machine and load it ran on. A test renders them again and
+compares, so a hand edit to a measured number is caught.
+
+    python3 bench/readme_tables.py            # rewrite README.md
+    python3 bench/readme_tables.py --check    # exit 1 when README.md differs from the results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "docs" / "results"
+README = REPO / "README.md"
+BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+MODEL_NAMES = {61_706: "LeNet-5", 11_173_962: "ResNet-18"}
+# Files written before the scripts recorded their date and command: the date of their commit.
+UNDATED = {"controller": "2026-11-28", "gpu_local_training": "2026-11-28", "orchestration": "2026-11-28"}
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if "date" in data:
+        data["day"] = data["date"][:10]
+    elif name in UNDATED:
+        data["day"] = f"{UNDATED[name]} (the day it was committed; the file records no date)"
+    return data
+
+
+def _link(name: str) -> str:
+    return f"[`docs/results/{name}.json`](docs/results/{name}.json)"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _machine(data: dict[str, Any]) -> str:
+    """``2-core Intel(R) Xeon(R) Processor, 1-minute load average 10.0 (niceness 10), 2026-11-29``."""
+    m = data["machine"]
+    cpus = m.get("cpus") or m.get("cpu_count")
+    text = f"{cpus}-core {m['cpu_model']}" if m.get("cpu_model") else f"{cpus}-core machine"
+    load = data.get("load_average")
+    if load:
+        text += f", 1-minute load average {load['mean_1min_during']:.1f} during the run"
+        if m.get("nice"):
+            text += f" (run at niceness {m['nice']})"
+    return text + (f", {data['day']}" if data.get("day") else "")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _acc(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
+def render_timings() -> str:
+    quick, suite = _load("quickstart"), _load("test_suite")
+    s = quick["summary"]
+    text = (f"Measured ({_link('quickstart')}, `nice -n 10 python3 bench/readme_results.py`): `apf-ray train` "
+            f"(the first command, after installing) took **{_duration(quick['wall_s'])}** (Ray start-up included; "
+            f"{s['rounds']} rounds, final accuracy {s['final_accuracy']:.4f}) on a {_machine(quick)}.")
+    if suite:
+        counts = ", ".join(f"{n} {kind}" for kind, n in suite["counts"].items())
+        text += (f" The test suite took **{_duration(suite['wall_s'])}** ({counts}; {_link('test_suite')}) "
+                 f"on a {_machine(suite)}.")
+    else:
+        text += " The test suite's duration is not measured yet (`--steps test_suite`)."
+    return text + " An idle machine is faster; a busier one slower."
+
+
+def _comparison(name: str, caption: str) -> str:
+    data = _load(name)
+    rows = [[f"`{r['variant']}`", _acc(r["final_accuracy"]), _acc(r["best_accuracy"]), f"{r['bytes_up'] / 1e6:.2f}",
+             f"{r['bytes_down'] / 1e6:.2f}", "—" if i == 0 else _pct(r["uplink_saving"]),
+             "—" if i == 0 else _pct(r["total_saving"]), _pct(r["frozen_fraction_final"])]
+            for i, r in enumerate(data["rows"])]
+    w = data["workload"]
+    return (f"`{data['command']}` ({caption}; {w['rounds']} rounds, {w['clients_per_round']} of {w['num_clients']} "
+            f"clients per round, {w['shards_per_client']} label shards per client, APF T = {w['apf_threshold']}). "
+            f"From {_link(name)} (`bench/readme_results.py`): {len(rows)} runs in {_duration(data['wall_s'])} on a "
+            f"{_machine(data)}.\n\n"
+            + _table(["variant", "final acc", "best acc", "uplink MB", "downlink MB", "uplink saving",
+                      "total saving", "frozen (final)"], rows))
+
+
+def render_default_compare() -> str:
+    return _comparison("default_compare", "Ray, a local cluster with 2 client actors")
+
+
+def render_all_strategies() -> str:
+    text = _comparison("all_strategies", "in-process; a Ray run gives the same numbers")
+    by = {r["variant"]: r for r in _load("all_strategies")["rows"]}
+    fed = by["fedavg"]["final_accuracy"]
+    drops = ", ".join(f"`{v}` {100 * (by[v]['final_accuracy'] - fed):+.1f}"
+                      for v in by if v.startswith(("partial_sync", "permanent")))
+    ray = {r["variant"]: r for r in _load("default_compare")["rows"]}
+    keys = ("bytes_up", "bytes_down", "final_accuracy", "best_accuracy", "frozen_fraction_final")
+    common = [v for v in ray if v in by]
+    agree = all(by[v][k] == ray[v][k] for v in common for k in keys)
+    both = " and ".join(f"`{v}`" for v in common)
+    return text + (f"\n\nFinal accuracy against FedAvg's, in points: {drops}. The strawmen run at APF's T = 0.2 "
+                   f"(their own default is 0.05). "
+                   + (f"{both} equal the Ray runs above to the byte and in accuracy." if agree else
+                      f"{both} differ from the Ray runs above — the backends should agree: a bug."))
+
+
+def render_controller() -> str:
+    data = _load("controller")
+    rows = []
+    for r in data["results"]:
+        n, t = r["num_params"], r["update_seconds_median"]
+        size = f"{n:,}" + (f" ({MODEL_NAMES[n]})" if n in MODEL_NAMES else "")
+        update = f"{t * 1e3:.1f} ms" if t < 0.01 else f"{t * 1e3:.0f} ms" if t < 1 else f"{t:.2f} s"
+        rows.append([size, update, f"{r['update_ns_per_param']:.1f}", f"{r['state_bytes_per_param']:.1f}",
+                     f"{r['peak_extra_traced_bytes_per_param']:.1f}"])
+    return (f"`{data.get('command', 'python3 bench/controller.py')}` ({_link('controller')}): medians of "
+            f"{data['repeat']} calls on a {_machine(data)}.\n\n"
+            + _table(["parameters", "update", "ns / parameter", "state B / parameter", "peak extra B / parameter"],
+                     rows))
+
+
+def render_gpu_local_training() -> str:
+    data = _load("gpu_local_training")
+    m = data["machine"]
+    rows = [[{"lenet5": "LeNet-5", "resnet18": "ResNet-18"}.get(r["model"], r["model"]),
+             "CPU" if r["device"] == "cpu" else m["gpu"].removeprefix("NVIDIA "), f"{r['ms_per_step']:.1f}",
+             "bit-identical" if r["frozen_bit_identical"] else "**moved**"] for r in data["results"]]
+    steps, batch = data["results"][0]["steps"], data["results"][0]["batch"]
+    return (f"`{data.get('command', 'python3 bench/gpu_local_training.py')}` ({_link('gpu_local_training')}): "
+            f"{steps} steps of batch {batch}, on a lent {m['gpu']} (torch {m['torch']}, Python {m['python']}, "
+            f"CPU side {m['cpu_threads']} thread), {data['day']}; no GPU was available to re-run it since.\n\n"
+            + _table(["model", "device", "ms / step", "frozen scalars after the round"], rows))
+
+
+def render_orchestration() -> str:
+    data = _load("orchestration")
+    setup = data["setup"]
+    rows, overheads, inflation, actor_mb, system_mb = [], [], [], [], []
+    for r in data["results"]:
+        ray, local, mem = r["ray"], r["inprocess"], r["ray"]["memory"]
+        overheads.append(ray["median_wall_over_ideal"])
+        inflation.append(ray["median_serial_compute_s"] / local["median_serial_compute_s"])
+        actor_mb += mem["client_actor_peak_rss_mb"]
+        system_mb.append(mem["peak_rss_mb_by_kind"].get("ray_system", 0.0))
+        rows.append([str(r["clients_per_round"]), f"{ray['median_wall_s']:.3f}",
+                     f"{ray['median_serial_compute_s']:.3f}", f"{ray['median_ideal_parallel_s']:.3f}",
+                     f"{ray['median_wall_over_ideal']:.2f}",
+                     f"{local['median_wall_s']:.3f}", f"{r['inprocess_over_ray_wall']:.2f}×",
+                     f"{mem['peak_total_rss_mb']:.0f}", f"{max(mem['client_actor_peak_rss_mb']):.0f}",
+                     f"{max(mem['server_actor_peak_rss_mb']):.0f}", str(mem["object_store_peak_mib"])])
+    caption = (f"`{data.get('command', 'python3 bench/orchestration.py')}` ({_link('orchestration')}): LeNet-5 on "
+               f"digits, all clients sampled every round, {setup['local_steps']} local steps of batch "
+               f"{setup['batch_size']}, APF; one local Ray cluster with {setup['client_actors']} client actors "
+               f"({setup['cpus_per_actor']:g} CPU, {setup['torch_threads_per_actor']} torch thread each); medians over "
+               f"rounds {setup['warmup_rounds'] + 1}–{setup['rounds']}, on a {_machine(data)}")
+    if "load_average" not in data:
+        caption += f", load average {data['machine']['load_average_start'][0]:.1f} at the start"
+    notes = (f"Orchestration costs {100 * (min(overheads) - 1):.0f}–{100 * (max(overheads) - 1):.0f}% over perfectly "
+             f"parallel compute; per-client compute inside the actors is {min(inflation):.1f}–{max(inflation):.1f}× "
+             f"the in-process figure (busy actors, the server and Ray's own processes share the cores). Ray's own "
+             f"processes peak at {max(system_mb):.0f} MB RSS; each client actor at {min(actor_mb):.0f}–"
+             f"{max(actor_mb):.0f} MB, however many virtual clients it hosts.")
+    return (caption + ".\n\n"
+            + _table(["clients / round", "Ray round s", "serial compute s", "ideal s", "overhead",
+                      "in-process round s", "Ray speed-up", "peak RSS MB (all processes)", "per client actor MB",
+                      "server actor MB", "object store MiB"], rows)
+            + "\n\n" + notes)
+
+
+RENDERERS: dict[str, Callable[[], str]] = {
+    "timings": render_timings,
+    "default_compare": render_default_compare,
+    "all_strategies": render_all_strategies,
+    "controller": render_controller,
+    "gpu_local_training": render_gpu_local_training,
+    "orchestration": render_orchestration,
+}
+
+
+def render_readme(text: str) -> str:
+    """``text`` with every results block rendered again from ``docs/results/``."""
+    found = set()
+
+    def replace(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in RENDERERS:
+            raise KeyError(f"README block results:{name} has no renderer (known: {sorted(RENDERERS)})")
+        found.add(name)
+        return m.group(1) + RENDERERS[name]() + "\n" + m.group(4)
+
+    out = BLOCK.sub(replace, text)
+    missing = sorted(set(RENDERERS) - found)
+    if missing:
+        raise KeyError(f"README has no block for {missing}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if README.md is out of date")
+    args = parser.parse_args()
+    text = README.read_text()
+    rendered = render_readme(text)
+    if args.check:
+        sys.exit(0 if rendered == text else "README.md differs from docs/results; run python3 bench/readme_tables.py")
+    README.write_text(rendered)
+    print("README.md: rendered", ", ".join(RENDERERS))
+
+
+if __name__ == "__main__":
+    main()
