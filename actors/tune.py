@@ -61,6 +61,7 @@ from apf_ray.tuning import (
     UNREACHED,
     Domain,
     TuneSpec,
+    accuracy_key,
     baseline_config,
     choose_best,
     pareto_front,
@@ -415,30 +416,33 @@ def _status(result: Any, rounds: int) -> str:
 
 
 def _plot_pareto(path: Path, rows: list[dict[str, Any]], front: list[int], base: dict[str, Any] | None,
-                 best: int | None, title: str) -> None:
+                 best: int | None, title: str, key: str) -> None:
+    """Accuracy (``key``: final, or the mean of the last rounds) against total bytes, per trial."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.8))
-    done = [r for r in rows if r["final_accuracy"] is not None]
+    done = [r for r in rows if r.get(key) is not None]
     colours = {"completed": "tab:blue", "early_stopped": "tab:gray", "errored": "tab:red"}
     for status, colour in colours.items():
-        pts = [(r["bytes_total"] / 1e6, r["final_accuracy"]) for r in done if r["status"] == status]
+        pts = [(r["bytes_total"] / 1e6, r[key]) for r in done if r["status"] == status]
         if pts:
             ax.scatter(*zip(*pts, strict=True), c=colour, label=f"trials ({status.replace('_', ' ')})", s=28)
     if front:
-        pts = sorted((rows[i]["bytes_total"] / 1e6, rows[i]["final_accuracy"]) for i in front)
+        pts = sorted((rows[i]["bytes_total"] / 1e6, rows[i][key]) for i in front)
         ax.plot(*zip(*pts, strict=True), "-", c="tab:orange", label="Pareto front", zorder=1)
     if base is not None:
-        ax.scatter([base["bytes_total"] / 1e6], [base["final_accuracy"]], marker="*", s=220, c="black",
+        ax.scatter([base["bytes_total"] / 1e6], [base[key]], marker="*", s=220, c="black",
                    label="FedAvg baseline", zorder=3)
     if best is not None:
-        ax.scatter([rows[best]["bytes_total"] / 1e6], [rows[best]["final_accuracy"]], marker="o", s=160,
+        ax.scatter([rows[best]["bytes_total"] / 1e6], [rows[best][key]], marker="o", s=160,
                    facecolors="none", edgecolors="tab:green", linewidths=2, label="best (best.yaml)", zorder=3)
     ax.set_xlabel("total bytes, uplink + downlink (MB)")
-    ax.set_ylabel("final test accuracy (fraction correct)")
+    last = key.removeprefix("accuracy_last")
+    ax.set_ylabel("final test accuracy (fraction correct)" if key == "final_accuracy"
+                  else f"test accuracy, mean of the last {last} rounds")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -460,12 +464,14 @@ def _results_table(rows: list[dict[str, Any]], spec: TuneSpec, best: int | None)
     names = [p.rsplit(".", 1)[-1] for p in params]
     if len(set(names)) < len(names):  # two keys end alike: show them whole
         names = [p.removeprefix("param:") for p in params]
-    for col in ("trial", "status", *names, "rounds", "final acc", "MB total", "saving"):
+    key = accuracy_key(spec)
+    accuracy = "final acc" if key == "final_accuracy" else f"acc last {key.removeprefix('accuracy_last')}"
+    for col in ("trial", "status", *names, "rounds", accuracy, "MB total", "saving"):
         table.add_column(col, justify="left" if col in ("trial", "status") else "right")
     for i in sorted(range(len(rows)), key=order):
         r = rows[i]
         values = [_short(r[p]) for p in params]
-        acc = "—" if r["final_accuracy"] is None else f"{r['final_accuracy']:.4f}"
+        acc = "—" if r.get(key) is None else f"{r[key]:.4f}"
         size = "—" if r["bytes_total"] is None else f"{r['bytes_total'] / 1e6:.1f}"
         saving = "—" if r["saving"] is None else f"{r['saving']:.1%}"
         mark = " ★" if i == best else ""
@@ -539,10 +545,10 @@ def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: A
                          _journal(output / "trials" / trial_id), spec, baseline_total))
     rows.sort(key=lambda r: r["trial_id"])
     base_row = _row("baseline", "completed", {}, baseline_rows, spec, baseline_total) if baseline_rows else None
-    base_acc = base_row["final_accuracy"] if base_row else None
-    best = choose_best(rows, spec, base_acc)
-    done = [i for i, r in enumerate(rows) if r["final_accuracy"] is not None and r["status"] == "completed"]
-    front = [done[j] for j in pareto_front([(rows[i]["final_accuracy"], rows[i]["bytes_total"]) for i in done])]
+    key = accuracy_key(spec)
+    best = choose_best(rows, spec, base_row[key] if base_row else None)
+    done = [i for i, r in enumerate(rows) if r.get(key) is not None and r["status"] == "completed"]
+    front = [done[j] for j in pareto_front([(rows[i][key], rows[i]["bytes_total"]) for i in done])]
     table_rows = [{**r, "pareto": i in front, "best": i == best, "baseline": False} for i, r in enumerate(rows)]
     if base_row is not None:
         table_rows.append({**base_row, "pareto": False, "best": False, "baseline": True})
@@ -550,7 +556,7 @@ def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: A
     pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in table_rows]),
                    output / "trials.parquet")
     _plot_pareto(output / "pareto.png", rows, front, base_row, best,
-                 f"{spec.name}: accuracy vs bytes ({base.train.rounds} rounds)")
+                 f"{spec.name}: accuracy vs bytes ({base.train.rounds} rounds)", key)
     summary: dict[str, Any] = {
         "name": spec.name, "trials": len(rows), "search_time_s": elapsed,
         "statuses": {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "errored")},
@@ -569,7 +575,7 @@ def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: A
     write_json(output / "summary.json", summary)
     console.print(_results_table(rows, spec, best))
     if base_row is not None:
-        console.print(f"baseline (FedAvg): accuracy {base_row['final_accuracy']:.4f}, "
+        console.print(f"baseline (FedAvg): accuracy {base_row[key]:.4f}, "
                       f"{base_row['bytes_total'] / 1e6:.1f} MB")
     console.print(f"wrote {output / 'trials.parquet'}, {output / 'pareto.png'}"
                   + (f", {output / 'best.yaml'}" if best is not None else "")

@@ -197,7 +197,11 @@ def load_tune_spec(path: str | Path, overrides: Overrides = ()) -> tuple[TuneSpe
     for key, domain in spec.search_space.items():
         samples = domain.values() or [domain.args[0], domain.args[1]]
         for value in samples:
-            build_experiment(base.to_dict(), {key: value}, source=f"{path}: search_space.{key}")
+            try:
+                build_experiment(base.to_dict(), {key: value}, source=f"{path}: search_space.{key}")
+            except ConfigError as err:
+                raise ConfigError(f"{path}: search_space.{key} can take {value!r}, which the train config "
+                                  f"refuses: {err}") from None
     return spec, base
 
 
@@ -262,25 +266,32 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 def choose_best(rows: Sequence[Mapping[str, Any]], spec: TuneSpec, baseline_accuracy: float | None) -> int | None:
     """Index of the trial to recommend among completed ones, or None.
 
-    Only trials whose final accuracy is within ``max_accuracy_drop`` of the baseline qualify
-    (all completed ones when there is no baseline, or none qualifies: then the most accurate).
-    One objective: its best value. Several: the Pareto point (accuracy, total bytes) with the
-    fewest bytes.
+    Accuracy is the search's own accuracy objective (e.g. the mean of the last 10 rounds, less
+    noisy than the final round), else the final accuracy. Only trials within
+    ``max_accuracy_drop`` of the baseline's qualify (all completed ones when there is no
+    baseline; when none qualifies, the most accurate). One objective: its best value. Several:
+    the Pareto point (accuracy, total bytes) with the fewest bytes.
     """
-    done = [i for i, r in enumerate(rows) if r["status"] == "completed" and r["final_accuracy"] is not None]
+    key = accuracy_key(spec)
+    done = [i for i, r in enumerate(rows) if r["status"] == "completed" and r.get(key) is not None]
     if not done:
         return None
     eligible = done
     if baseline_accuracy is not None:
-        eligible = [i for i in done if rows[i]["final_accuracy"] >= baseline_accuracy - spec.max_accuracy_drop]
+        eligible = [i for i in done if rows[i][key] >= baseline_accuracy - spec.max_accuracy_drop]
         if not eligible:
-            return max(done, key=lambda i: rows[i]["final_accuracy"])
+            return max(done, key=lambda i: rows[i][key])
     if spec.multi_objective:
-        front = pareto_front([(rows[i]["final_accuracy"], rows[i]["bytes_total"]) for i in eligible])
+        front = pareto_front([(rows[i][key], rows[i]["bytes_total"]) for i in eligible])
         return eligible[front[0]]
     objective = spec.objective[0]
     sign = 1.0 if objective.mode == "max" else -1.0
     return max(eligible, key=lambda i: sign * _objective_value(rows[i], objective))
+
+
+def accuracy_key(spec: TuneSpec) -> str:
+    """The row key accuracy is judged by: the search's accuracy objective, else the final accuracy."""
+    return next((o.key for o in spec.objective if o.metric == "accuracy"), "final_accuracy")
 
 
 def _objective_value(row: Mapping[str, Any], objective: Objective) -> float:
