@@ -98,7 +98,7 @@ def set_buffers(model: torch.nn.Module, vec: np.ndarray) -> None:
 def split_mask(mask: np.ndarray, params: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Cut a flat bool mask into per-tensor bool masks shaped like ``params``."""
     out, start = [], 0
-    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)).to(device)
+    t = torch.from_numpy(np.array(mask, dtype=bool)).to(device)  # a copy: the mask may be a read-only view
     for p in params:
         n = p.numel()
         out.append(t[start : start + n].view_as(p))

@@ -126,8 +126,9 @@ def evaluate(
     model.eval().to(device)
     correct, total_loss = 0, 0.0
     for start in range(0, len(x), batch_size):
-        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
-        yb = torch.from_numpy(np.ascontiguousarray(y[start : start + batch_size])).to(device)
+        # Copies: the test arrays may be read-only object-store views, which torch will not wrap.
+        xb = torch.from_numpy(np.array(x[start : start + batch_size])).to(device)
+        yb = torch.from_numpy(np.array(y[start : start + batch_size])).to(device)
         logits = model(xb)
         total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(dim=1) == yb).sum())
