@@ -291,7 +291,7 @@ def quiet_tune() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # our runs write TensorBoard/Parquet
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often: resume loses little
-    for name in ("ray.tune", "ray.train"):
+    for name in ("ray.tune", "ray.train", "optuna"):  # optuna: "A new study created in memory ..."
         logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module=r"ray\.(tune|train).*")
 
