@@ -52,7 +52,7 @@ from actors.backend import RayBackend, ray_session
 from apf_ray.callbacks import Callback, RunContext
 from apf_ray.config import ExperimentConfig, build_config
 from apf_ray.data import load_dataset
-from apf_ray.metrics import JOURNAL, write_json, write_tables
+from apf_ray.metrics import JOURNAL, read_history, write_json, write_tables
 from apf_ray.placement import run_bundles
 from apf_ray.records import RoundEvent, RoundRecord
 from apf_ray.resume import read_resume_point
@@ -128,10 +128,8 @@ class TuneReporter(Callback):
 
     def on_start(self, ctx: RunContext) -> None:
         self.rounds = ctx.cfg.train.rounds
-        path = ctx.run_dir / JOURNAL / "rounds.jsonl"  # the rounds this trial already ran (a restart)
-        if ctx.start_round and path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.history = [RoundRecord(**r) for r in rows if r["round"] <= ctx.start_round]
+        if ctx.start_round:  # the rounds this trial already ran (a restart, or a PBT exploit's own past)
+            self.history = [h for h in read_history(ctx.run_dir) if h.round <= ctx.start_round]
 
     def on_round(self, event: RoundEvent) -> None:
         self.history.append(event.record)
@@ -373,34 +371,30 @@ def _experiment(name: str, output: Path, cfg: ExperimentConfig, shared: dict[str
                 progress)
 
 
-def _journal(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "journal" / "rounds.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _total(rec: RoundRecord) -> int:
+    return rec.cum_bytes_up + rec.cum_bytes_down
 
 
-def _row(trial_id: str, status: str, params: Mapping[str, Any], rows: list[dict[str, Any]], spec: TuneSpec,
+def _row(trial_id: str, status: str, params: Mapping[str, Any], history: list[RoundRecord], spec: TuneSpec,
          baseline_total: list[int] | None) -> dict[str, Any]:
     """One trial's line of trials.parquet, from its own journal."""
-    last = rows[-1] if rows else None
-    accs = [r["test_accuracy"] for r in rows if r["test_accuracy"] is not None]
-    total = (last["cum_bytes_up"] + last["cum_bytes_down"]) if last else None
+    last = history[-1] if history else None
+    accs = [h.test_accuracy for h in history if h.test_accuracy is not None]
     row: dict[str, Any] = {
         "trial_id": trial_id, "status": status, **{f"param:{k}": _encode(v) for k, v in params.items()},
-        "rounds": last["round"] if last else 0,
+        "rounds": last.round if last else 0,
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(accs) if accs else None,
-        "bytes_up": last["cum_bytes_up"] if last else None,
-        "bytes_down": last["cum_bytes_down"] if last else None,
-        "bytes_total": total,
-        "saving": (1.0 - total / baseline_total[last["round"] - 1]) if baseline_total and last
-        and last["round"] <= len(baseline_total) else None,
-        "frozen_fraction_final": last["frozen_fraction"] if last else None,
+        "bytes_up": last.cum_bytes_up if last else None,
+        "bytes_down": last.cum_bytes_down if last else None,
+        "bytes_total": _total(last) if last else None,
+        "saving": (1.0 - _total(last) / baseline_total[last.round - 1]) if baseline_total and last
+        and last.round <= len(baseline_total) else None,
+        "frozen_fraction_final": last.frozen_fraction if last else None,
     }
     if spec.target_accuracy is not None:
-        reached = next((r for r in rows if (r["test_accuracy"] or 0) >= spec.target_accuracy), None)
-        row["bytes_to_target"] = math.inf if reached is None else reached["cum_bytes_up"] + reached["cum_bytes_down"]
+        reached = next((h for h in history if (h.test_accuracy or 0) >= spec.target_accuracy), None)
+        row["bytes_to_target"] = math.inf if reached is None else _total(reached)
     for objective in spec.objective:
         if objective.metric == "accuracy":
             tail = accs[-objective.last_n:]
@@ -505,15 +499,15 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
         dataset_ref = ray.put(dataset)
         shared: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "base": base.to_dict(),
                                   "output": str(output), "dataset_ref": [dataset_ref], "baseline_bytes": None}
-        baseline_rows: list[dict[str, Any]] = []
+        baseline_rows: list[RoundRecord] = []
         if spec.baseline:
-            baseline_rows = _journal(output / "baseline")
+            baseline_rows = read_history(output / "baseline")
             if len(baseline_rows) < base.train.rounds:
                 say("[bold]baseline[/bold]: FedAvg on the same workload and seed")
                 _experiment("baseline", output, base, shared, spec, {"baseline": True},
                             tune.TuneConfig(num_samples=1), console, resume, quiet)
-                baseline_rows = _journal(output / "baseline")
-            shared["baseline_bytes"] = [r["cum_bytes_up"] + r["cum_bytes_down"] for r in baseline_rows]
+                baseline_rows = read_history(output / "baseline")
+            shared["baseline_bytes"] = [_total(h) for h in baseline_rows]
         metric, mode = spec.scheduler_metric
         param_space = {k: tune_domain(d) for k, d in spec.search_space.items()}
         scheduler = _scheduler(spec, base.train.rounds)
@@ -532,8 +526,8 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
 
 
 def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: Any,
-                   baseline_rows: list[dict[str, Any]], elapsed: float, console: Console) -> dict[str, Any]:
-    baseline_total = [r["cum_bytes_up"] + r["cum_bytes_down"] for r in baseline_rows] or None
+                   baseline_rows: list[RoundRecord], elapsed: float, console: Console) -> dict[str, Any]:
+    baseline_total = [_total(h) for h in baseline_rows] or None
     for run_dir in [output / "baseline", *sorted((output / "trials").glob("*"))]:
         if (run_dir / JOURNAL / "rounds.jsonl").is_file():
             write_tables(run_dir)  # trials a scheduler stopped early never wrote theirs
@@ -542,7 +536,7 @@ def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: A
         trial_id = Path(result.path).name  # trial_dirname_creator names it after the trial id
         params = sampled_params(result.config, spec)
         rows.append(_row(trial_id, _status(result, base.train.rounds), params,
-                         _journal(output / "trials" / trial_id), spec, baseline_total))
+                         read_history(output / "trials" / trial_id), spec, baseline_total))
     rows.sort(key=lambda r: r["trial_id"])
     base_row = _row("baseline", "completed", {}, baseline_rows, spec, baseline_total) if baseline_rows else None
     key = accuracy_key(spec)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from apf_ray.callbacks import Callback
 from apf_ray.config import ExperimentConfig, build_config
-from apf_ray.records import RoundEvent, RoundRecord
+from apf_ray.records import RoundEvent
 
 
 def tiny_config(*overrides: str, rounds: int = 4) -> ExperimentConfig:
@@ -41,12 +40,6 @@ class CrashAfter(Callback):
         self.left -= 1
         if self.left == 0:
             raise Crash(f"simulated crash after round {event.record.round}")
-
-
-def journal_rounds(run_dir: Path) -> list[RoundRecord]:
-    """The run's round records, from its journal."""
-    lines = (Path(run_dir) / "journal" / "rounds.jsonl").read_text().splitlines()
-    return [RoundRecord(**json.loads(line)) for line in lines]
 
 
 def start_ray_backend(cfg: ExperimentConfig, run_dir: Path):

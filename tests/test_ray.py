@@ -16,9 +16,10 @@ import pytest
 import ray
 import yaml
 
+from apf_ray.metrics import read_history
 from apf_ray.resume import load_resume_point
 from apf_ray.run import run
-from tests.helpers import journal_rounds, start_ray_backend, tiny_config
+from tests.helpers import start_ray_backend, tiny_config
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent
@@ -106,11 +107,11 @@ def test_killed_driver_resumes_and_reproduces_the_uninterrupted_run(tmp_path):
     resumed = _cli("train", "--resume", str(run_dir), "--quiet")
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
-    assert [h.round for h in journal_rounds(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert [h.round for h in read_history(run_dir)] == [1, 2, 3, 4, 5, 6]
     run(cfg, tmp_path / "ref")
     state, ref = load_resume_point(run_dir), load_resume_point(tmp_path / "ref")
     np.testing.assert_allclose(state.server["params"], ref.server["params"], rtol=1e-6, atol=1e-7)
-    assert [h.bytes_up for h in journal_rounds(run_dir)] == [h.bytes_up for h in journal_rounds(tmp_path / "ref")]
+    assert [h.bytes_up for h in read_history(run_dir)] == [h.bytes_up for h in read_history(tmp_path / "ref")]
 
 
 def test_compare_runs_every_variant_on_the_one_cluster(local_ray, tmp_path):

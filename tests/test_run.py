@@ -9,9 +9,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from apf_ray.config import load_config
+from apf_ray.metrics import read_history
 from apf_ray.resume import load_resume_point
 from apf_ray.run import run
-from tests.helpers import Crash, CrashAfter, journal_rounds, tiny_config
+from tests.helpers import Crash, CrashAfter, tiny_config
 
 
 def test_run_writes_summary_tables_tensorboard_and_a_checkpoint(tmp_path):
@@ -44,9 +45,9 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     run(cfg, tmp_path / "crash", resume=point)
     resumed = load_resume_point(tmp_path / "crash")
     assert resumed.server["params"].tobytes() == full.server["params"].tobytes()
-    rounds = journal_rounds(tmp_path / "crash")
+    rounds = read_history(tmp_path / "crash")
     assert [h.round for h in rounds] == [1, 2, 3, 4, 5]
-    assert [h.bytes_up for h in rounds] == [h.bytes_up for h in journal_rounds(tmp_path / "full")]
+    assert [h.bytes_up for h in rounds] == [h.bytes_up for h in read_history(tmp_path / "full")]
     board = EventAccumulator(str(tmp_path / "crash" / "tensorboard"))
     board.Reload()  # round 3, written before the crash and again after resume, appears once
     assert [e.step for e in board.Scalars("bytes/up")] == [1, 2, 3, 4, 5]
@@ -113,7 +114,7 @@ def test_default_workload_numbers_are_pinned_for_a_short_run(tmp_path, variant):
     cfg = load_config("configs/digits-lenet5.yaml", [variant, "train.rounds=4", "output.tensorboard=false",
                                                      "output.plots=false"])
     run(cfg, tmp_path)
-    rounds = journal_rounds(tmp_path)
+    rounds = read_history(tmp_path)
     got = {"bytes_up": [r.bytes_up for r in rounds], "bytes_down": [r.bytes_down for r in rounds],
            "correct": [round(r.test_accuracy * 360) for r in rounds],
            "frozen": [round(r.frozen_fraction * 61706) for r in rounds]}

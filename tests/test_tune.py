@@ -18,8 +18,9 @@ from rich.console import Console
 
 from apf_ray.checkpoint import load_checkpoint
 from apf_ray.config import ConfigError
+from apf_ray.metrics import read_history
 from apf_ray.tuning import TuneSpec, load_tune_spec, pareto_front
-from tests.helpers import journal_rounds, tiny_config
+from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent
@@ -124,8 +125,8 @@ def test_a_pbt_exploit_continues_the_donors_round_and_controller_state_with_the_
         donor_dir = tmp_path / "trials" / donor
         assert entry["controller_sha256"] == _controller_sha(donor_dir / "checkpoints" / f"round-{entry['round']:08d}")
         assert entry["options"]["alpha"] == entry["donor_options"]["alpha"] == 0.5  # the unmutated knob stays
-        after = [h for h in journal_rounds(tmp_path / "trials" / recipient) if h.round > entry["round"]]
-        donor_at = next(h for h in journal_rounds(donor_dir) if h.round == entry["round"])
+        after = [h for h in read_history(tmp_path / "trials" / recipient) if h.round > entry["round"]]
+        donor_at = next(h for h in read_history(donor_dir) if h.round == entry["round"])
         assert after[0].round == entry["round"] + 1
         assert after[0].cum_bytes_up == donor_at.cum_bytes_up + after[0].bytes_up  # the donor's run, continued
 
@@ -163,7 +164,7 @@ def test_a_killed_search_resumes_without_redoing_finished_trials(tmp_path):
     assert sorted(r["status"] for r in rows) == ["completed"] * 3
     for trial, mtime in finished.items():  # not run again
         assert (out / "trials" / trial / "summary.json").stat().st_mtime_ns == mtime
-        assert [h.round for h in journal_rounds(out / "trials" / trial)] == [1, 2, 3]
+        assert [h.round for h in read_history(out / "trials" / trial)] == [1, 2, 3]
 
 
 def test_search_files_are_validated_before_anything_runs(tmp_path):
