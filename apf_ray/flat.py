@@ -95,12 +95,41 @@ def set_buffers(model: torch.nn.Module, vec: np.ndarray) -> None:
     _scatter(_buffers(model), vec, "buffer")
 
 
-def split_mask(mask: np.ndarray, params: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Cut a flat bool mask into per-tensor bool masks shaped like ``params``."""
-    out, start = [], 0
-    t = torch.from_numpy(np.array(mask, dtype=bool)).to(device)  # a copy: the mask may be a read-only view
-    for p in params:
-        n = p.numel()
-        out.append(t[start : start + n].view_as(p))
-        start += n
-    return out
+@dataclass(frozen=True, eq=False)
+class FlatBinding:
+    """A model whose trainable parameters, and their gradients, are views into two flat tensors.
+
+    Local training then touches the whole vector with one operation per step (zero the
+    gradients, hold frozen scalars, update) instead of one per tensor: per-operation overhead,
+    not arithmetic, dominates small models such as LeNet-5.
+    """
+
+    params: torch.Tensor  # 1-D float32, in ``model.parameters()`` order
+    grads: torch.Tensor  # 1-D float32, same layout; every ``p.grad`` is a view into it
+    device: torch.device  # as asked for (``cuda`` and ``cuda:0`` are different requests)
+
+
+def bind_flat(model: torch.nn.Module, device: torch.device) -> FlatBinding:
+    """Rebind ``model``'s trainable parameters and gradients to flat storage on ``device`` (once).
+
+    The binding is kept on the model; moving the model to another device rebinds it. Values are
+    kept. Every parameter then always has a gradient (zero if it took no part in a step).
+    """
+    bound: FlatBinding | None = getattr(model, "_apf_flat_binding", None)
+    if bound is not None and bound.device == device:
+        return bound
+    model.to(device)
+    plist = trainable(model)
+    total = sum(p.numel() for p in plist)
+    binding = FlatBinding(torch.empty(total, dtype=torch.float32, device=device),
+                          torch.zeros(total, dtype=torch.float32, device=device), device)
+    start = 0
+    with torch.no_grad():
+        for p in plist:
+            n = p.numel()
+            binding.params[start : start + n].copy_(p.detach().reshape(-1))
+            p.data = binding.params[start : start + n].view_as(p)
+            p.grad = binding.grads[start : start + n].view_as(p)
+            start += n
+    model._apf_flat_binding = binding
+    return binding

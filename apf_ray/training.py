@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from apf_ray.flat import get_buffers, get_params, set_buffers, set_params, split_mask, trainable
+from apf_ray.flat import FlatBinding, bind_flat, get_buffers, set_buffers
 
 
 @dataclass(frozen=True)
@@ -35,29 +35,28 @@ class LocalResult:
     compute_s: float  # wall seconds spent training (measured)
 
 
-def _masked_sgd_step(
-    params: list[torch.Tensor],
-    masks: list[torch.Tensor] | None,
-    momenta: list[torch.Tensor | None],
-    s: TrainSettings,
-) -> None:
+def _masked_sgd_step(flat: FlatBinding, frozen: torch.Tensor | None, momentum: list[torch.Tensor],
+                     s: TrainSettings) -> None:
+    """One SGD step on the whole flat vector; frozen positions get exactly ``p + (-0.0) == p``.
+
+    The gradient of a frozen scalar is set to +0.0 before weight decay's and momentum's
+    contribution is used, so its step is ``-lr · 0.0 = -0.0`` and its value does not change in
+    any bit (−0.0, subnormals and NaN included). Holding it with ``index_fill_`` on precomputed
+    positions costs one pass over them; a boolean ``where``/``masked_fill`` costs ~40× more here.
+    """
     with torch.no_grad():
-        for i, p in enumerate(params):
-            if p.grad is None:
-                continue
-            g = p.grad
-            if s.weight_decay:
-                g = g.add(p, alpha=s.weight_decay)
-            if masks is not None:
-                g = torch.where(masks[i], g, torch.zeros((), dtype=g.dtype, device=g.device))
-            if s.momentum:
-                buf = momenta[i]
-                if buf is None:
-                    buf = momenta[i] = g.clone()
-                else:
-                    buf.mul_(s.momentum).add_(g)
-                g = buf
-            p.add_(g, alpha=-s.lr)
+        g = flat.grads
+        if s.weight_decay:
+            g.add_(flat.params, alpha=s.weight_decay)
+        if frozen is not None:
+            g.index_fill_(0, frozen, 0.0)
+        if s.momentum:
+            if not momentum:
+                momentum.append(g.clone())
+            else:
+                momentum[0].mul_(s.momentum).add_(g)
+            g = momentum[0]
+        flat.params.add_(g, alpha=-s.lr)
 
 
 def batch_indices(num_samples: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
@@ -91,24 +90,28 @@ def train_local(
         raise ValueError("client has no training samples")
     device = torch.device(device)
     start = time.perf_counter()
-    model.to(device)
-    set_params(model, params)
+    flat = bind_flat(model, device)
+    if params.shape != flat.params.shape:
+        raise ValueError(f"parameter vector has shape {params.shape}, model expects {tuple(flat.params.shape)}")
+    flat.params.copy_(torch.from_numpy(np.array(params, dtype=np.float32)))  # a copy: may be read-only
     set_buffers(model, buffers)
     model.train()
-    plist = trainable(model)
-    masks = None if mask is None or mask.all() else split_mask(mask, plist, device)
-    momenta: list[torch.Tensor | None] = [None] * len(plist)
+    frozen = None
+    if mask is not None and not mask.all():
+        frozen = torch.from_numpy(np.flatnonzero(~np.asarray(mask, dtype=bool))).to(device)
+    momentum: list[torch.Tensor] = []
     xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)
     yt = torch.from_numpy(np.ascontiguousarray(y)).to(device)
     losses = torch.zeros(settings.local_steps, dtype=torch.float64)
     for step, idx in enumerate(batch_indices(len(x), settings.local_steps, settings.batch_size, seed)):
         bidx = torch.from_numpy(idx).to(device)
-        model.zero_grad(set_to_none=True)
+        flat.grads.zero_()
         loss = loss_fn(model(xt[bidx]), yt[bidx])
         loss.backward()
-        _masked_sgd_step(plist, masks, momenta, settings)
+        _masked_sgd_step(flat, frozen, momentum, settings)
         losses[step] = loss.detach().to("cpu", torch.float64)
-    trained_params, trained_buffers = get_params(model), get_buffers(model)
+    trained_params = flat.params.to("cpu").numpy().copy()
+    trained_buffers = get_buffers(model)
     return LocalResult(
         params=trained_params,
         buffers=trained_buffers,
