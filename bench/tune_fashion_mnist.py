@@ -12,7 +12,12 @@ bytes, saving against FedAvg; every trial; the search's wall time, machine and l
 the search's Pareto plot to ``docs/results/tune_fashion_mnist_pareto.png``. The tuned run is
 the search's best trial itself (its own 300-round run), FedAvg is the search's baseline.
 
-    nice -n 10 python3 bench/tune_fashion_mnist.py [--output runs/tune-fmnist]
+    nice -n 10 python3 bench/tune_fashion_mnist.py [--output runs/tune-fmnist] [--resume]
+
+``--resume`` finishes an interrupted invocation in the same ``--output``: the search continues
+with ``apf-ray tune --resume`` (finished trials are kept), the defaults run is retrained if it
+did not finish, and the search time reported is the sum of both invocations' (``search_time_s``
+lists each).
 
 Needs Debian's ``dataset-fashion-mnist``. Long: about 10 × 300 rounds of 10 clients × 50 SGD
 steps (2-3 s a round on one core).
@@ -75,25 +80,40 @@ def main() -> None:
     parser.add_argument("--output", default="runs/tune-fmnist", help="where the search and the runs go")
     parser.add_argument("--smoke", action="store_true",
                         help="3 rounds, 2 trials, nothing written to docs/results: checks the pipeline")
+    parser.add_argument("--resume", action="store_true", help="finish an interrupted invocation in --output")
     args = parser.parse_args()
     out = (REPO / args.output).resolve()
-    if out.exists():
-        sys.exit(f"{out} exists; move it away or pass another --output")
+    if out.exists() and not args.resume:
+        sys.exit(f"{out} exists; move it away, pass another --output, or --resume it")
+    if args.resume and not (out / "search").is_dir():
+        sys.exit(f"{out / 'search'}: no search to resume")
     apf_ray = [sys.executable, "-m", "apf_ray.cli"]
     search, rounds = SEARCH, []
-    if args.smoke:
+    if args.smoke and not args.resume:
         out.mkdir(parents=True)
         spec = yaml.safe_load((REPO / SEARCH).read_text())
         spec.update(base=str(REPO / CONFIG), num_samples=2)
         spec["overrides"]["train.rounds"] = 3
         search, rounds = str(out / "smoke.yaml"), ["--set=train.rounds=3"]
         Path(search).write_text(yaml.safe_dump(spec))
+    timings = out / "timings.json"  # wall seconds of each invocation's search, kept across --resume
+    earlier = json.loads(timings.read_text()) if timings.is_file() else {"search_s": [], "defaults_s": None}
     with LoadSampler() as search_load:
-        search_s = _run([*apf_ray, "tune", "--config", search, "--output", str(out / "search")])
+        search_args = ["--resume", str(out / "search")] if args.resume else ["--config", search, "--output",
+                                                                              str(out / "search")]
+        earlier["search_s"].append(_run([*apf_ray, "tune", *search_args]))
+        timings.write_text(json.dumps(earlier))
+    search_s = sum(earlier["search_s"])
+    defaults_dir = out / "apf-paper-defaults"
+    if args.resume and defaults_dir.exists() and earlier["defaults_s"] is None:
+        shutil.move(defaults_dir, out / f"apf-paper-defaults.interrupted-{int(time.time())}")
     with LoadSampler() as defaults_load:
-        defaults_s = _run([*apf_ray, "train", "--inprocess", "--quiet", "--config", CONFIG, "--output",
-                           str(out / "apf-paper-defaults"), *rounds,
-                           *[f"--set=strategy.options.{k}={v}" for k, v in PAPER_DEFAULTS.items()]])
+        if earlier["defaults_s"] is None:
+            earlier["defaults_s"] = _run([*apf_ray, "train", "--inprocess", "--quiet", "--config", CONFIG, "--output",
+                                          str(defaults_dir), *rounds,
+                                          *[f"--set=strategy.options.{k}={v}" for k, v in PAPER_DEFAULTS.items()]])
+            timings.write_text(json.dumps(earlier))
+    defaults_s = earlier["defaults_s"]
     summary = json.loads((out / "search" / "summary.json").read_text())
     trials = pq.read_table(out / "search" / "trials.parquet").to_pylist()
     best = summary["best"]
@@ -112,6 +132,9 @@ def main() -> None:
     result = {
         "date": now(), "command": command(), "machine": machine(),
         "search_command": f"apf-ray tune --config {SEARCH}", "search_time_s": search_s,
+        "search_invocations_s": earlier["search_s"],
+        "search_time_note": "the sum of the invocations recorded in OUTPUT/timings.json; an invocation "
+                            "killed before its search ended (a --resume follows it) is not counted",
         "defaults_command": f"apf-ray train --inprocess --config {CONFIG} "
                             + " ".join(f"--set strategy.options.{k}={v}" for k, v in PAPER_DEFAULTS.items()),
         "defaults_time_s": defaults_s,
