@@ -140,9 +140,34 @@ class ClusterConfig(_Strict):
 
 
 class FaultConfig(_Strict):
-    """Chaos testing: make clients fail on purpose to exercise dropping and quorum."""
+    """Chaos testing: make clients fail, or send hostile uploads, on purpose (seeded per round and client)."""
 
     client_failure_prob: float = Field(0.0, ge=0, le=1, description="per client per round, seeded")
+    corrupt_upload_prob: float = Field(0.0, ge=0, le=1,
+                                       description="per client per round: send a corrupted upload instead")
+    corrupt_kind: Literal["nan", "inf", "huge", "scale", "garbage", "samples"] = Field(
+        "nan", description="what a corrupted upload carries (apf_ray/faults.py)")
+
+
+class DefenceConfig(_Strict):
+    """What the server accepts from clients, and how it combines what it accepted.
+
+    Every upload is checked before aggregation (structure against the round's plan, finite
+    values, a sample count no larger than the client's partition, the update's L2 norm);
+    a refused one is recorded as ``rejected`` and never reaches the model. The default norm
+    bound is relative: an honest round moves the default workload's model by 3–13% of its
+    norm, so 10× its norm is far out of reach of honest training and still stops 1e30 values
+    or a 1000× boosted update. ``median`` and ``trimmed_mean`` bound what clients *within*
+    the limits can do (unweighted: sample counts are the clients' own claims).
+    """
+
+    max_update_norm: float | None = Field(None, gt=0, description="absolute bound on an update's L2 norm")
+    max_update_ratio: float | None = Field(
+        10.0, gt=0, description="bound on an update's L2 norm relative to max(‖global model‖₂, 1)")
+    aggregation: Literal["mean", "median", "trimmed_mean"] = Field(
+        "mean", description="mean: sample-weighted (the strategy's own); median, trimmed_mean: coordinate-wise")
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5,
+                                 description="trimmed_mean: share of uploads cut at each end, per coordinate")
 
 
 class OutputConfig(_Strict):
@@ -166,6 +191,7 @@ class ExperimentConfig(_Strict):
     strategy: StrategyConfig = Field(default_factory=lambda: StrategyConfig(options={"threshold": 0.2}))
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     faults: FaultConfig = Field(default_factory=FaultConfig)
+    defence: DefenceConfig = Field(default_factory=DefenceConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
