@@ -93,3 +93,17 @@ def is_loopback(addr: str) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_loopback
+
+
+def alive(pids: Iterable[int]) -> list[int]:
+    """Those of ``pids`` that still run (zombies, which only wait to be reaped, do not count)."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat[stat.rfind(")") + 2 :].split()[0] != "Z":
+            out.append(pid)
+    return out
