@@ -121,7 +121,7 @@ class ServerCore:
         r = broadcast.round
         records: dict[int, ClientRecord] = {}
         uploads: list[DecodedUpload] = []
-        bounds = (self.validator.norm_bound(self.params), self.validator.norm_bound(self.buffers))
+        bounds = (self.validator.norm_bound(self.params), self.validator.buffer_bound(self.buffers))
         sampled = set(clients)
         for res in sorted(results, key=lambda x: x.client_id):
             if res.client_id not in sampled:

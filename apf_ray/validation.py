@@ -10,9 +10,10 @@ or padded buffers. :class:`UploadValidator` then checks what a well-formed uploa
 - the sample count is a whole number in [1, the client's partition size]: the server
   assigned the partitions, so it knows the most a client can have trained on;
 - the loss and every value of the update and the buffers are finite;
-- the update (the change over the synchronised scalars) and the change of the buffers have
-  an L2 norm within ``defence.max_update_norm`` and ``defence.max_update_ratio`` ×
-  max(‖global‖₂, 1).
+- the update (the change over the synchronised scalars) has an L2 norm within
+  ``defence.max_update_norm`` and ``defence.max_update_ratio`` × max(‖global‖₂, 1), and the
+  change of the buffers (BatchNorm statistics) one within ``defence.max_buffer_ratio`` ×
+  max(‖global buffers‖₂, √count).
 
 A refused upload is recorded as ``rejected`` with the reason; it never reaches the model and
 never ends the run.
@@ -44,20 +45,26 @@ class UploadValidator:
         self.num_params = int(num_params)
         self.num_buffers = int(num_buffers)
 
-    def norm_bound(self, reference: np.ndarray) -> float:
-        """The largest L2 norm accepted for a change of ``reference`` (the global params or buffers)."""
+    def norm_bound(self, params: np.ndarray) -> float:
+        """The largest L2 norm accepted for an update of the global ``params`` this round."""
         bound = math.inf
         if self.defence.max_update_norm is not None:
             bound = self.defence.max_update_norm
         if self.defence.max_update_ratio is not None:
-            bound = min(bound, self.defence.max_update_ratio * max(_l2(reference), 1.0))
+            bound = min(bound, self.defence.max_update_ratio * max(_l2(params), 1.0))
         return bound
+
+    def buffer_bound(self, buffers: np.ndarray) -> float:
+        """The largest L2 norm accepted for the change of the global ``buffers`` this round."""
+        if self.defence.max_buffer_ratio is None:
+            return math.inf
+        return self.defence.max_buffer_ratio * max(_l2(buffers), math.sqrt(buffers.size), 1.0)
 
     def check(self, up: DecodedUpload, params: np.ndarray, buffers: np.ndarray,
               bounds: tuple[float, float] | None = None) -> str | None:
         """Why ``up`` must be refused, or None if it is acceptable.
 
-        ``bounds`` are ``(norm_bound(params), norm_bound(buffers))``, computed once per round
+        ``bounds`` are ``(norm_bound(params), buffer_bound(buffers))``, computed once per round
         by the caller (they are recomputed here when omitted).
         """
         if not 0 <= up.client_id < len(self.partition_sizes):
@@ -81,12 +88,12 @@ class UploadValidator:
             bad = int(np.count_nonzero(~np.isfinite(up.update)))
             return f"update holds {bad} NaN or inf value(s)"
         param_bound, buffer_bound = bounds if bounds is not None else (
-            self.norm_bound(params), self.norm_bound(buffers))
+            self.norm_bound(params), self.buffer_bound(buffers))
         norm = _l2(up.update)
         if norm > param_bound:
-            return f"update norm {norm:.4g} exceeds the bound {param_bound:.4g} (defence.max_update_*)"
+            return f"update norm {norm:.4g} exceeds the bound {param_bound:.4g} (defence.max_update_norm/_ratio)"
         if self.num_buffers:
             change = _l2(up.buffers.astype(np.float64) - buffers)
             if change > buffer_bound:
-                return f"buffer change norm {change:.4g} exceeds the bound {buffer_bound:.4g} (defence.max_update_*)"
+                return f"buffers change by {change:.4g}, over the bound {buffer_bound:.4g} (defence.max_buffer_ratio)"
         return None

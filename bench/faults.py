@@ -3,15 +3,15 @@
 Two parts, one JSON file (``docs/results/faults.json``) and one Markdown table each:
 
 - ``faults``: the default workload (digits, LeNet-5, APF, 10 of 20 non-IID clients per
-  round), shortened to ``--rounds``, in-process (same numbers as Ray), once clean and once per
-  injected fault at probability 0.3: failing clients and every ``faults.corrupt_kind`` under
-  the default defence; then the boosted (``scale``) update with the norm bound switched off,
-  under the mean and under the robust aggregations.
+  round, 100 rounds unless ``--rounds`` says otherwise), in-process (same numbers as Ray),
+  once clean and once per injected fault at probability 0.3: failing clients and every
+  ``faults.corrupt_kind`` under the default defence; then the boosted (``scale``) update with
+  the norm bound switched off, under the mean and under the robust aggregations.
 - ``inputs``: the command line on Ray (``apf-ray train``, a local cluster) given each bad
   input, damaged or crafted checkpoint, and SIGINT / SIGTERM mid-run: exit status, seconds to
   exit (wall, and the CLI process's own CPU), the line it printed, what was left on disk.
 
-    PYTHONPATH=. python3 bench/faults.py [--part faults|inputs|all] [--rounds 30]
+    PYTHONPATH=. python3 bench/faults.py [--part faults|inputs|all] [--rounds 100]
                                          [--json docs/results/faults.json]
 """
 
@@ -281,7 +281,7 @@ def input_table(rows: list[dict[str, Any]]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["faults", "inputs", "all"], default="all")
-    p.add_argument("--rounds", type=int, default=30, help="rounds of the default workload per fault run")
+    p.add_argument("--rounds", type=int, default=100, help="rounds of the default workload per fault run")
     p.add_argument("--json", type=Path, default=REPO / "docs" / "results" / "faults.json")
     args = p.parse_args()
     result: dict[str, Any] = json.loads(args.json.read_text()) if args.json.is_file() else {}
