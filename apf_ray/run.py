@@ -83,7 +83,7 @@ def _set_up(cfg: ExperimentConfig, run_dir: Path, backend: str | Backend, backen
         return be, be.start(cfg, run_dir, workload, resume)
     except BaseException as err:
         if be is not None:
-            be.close()
+            be.abort()  # nothing to save, and a server actor busy starting must not be waited for
         if isinstance(err, (SetupError, ConfigError)) or not isinstance(err, Exception):
             raise  # already one line, or a signal (Abandon) / exit
         raise SetupError(describe(err)) from err

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -309,3 +311,51 @@ def test_an_upload_result_for_a_client_not_sampled_is_ignored(workload):
     extra = [*rnd.results, ClientResult(stranger, rnd.results[0].upload)]
     _, recs = server.finish_round(rnd.broadcast, rnd.clients, extra, {}, rnd.down)
     assert stranger not in {c.client_id for c in recs}
+
+
+def test_buffers_must_be_finite_and_change_within_their_bound():
+    from apf_ray.config import DefenceConfig
+    from apf_ray.strategies import DecodedUpload
+    from apf_ray.validation import UploadValidator
+
+    validator = UploadValidator(DefenceConfig(), partition_sizes=[10], num_params=4, num_buffers=3)
+    params, buffers = np.ones(4, np.float32), np.ones(3, np.float32)
+
+    def upload(new_buffers):
+        return DecodedUpload(0, np.full(4, 0.1, np.float32), np.asarray(new_buffers, np.float32), 10, 0.5, 100)
+
+    assert validator.check(upload([1.5, 0.5, 30.0]), params, buffers) is None  # BatchNorm statistics move a lot
+    assert "NaN or inf" in validator.check(upload([1.0, np.nan, 1.0]), params, buffers)
+    assert "max_buffer_ratio" in validator.check(upload([1e10, 1.0, 1.0]), params, buffers)
+    assert "shape" in validator.check(upload([1.0, 1.0]), params, buffers)
+
+
+# ---- the command line: accuracy under every corruption kind --------------------------------------
+# IID digits, so that a run without 30% of its uploads learns what the clean run learns (on the
+# non-IID default workload the same holds at 100 rounds: bench/faults.py, README).
+ACCURACY_RUN = ["--inprocess", "--quiet", "--set", "data.partitioner=iid", "--set", "data.partition_options={}",
+                "--set", "data.num_clients=10", "--set", "train.clients_per_round=5", "--set", "train.rounds=25",
+                "--set", "output.tensorboard=false", "--set", "output.plots=false",
+                "--set", "output.checkpoint_every=0"]
+
+
+def _cli_accuracy(out: Path, *extra: str) -> dict:
+    from apf_ray.cli import main
+
+    assert main(["train", *ACCURACY_RUN, "--output", str(out), *extra]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def clean_accuracy(tmp_path_factory) -> float:
+    return _cli_accuracy(tmp_path_factory.mktemp("clean") / "run")["final_accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_with_30_percent_corrupted_uploads_ends_within_2_points_of_the_clean_run(tmp_path, clean_accuracy,
+                                                                                       kind):
+    summary = _cli_accuracy(tmp_path / "run", "--set", "faults.corrupt_upload_prob=0.3",
+                            "--set", f"faults.corrupt_kind={kind}")
+    assert summary["clients_rejected"] > 0 and summary["rounds"] == 25
+    assert abs(summary["final_accuracy"] - clean_accuracy) <= 0.02, (summary["final_accuracy"], clean_accuracy)
