@@ -58,7 +58,8 @@ def _corrupt_values(values: np.ndarray, kind: str, rng: np.random.Generator) -> 
     if out.size == 0:
         return out
     if kind == "scale":
-        return out * np.float32(SCALE)
+        with np.errstate(over="ignore"):  # already huge values may overflow to inf: still hostile
+            return out * np.float32(SCALE)
     hit = rng.choice(out.size, size=max(1, out.size // 100), replace=False)
     signs = np.where(rng.random(hit.size) < 0.5, -1.0, 1.0)
     out[hit] = {"nan": np.nan, "inf": np.inf, "huge": HUGE}[kind] * signs

@@ -47,18 +47,25 @@ DEFAULT_CONFIG = REPO / "configs" / "digits-lenet5.yaml"
 
 
 # ---------------------------------------------------------------------------------------- faults
+def _scale(prob: float, *defence: str) -> list[str]:
+    return [f"faults.corrupt_upload_prob={prob}", "faults.corrupt_kind=scale", *defence]
+
+
+NO_BOUND = "defence.max_update_ratio=null"
+MEDIAN = "defence.aggregation=median"
+TRIMMED = ("defence.aggregation=trimmed_mean", "defence.trim_fraction=0.3")
 FAULT_CASES: list[tuple[str, list[str]]] = [
     ("clean", []),
     ("clients fail (client_failure_prob)", [f"faults.client_failure_prob={FAULT_PROB}"]),
     *[(f"corrupt uploads: {kind}", [f"faults.corrupt_upload_prob={FAULT_PROB}", f"faults.corrupt_kind={kind}"])
       for kind in ("nan", "inf", "huge", "scale", "garbage", "samples")],
-    ("scale, norm bound off, mean", [f"faults.corrupt_upload_prob={FAULT_PROB}", "faults.corrupt_kind=scale",
-                                     "defence.max_update_ratio=null"]),
-    ("scale, norm bound off, median", [f"faults.corrupt_upload_prob={FAULT_PROB}", "faults.corrupt_kind=scale",
-                                       "defence.max_update_ratio=null", "defence.aggregation=median"]),
-    ("scale, norm bound off, trimmed mean 0.3", [f"faults.corrupt_upload_prob={FAULT_PROB}",
-                                                 "faults.corrupt_kind=scale", "defence.max_update_ratio=null",
-                                                 "defence.aggregation=trimmed_mean", "defence.trim_fraction=0.3"]),
+    ("scale, median (norm bound on)", _scale(FAULT_PROB, MEDIAN)),
+    ("scale, norm bound off, mean", _scale(FAULT_PROB, NO_BOUND)),
+    ("scale, norm bound off, median", _scale(FAULT_PROB, NO_BOUND, MEDIAN)),
+    ("scale, norm bound off, trimmed mean 0.3", _scale(FAULT_PROB, NO_BOUND, *TRIMMED)),
+    ("scale p = 0.1, norm bound off, mean", _scale(0.1, NO_BOUND)),
+    ("scale p = 0.1, norm bound off, median", _scale(0.1, NO_BOUND, MEDIAN)),
+    ("scale p = 0.1, norm bound off, trimmed mean 0.3", _scale(0.1, NO_BOUND, *TRIMMED)),
 ]
 
 
@@ -256,8 +263,8 @@ def input_rows(work: Path) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------- tables
 def fault_table(rows: list[dict[str, Any]], rounds: int) -> str:
-    out = [f"| fault ({rounds} rounds, p = {FAULT_PROB}) | final acc | Δ acc (points) | uploads rejected | "
-           "clients dropped | rounds not aggregated | model finite | example message |",
+    out = [f"| fault ({rounds} rounds, p = {FAULT_PROB} unless noted) | final acc | Δ acc (points) | "
+           "uploads rejected | clients dropped | rounds not aggregated | model finite | example message |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         msg = r["example_message"].replace("|", "\\|")
