@@ -7,6 +7,7 @@ backend gives the same global model for the same seed.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -179,6 +180,7 @@ class ServerCore:
         acc = loss = None
         if r % self.cfg.train.eval_every == 0 or r == self.cfg.train.rounds:
             acc, loss = self.evaluate()
+            loss = loss if math.isfinite(loss) else None  # a finite but huge model overflows the loss
         weights = np.array([c.num_samples for c in valid], dtype=np.float64)
         losses = np.array([c.train_loss for c in valid], dtype=np.float64)
         train_loss = float((weights * losses).sum() / weights.sum()) if weights.sum() > 0 else None

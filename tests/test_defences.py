@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -359,3 +359,13 @@ def test_train_with_30_percent_corrupted_uploads_ends_within_2_points_of_the_cle
                             "--set", f"faults.corrupt_kind={kind}")
     assert summary["clients_rejected"] > 0 and summary["rounds"] == 25
     assert abs(summary["final_accuracy"] - clean_accuracy) <= 0.02, (summary["final_accuracy"], clean_accuracy)
+
+
+def test_a_model_so_large_that_its_test_loss_overflows_is_recorded_without_ending_the_run(workload, tmp_path):
+    rnd = Round("fedavg", workload)
+    rnd.cfg = tiny_config(*VARIANTS["fedavg"], rounds=10)  # evaluates every round
+    server = rnd.server()
+    server.params = np.full_like(server.params, 1e20)  # finite, as an attack within no bound could leave it
+    record, _ = server.finish_round(rnd.broadcast, rnd.clients, rnd.results, {}, rnd.down)
+    assert record.test_accuracy is not None and record.test_loss is None
+    json.dumps(asdict(record), allow_nan=False)  # the journal's strict JSON
