@@ -185,8 +185,9 @@ def input_rows(work: Path) -> list[dict[str, Any]]:
         after = _snapshot(folder)
         left = ("unchanged" if after == before else "changed") if before else ("created" if after else "none")
         said = [line for line in res["lines"] if line.startswith(("error:", "note:", "stopped", "abandoned"))]
+        message = " / ".join(said) if said else (res["lines"][-1] if res["lines"] else "")
         row = {"case": label, "exit": res["exit"], "seconds": res["seconds"], "cpu_s": res["cpu_s"],
-               "message": " / ".join(said) if said else (res["lines"][-1] if res["lines"] else ""),
+               "message": message.replace(str(work), "$TMP"),
                "output_lines": len(res["lines"]), "traceback": res["traceback"], "run_folder": left}
         rows.append(row)
         print(f"  {label}: exit {row['exit']} in {row['seconds']} s — {row['message'][:100]}", flush=True)
@@ -230,12 +231,17 @@ def input_rows(work: Path) -> list[dict[str, Any]]:
                ["--resume", str(crafted)], crafted, True)
     row["code_ran"] = (work / "PWNED").exists()
     row["resumed_equals_uninterrupted"] = bool(_params(crafted).tobytes() == _params(base).tobytes())
+    row["run_folder"] = (f"resumed from round {load_resume_point(crafted).round - 1}: "
+                         f"{'equals' if row['resumed_equals_uninterrupted'] else 'DIFFERS FROM'} the uninterrupted "
+                         f"run; {'CODE RAN' if row['code_ran'] else 'no code ran'}")
 
     truncated = copy("t1")
     arrays = truncated / "checkpoints" / "round-00000002" / "arrays.npz"
     arrays.write_bytes(arrays.read_bytes()[: arrays.stat().st_size // 2])
     row = case("--resume, truncated newest checkpoint", ["--resume", str(truncated)], truncated, True)
     row["resumed_equals_uninterrupted"] = bool(_params(truncated).tobytes() == _params(base).tobytes())
+    row["run_folder"] = (f"resumed from round {load_resume_point(truncated).round - 1}: "
+                         f"{'equals' if row['resumed_equals_uninterrupted'] else 'DIFFERS FROM'} the uninterrupted run")
 
     # Signals mid-run on Ray: rounds of ~1 s, a checkpoint every 5 rounds.
     long = ["--set", "train.rounds=12", "--set", "output.checkpoint_every=5", "--set", "output.tensorboard=false",
@@ -248,7 +254,6 @@ def input_rows(work: Path) -> list[dict[str, Any]]:
         row = case(label, ["--output", str(target), *long], target, False, sig=sig, after_rounds=3,
                    run_dir=target, group=group)
         journal = len((target / "journal" / "rounds.jsonl").read_text().splitlines())
-        row["run_folder"] = "kept (the run so far)"
         row["checkpoint_round"] = load_resume_point(target).round
         row["rounds_done"] = journal
         row["rounds_lost"] = journal - row["checkpoint_round"]
@@ -258,6 +263,9 @@ def input_rows(work: Path) -> list[dict[str, Any]]:
         row["resumed_max_abs_diff_vs_uninterrupted"] = delta
         row["resumed_bytes_equal"] = ([r["bytes_up"] for r in _journal(target, "rounds")]
                                       == [r["bytes_up"] for r in _journal(reference, "rounds")])
+        row["run_folder"] = (f"checkpoint of round {row['checkpoint_round']} of {journal} done; resumed on Ray: "
+                             f"max |Δw| vs the uninterrupted run {delta:.1g}, uplink bytes "
+                             f"{'equal' if row['resumed_bytes_equal'] else 'DIFFER'}")
     return rows
 
 
@@ -275,13 +283,13 @@ def fault_table(rows: list[dict[str, Any]], rounds: int) -> str:
 
 
 def input_table(rows: list[dict[str, Any]]) -> str:
-    out = ["| input | exit | s to exit (CPU s) | run folder | rounds lost | what it printed |",
+    out = ["| input (apf-ray train on Ray) | exit | s to exit (CPU s) | run folder | rounds lost | what it printed |",
            "|---|---|---|---|---|---|"]
     for r in rows:
         lost = r.get("rounds_lost", "—")
         msg = r["message"].replace("|", "\\|")
         out.append(f"| {r['case']} | {r['exit']} | {r['seconds']} ({r['cpu_s']}) | {r['run_folder']} | {lost} | "
-                   f"`{msg}` |")
+                   f"{msg} |")
     return "\n".join(out)
 
 
