@@ -84,7 +84,7 @@ class ClientHost:
             )
             corrupt = corrupt_rng(self.cfg.seed, faults.corrupt_upload_prob, broadcast.round, client_id)
             if corrupt is not None:
-                upload = corrupt_upload(upload, faults.corrupt_kind, corrupt)
+                upload = corrupt_upload(upload, faults.corrupt_kind, corrupt, faults.corrupt_scale)
             return ClientResult(client_id, upload, local.compute_s, device=self.device, state=state or None)
         except Exception as err:  # a failing client must never take the round down
             detail = "".join(traceback.format_exception_only(type(err), err)).strip()

@@ -151,6 +151,8 @@ class FaultConfig(_Strict):
                                        description="per client per round: send a corrupted upload instead")
     corrupt_kind: Literal["nan", "inf", "huge", "scale", "garbage", "samples"] = Field(
         "nan", description="what a corrupted upload carries (apf_ray/faults.py)")
+    corrupt_scale: float = Field(1000.0, description="scale: the factor applied to the sent values (negative: "
+                                                     "a sign-flipping attack)")
 
 
 class DefenceConfig(_Strict):

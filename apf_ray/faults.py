@@ -11,7 +11,8 @@ kind       what the upload carries
 nan        ~1% of the sent values (at least one) set to NaN
 inf        ~1% of the sent values set to ±inf
 huge       ~1% of the sent values set to ±1e30 (finite, but overwhelming)
-scale      every sent value × 1000 (a boosted update, as in model-replacement attacks)
+scale      every sent value × ``faults.corrupt_scale`` (1000: a boosted update, as in
+           model-replacement attacks; −10: a sign-flipping one within a norm bound)
 garbage    random bytes of the same length
 samples    a claimed sample count of 1e12 (FedAvg would let it outweigh everyone else)
 =========  ================================================================================
@@ -30,7 +31,6 @@ from apf_ray.workload import client_seed
 
 KINDS = ("nan", "inf", "huge", "scale", "garbage", "samples")
 HUGE = 1e30
-SCALE = 1000.0
 CLAIMED_SAMPLES = 1e12
 _FAILURE_STREAM, _CORRUPT_STREAM = 1, 2  # offsets added to the seed: independent decisions
 
@@ -53,38 +53,38 @@ def corrupt_rng(seed: int, prob: float, round_idx: int, client_id: int) -> np.ra
     return rng if rng.random() < prob else None
 
 
-def _corrupt_values(values: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+def _corrupt_values(values: np.ndarray, kind: str, rng: np.random.Generator, scale: float) -> np.ndarray:
     out = values.astype(np.float32, copy=True)
     if out.size == 0:
         return out
     if kind == "scale":
         with np.errstate(over="ignore"):  # already huge values may overflow to inf: still hostile
-            return out * np.float32(SCALE)
+            return out * np.float32(scale)
     hit = rng.choice(out.size, size=max(1, out.size // 100), replace=False)
     signs = np.where(rng.random(hit.size) < 0.5, -1.0, 1.0)
     out[hit] = {"nan": np.nan, "inf": np.inf, "huge": HUGE}[kind] * signs
     return out
 
 
-def _corrupt_part(part: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+def _corrupt_part(part: np.ndarray, kind: str, rng: np.random.Generator, scale: float) -> np.ndarray:
     """A values or sparse container with its values corrupted, re-encoded."""
     dtype = wire.value_dtype(part)
     if part[0] == ord("S"):
         idx, values, n = wire.decode_sparse(part)
-        bad = _corrupt_values(values, kind, rng)
+        bad = _corrupt_values(values, kind, rng, scale)
         try:
             return wire.encode_sparse(idx, bad, n, dtype)
         except ValueError:
             return wire.encode_sparse(idx, bad, n, "float32")
-    bad = _corrupt_values(wire.decode_values(part), kind, rng)
+    bad = _corrupt_values(wire.decode_values(part), kind, rng, scale)
     try:
         return wire.encode_values(bad, dtype)
     except ValueError:
         return wire.encode_values(bad, "float32")
 
 
-def corrupt_upload(buf: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """The hostile version of an honest upload ``buf`` (see the module docstring)."""
+def corrupt_upload(buf: np.ndarray, kind: str, rng: np.random.Generator, scale: float = 1000.0) -> np.ndarray:
+    """The hostile version of an honest upload ``buf`` (see the module docstring); ``scale`` for ``scale``."""
     if kind not in KINDS:
         raise ValueError(f"faults.corrupt_kind {kind!r} is not one of {', '.join(KINDS)}")
     if kind == "garbage":
@@ -95,5 +95,5 @@ def corrupt_upload(buf: np.ndarray, kind: str, rng: np.random.Generator) -> np.n
         meta["num_samples"] = CLAIMED_SAMPLES
         parts["meta"] = wire.encode_scalars(**meta)
     elif "values" in parts:
-        parts["values"] = _corrupt_part(parts["values"], kind, rng)
+        parts["values"] = _corrupt_part(parts["values"], kind, rng, scale)
     return wire.encode_message(parts)

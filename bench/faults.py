@@ -5,8 +5,9 @@ Two parts, one JSON file (``docs/results/faults.json``) and one Markdown table e
 - ``faults``: the default workload (digits, LeNet-5, APF, 10 of 20 non-IID clients per
   round, 100 rounds unless ``--rounds`` says otherwise), in-process (same numbers as Ray),
   once clean and once per injected fault at probability 0.3: failing clients and every
-  ``faults.corrupt_kind`` under the default defence; then the boosted (``scale``) update with
-  the norm bound switched off, under the mean and under the robust aggregations.
+  ``faults.corrupt_kind`` under the default defence; then the boosted (``scale``, ×1000) update
+  under the median, and with the norm bound switched off under each aggregation; then a
+  sign-flipping update (×−10, mostly within the bound) from 10% of the clients under each.
 - ``inputs``: the command line on Ray (``apf-ray train``, a local cluster) given each bad
   input, damaged or crafted checkpoint, and SIGINT / SIGTERM mid-run: exit status, seconds to
   exit (wall, and the CLI process's own CPU), the line it printed, what was left on disk.
@@ -52,6 +53,7 @@ def _scale(prob: float, *defence: str) -> list[str]:
 
 
 NO_BOUND = "defence.max_update_ratio=null"
+FLIP = "faults.corrupt_scale=-10"  # an update pointing the wrong way, mostly within the default bound
 MEDIAN = "defence.aggregation=median"
 TRIMMED = ("defence.aggregation=trimmed_mean", "defence.trim_fraction=0.3")
 FAULT_CASES: list[tuple[str, list[str]]] = [
@@ -63,9 +65,9 @@ FAULT_CASES: list[tuple[str, list[str]]] = [
     ("scale, norm bound off, mean", _scale(FAULT_PROB, NO_BOUND)),
     ("scale, norm bound off, median", _scale(FAULT_PROB, NO_BOUND, MEDIAN)),
     ("scale, norm bound off, trimmed mean 0.3", _scale(FAULT_PROB, NO_BOUND, *TRIMMED)),
-    ("scale p = 0.1, norm bound off, mean", _scale(0.1, NO_BOUND)),
-    ("scale p = 0.1, norm bound off, median", _scale(0.1, NO_BOUND, MEDIAN)),
-    ("scale p = 0.1, norm bound off, trimmed mean 0.3", _scale(0.1, NO_BOUND, *TRIMMED)),
+    ("sign flip ×−10, p = 0.1, mean", _scale(0.1, FLIP)),
+    ("sign flip ×−10, p = 0.1, median", _scale(0.1, FLIP, MEDIAN)),
+    ("sign flip ×−10, p = 0.1, trimmed mean 0.3", _scale(0.1, FLIP, *TRIMMED)),
 ]
 
 
