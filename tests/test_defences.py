@@ -369,3 +369,11 @@ def test_a_model_so_large_that_its_test_loss_overflows_is_recorded_without_endin
     record, _ = server.finish_round(rnd.broadcast, rnd.clients, rnd.results, {}, rnd.down)
     assert record.test_accuracy is not None and record.test_loss is None
     json.dumps(asdict(record), allow_nan=False)  # the journal's strict JSON
+
+
+def test_a_scale_corruption_multiplies_every_sent_value_by_the_configured_factor(workload):
+    rnd = Round("fedavg", workload)
+    honest = next(r.upload for r in rnd.results if r.client_id == rnd.target)
+    flipped = corrupt_upload(honest, "scale", np.random.default_rng(0), scale=-10.0)
+    values = [wire.decode_values(_parts(buf)["values"]) for buf in (honest, flipped)]
+    np.testing.assert_array_equal(values[1], values[0] * np.float32(-10))
