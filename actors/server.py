@@ -26,8 +26,14 @@ class ServerActor:
 
     def __init__(self, cfg_dict: dict, run_dir: str, dataset: Dataset, dataset_ref: list,
                  workload: Workload, resume: ResumePoint | None) -> None:
+        # Only keep the arguments: set-up errors raised in ``start`` reach the driver as
+        # that exception (a RayTaskError's cause), not as an ActorDiedError traceback.
+        self._args = (cfg_dict, run_dir, dataset, dataset_ref, workload, resume)
+
+    def _setup(self) -> None:
         import torch
 
+        cfg_dict, run_dir, dataset, dataset_ref, workload, resume = self._args
         cfg = ExperimentConfig.model_validate(cfg_dict)
         torch.set_num_threads(cfg.cluster.torch_threads)
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -38,8 +44,11 @@ class ServerActor:
         if resume is not None:
             self.server.load_state_dict(resume.server)
             self.pools.client_state = dict(resume.clients)
+        del self._args
 
     def start(self) -> dict[str, Any]:
+        """Build the server and the pools, and wait (bounded) until every pool's actors started."""
+        self._setup()
         self.pools.wait_ready(set(self.pools.pools), self.cfg.cluster.startup_timeout_s, every_actor=True)
         return {"backend": "ray", "round": self.server.round, "num_params": self.server.num_params,
                 "pools": self.pools.describe()}
@@ -58,4 +67,5 @@ class ServerActor:
         return self.pools.describe()
 
     def shutdown(self) -> None:
-        self.pools.shutdown()
+        if hasattr(self, "pools"):
+            self.pools.shutdown()

@@ -188,8 +188,9 @@ def federated_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
             resume = read_resume_point(Path(path))
         _log_resume(run_dir, resume, cfg)
     dataset_ref = shared["dataset_ref"][0]
+    # A PBT exploit continues a donor trial's run under this trial's name and hyperparameters.
     run(cfg, run_dir, backend=RayBackend(dataset_ref=dataset_ref), callbacks=[TuneReporter(spec, baseline_bytes)],
-        resume=resume, dataset=ray.get(dataset_ref))
+        resume=resume, dataset=ray.get(dataset_ref), resume_may_change=("name", *spec.search_space))
 
 
 # --------------------------------------------------------------------------- progress

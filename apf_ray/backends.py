@@ -32,6 +32,9 @@ class Backend(ABC):
         """A context in which several runs share what this backend starts (Ray: one cluster)."""
         return contextlib.nullcontext()
 
+    def check(self, cfg: ExperimentConfig) -> None:  # noqa: B027 - an optional hook
+        """Refuse (SetupError), before anything starts, a config this backend could never run."""
+
     @abstractmethod
     def start(self, cfg: ExperimentConfig, run_dir: Path, workload: Workload,
               resume: ResumePoint | None) -> dict[str, Any]:
@@ -48,6 +51,10 @@ class Backend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release everything ``start`` acquired; safe to call more than once."""
+
+    def abort(self) -> None:
+        """Release everything at once, without waiting for work in flight (a second stop signal)."""
+        self.close()
 
 
 class InProcessBackend(Backend):

@@ -18,10 +18,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from apf_ray.errors import RunStopped, SetupError, describe
+
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from apf_ray.callbacks import Callback
     from apf_ray.config import ExperimentConfig
+    from apf_ray.resume import ResumePoint
 
 DESCRIPTION = ("Federated learning with Adaptive Parameter Freezing (APF), on a local or remote Ray cluster "
                "or in-process. Run one training, or several strategies side by side.")
@@ -50,17 +54,46 @@ def _backend(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     return ("inprocess", {}) if args.inprocess else ("ray", {"address": args.address, "verbose": args.verbose})
 
 
+def _note(text: str) -> None:
+    """A line about the user's options (ignored, replaced, refused), shown even with ``--quiet``."""
+    from rich.markup import escape
+
+    console().print(f"[yellow]note:[/yellow] {escape(text)}", soft_wrap=True, highlight=False)
+
+
+def _report_ignored(args: argparse.Namespace, cfg: ExperimentConfig) -> None:
+    """Say which given options have no effect, instead of dropping them silently."""
+    if args.inprocess and args.address:
+        _note(f"--address {args.address} is ignored with --inprocess (no Ray cluster is used)")
+    if args.inprocess and cfg.cluster.address:
+        _note(f"cluster.address {cfg.cluster.address} is ignored with --inprocess")
+    if args.output and cfg.output.dir and Path(args.output) != Path(cfg.output.dir):
+        _note(f"--output {args.output} replaces output.dir {cfg.output.dir} of the config")
+
+
+def _replaced_notice(run_dir: Path) -> Callback:
+    """A callback saying what ``--overwrite`` removed, once the new run has started (even with --quiet)."""
+    from apf_ray.callbacks import Callback, RunContext
+
+    class ReplacedNotice(Callback):
+        def on_start(self, ctx: RunContext) -> None:
+            if ctx.info.get("replaced"):
+                _note(f"--overwrite removed the earlier run's {', '.join(ctx.info['replaced'])} from {run_dir}")
+
+    return ReplacedNotice()
+
+
 def _train(cfg: ExperimentConfig, run_dir: Path, args: argparse.Namespace, label: str, resume=None) -> dict:
+    from apf_ray.progress import ProgressDisplay
     from apf_ray.run import run
 
-    callbacks = []
+    callbacks: list[Callback] = [_replaced_notice(run_dir)]
     if not args.quiet:
-        from apf_ray.progress import ProgressDisplay
-
         callbacks.append(ProgressDisplay(console(), label))
     backend, options = _backend(args)
     try:
-        return run(cfg, run_dir, backend=backend, backend_options=options, callbacks=callbacks, resume=resume)
+        return run(cfg, run_dir, backend=backend, backend_options=options, callbacks=callbacks, resume=resume,
+                   overwrite=args.overwrite)
     finally:
         for cb in callbacks:
             cb.close()
@@ -75,20 +108,37 @@ def _finished_summary(run_dir: Path, rounds_done: int, rounds: int) -> dict | No
     return summary if summary.get("rounds") == rounds_done else None
 
 
+def _resume_config(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, ResumePoint]:
+    """The checkpointed run's config with the allowed ``--set`` changes; errors name the option or field."""
+    from apf_ray.config import ConfigError, build_config
+    from apf_ray.resume import check_resume_config, load_resume_point
+
+    run_dir = Path(args.resume)
+    if args.config:
+        raise ConfigError(f"--config cannot be used with --resume: the run in {run_dir} keeps its own config "
+                          "(change what may change with --set)")
+    if args.output and Path(args.output).resolve() != run_dir.resolve():
+        raise ConfigError(f"--output {args.output} differs from --resume {run_dir}: a resumed run continues "
+                          "in its own folder")
+    if args.overwrite:
+        raise ConfigError("--overwrite cannot be used with --resume: resuming continues the run")
+    resume = load_resume_point(run_dir)
+    for path, reason in resume.skipped:
+        _note(f"checkpoint {path.name} is damaged ({reason}); using {resume.path.name}")
+    cfg = build_config(resume.config, args.set or [], source=f"{run_dir} + --set")
+    check_resume_config(resume.config, cfg, resume.round, asked_by="--set asks")
+    return cfg, run_dir, resume
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from apf_ray.config import build_config, load_config
+    from apf_ray.config import load_config
     from apf_ray.report import summary_table
     from apf_ray.run import default_run_dir
 
     resume = None
     if args.resume:
-        from apf_ray.resume import load_resume_point
-
-        run_dir = Path(args.resume)
-        resume = load_resume_point(run_dir)
-        for path, reason in resume.skipped:
-            _say(args, f"[yellow]checkpoint {path.name} is damaged ({reason}); using {resume.path.name}")
-        cfg = build_config(resume.config, args.set or [], source=f"{run_dir / 'checkpoints'}")
+        cfg, run_dir, resume = _resume_config(args)
+        _report_ignored(args, cfg)
         summary = _finished_summary(run_dir, resume.round, cfg.train.rounds)
         if summary is not None:  # nothing to train: no backend, no Ray
             _say(args, f"{run_dir} is finished ({resume.round} rounds); raise train.rounds "
@@ -99,6 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.set or [])
         run_dir = Path(args.output) if args.output else default_run_dir(cfg)
+        _report_ignored(args, cfg)
     summary = _train(cfg, run_dir, args, cfg.name, resume)
     console().print(summary_table(summary, title=f"{cfg.name} · {cfg.strategy.name}"))
     if cfg.output.tensorboard:
@@ -111,15 +162,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from apf_ray.config import build_config, load_config
     from apf_ray.metrics import plot_history, read_history, write_json
     from apf_ray.report import comparison_rows, comparison_table
-    from apf_ray.run import default_run_dir
+    from apf_ray.run import default_run_dir, run_files
     from apf_ray.variants import variant_dirname, variant_overrides
 
     base = load_config(args.config, args.set or [])
     out = Path(args.output) if args.output else default_run_dir(base)
+    _report_ignored(args, base)
     variants = {  # every variant is validated before any run starts
         spec: build_config(base.to_dict(), variant_overrides(spec, base.strategy.name), source=f"variant {spec}")
         for spec in args.strategies
     }
+    taken = [out / variant_dirname(spec) for spec in variants if run_files(out / variant_dirname(spec))]
+    if taken and not args.overwrite:
+        raise SetupError(f"{', '.join(map(str, taken))} already hold(s) a run; replace with --overwrite "
+                         "or choose another --output")
     results: dict[str, dict[str, Any]] = {}
     histories = {}
     backend, options = _backend(args)
@@ -170,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "configs/digits-lenet5.yaml)")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, repeatable")
         sp.add_argument("--address", help="existing Ray cluster address (default: start a local one)")
-        sp.add_argument("--output", help="run directory")
+        sp.add_argument("--output", help="run directory (refused if it holds a run, unless --overwrite)")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --output (its outputs only; other files stay)")
         sp.add_argument("--inprocess", action="store_true", help="reference loop in this process, no Ray")
         level = sp.add_mutually_exclusive_group()
         level.add_argument("--quiet", action="store_true", help="print only errors and the final summary")
@@ -201,7 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(err: BaseException) -> int:
+    from rich.markup import escape
+
+    console().print(f"[red]error:[/red] {escape(describe(err))}", soft_wrap=True, highlight=False)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 a usage, config, data or checkpoint error (one ``error:`` line),
+    130 / 143 stopped by SIGINT / SIGTERM (resumable from the printed folder)."""
     args = build_parser().parse_args(argv)
     from apf_ray.config import ConfigError
 
@@ -210,9 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(_log_level(args))  # restored on return: main() also runs inside tests and notebooks
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        console().print(f"[red]error:[/red] {err}")
-        return 2
+    except RunStopped as stop:
+        from rich.markup import escape
+
+        console().print(f"[yellow]{escape(stop.message)}", soft_wrap=True, highlight=False)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        console().print("[yellow]interrupted", highlight=False)
+        return 130
+    except (ConfigError, SetupError, FileNotFoundError, ValueError) as err:
+        return _error(err)
     finally:
         logger.setLevel(previous)
 

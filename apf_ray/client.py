@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from apf_ray.config import ExperimentConfig
+from apf_ray.faults import client_fails, corrupt_rng, corrupt_upload
 from apf_ray.records import Broadcast, ClientResult
 from apf_ray.strategies import Strategy, make_strategy
 from apf_ray.training import TrainSettings, train_local
@@ -60,10 +61,9 @@ class ClientHost:
         start = time.perf_counter()
         state = dict(state or {})
         try:
-            fault = self.cfg.faults.client_failure_prob
-            fault_rng = np.random.default_rng(client_seed(self.cfg.seed + 1, broadcast.round, client_id))
-            if fault and fault_rng.random() < fault:
-                raise RuntimeError(f"injected failure (faults.client_failure_prob={fault})")
+            faults = self.cfg.faults
+            if client_fails(self.cfg.seed, faults.client_failure_prob, broadcast.round, client_id):
+                raise RuntimeError(f"injected failure (faults.client_failure_prob={faults.client_failure_prob})")
             idx = self.partitions[client_id]
             plan = broadcast.plan
             seed = client_seed(self.cfg.seed, broadcast.round, client_id)
@@ -82,6 +82,9 @@ class ClientHost:
             upload = self.strategy.encode_upload(
                 plan, broadcast.params, local.params, local.buffers, local.num_samples, local.loss, state
             )
+            corrupt = corrupt_rng(self.cfg.seed, faults.corrupt_upload_prob, broadcast.round, client_id)
+            if corrupt is not None:
+                upload = corrupt_upload(upload, faults.corrupt_kind, corrupt, faults.corrupt_scale)
             return ClientResult(client_id, upload, local.compute_s, device=self.device, state=state or None)
         except Exception as err:  # a failing client must never take the round down
             detail = "".join(traceback.format_exception_only(type(err), err)).strip()

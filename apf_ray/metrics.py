@@ -64,6 +64,9 @@ def tensorboard_scalars(rec: RoundRecord) -> dict[str, float]:
         "clients/sampled": rec.clients_sampled,
         "clients/reporting": rec.clients_reported,
         "clients/dropped": rec.clients_dropped,
+        "clients/rejected": rec.clients_rejected,
+        "clients/discarded": rec.clients_discarded,
+        "clients/quorum_met": int(rec.quorum_met),
         "time/wall_s": rec.wall_s,
         "time/simulated_s": rec.simulated_s,
         "time/simulated_cumulative_s": rec.cum_simulated_s,
@@ -173,7 +176,7 @@ def write_tables(run_dir: Path) -> None:
 def _schema(record: type) -> pa.Schema:
     """Column types from a record's annotations, so all-None columns keep their type."""
     types = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "float | None": pa.float64(),
-             "ClientStatus": pa.string()}
+             "ClientStatus": pa.string(), "bool": pa.bool_()}
     fields = [(name, types[str(ann)]) for name, ann in record.__annotations__.items() if name != "layer_frozen"]
     return pa.schema(fields)
 
@@ -197,6 +200,8 @@ def summarize(cfg_dict: dict[str, Any], history: list[RoundRecord]) -> dict[str,
         "frozen_fraction_final": last.frozen_fraction if last else 0.0,
         "threshold_final": last.threshold if last else None,
         "clients_dropped": int(sum(h.clients_dropped for h in history)),
+        "clients_rejected": int(sum(h.clients_rejected for h in history)),
+        "rounds_not_aggregated": int(sum(not h.aggregated for h in history)),
         "config": cfg_dict,
     }
 

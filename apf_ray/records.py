@@ -12,16 +12,23 @@ from typing import Literal
 
 import numpy as np
 
-ClientStatus = Literal["ok", "skipped", "error", "timeout", "died", "no_actor"]
-"""How a sampled client's round ended.
+ClientStatus = Literal["ok", "skipped", "discarded", "rejected", "error", "timeout", "died", "no_actor"]
+"""How a sampled client's round ended (``ClientRecord.error`` says why for all but ``ok``).
 
-``ok``: its upload was aggregated. ``skipped``: it reported but chose not to upload (CMFL).
-``error``: training raised or its upload could not be decoded. ``timeout``: not back by
+Reported: ``ok``: its upload was aggregated. ``skipped``: it reported but chose not to upload
+(CMFL). ``discarded``: its valid upload arrived, but the round was not aggregated (it missed
+its quorum, or the aggregate was not finite), so the model was kept.
+Refused: ``rejected``: its upload arrived but failed the server's checks (malformed, not
+finite, over the norm bound, an impossible sample count: :mod:`apf_ray.validation`).
+Failed (``clients_dropped``): ``error``: its training raised. ``timeout``: not back by
 ``cluster.round_timeout_s``. ``died``: its actor died. ``no_actor``: its pool had no actor.
 """
 
-REPORTED: frozenset[str] = frozenset({"ok", "skipped"})
-"""Statuses of clients that reported this round (they count towards the quorum)."""
+REPORTED: frozenset[str] = frozenset({"ok", "skipped", "discarded"})
+"""Statuses of clients whose valid upload arrived this round (their time counts)."""
+
+FAILED: frozenset[str] = frozenset({"error", "timeout", "died", "no_actor"})
+"""Statuses counted as dropped: the client never delivered an upload."""
 
 
 @dataclass
@@ -89,12 +96,16 @@ class RoundRecord:
     frozen_fraction: float
     threshold: float | None  # APF's stability threshold T (None for strategies without one)
     clients_sampled: int
-    clients_reported: int
-    clients_dropped: int
+    clients_reported: int  # valid uploads that arrived (ok, skipped, discarded)
+    clients_dropped: int  # failed: error, timeout, died, no_actor
     wall_s: float
     simulated_s: float
     cum_simulated_s: float
     layer_frozen: dict[str, float] = field(default_factory=dict)
+    quorum_met: bool = True  # at least cfg.quorum() valid uploads arrived
+    aggregated: bool = True  # the model moved: quorum met and the aggregate was finite
+    clients_rejected: int = 0  # uploads refused by the server's checks
+    clients_discarded: int = 0  # valid uploads of a round that was not aggregated
 
 
 @dataclass

@@ -37,6 +37,8 @@ def summary_table(summary: dict[str, Any], title: str = "run summary") -> Table:
         ("downlink (MB)", _mb(summary["bytes_down"])),
         ("frozen fraction (final)", _pct(summary["frozen_fraction_final"])),
         ("clients dropped", str(summary["clients_dropped"])),
+        ("uploads rejected", str(summary.get("clients_rejected", 0))),
+        ("rounds not aggregated", str(summary.get("rounds_not_aggregated", 0))),
         ("simulated time (s)", f"{summary['simulated_time_s']:.1f}"),
         ("wall time (s)", f"{summary['wall_time_s']:.1f}"),
         ("run directory", summary.get("run_dir", "")),

@@ -8,13 +8,16 @@ residuals, partial-sync local values), so a resumed run continues exactly where 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from apf_ray.checkpoint import load_checkpoint, load_latest, save_checkpoint
-from apf_ray.config import ExperimentConfig
+from apf_ray.config import ConfigError, ExperimentConfig, build_config
+from apf_ray.errors import SetupError, describe
 from apf_ray.server import ServerCore
+from apf_ray.workload import Workload
 
 FORMAT = "apf-ray-run"
 
@@ -65,3 +68,67 @@ def load_resume_point(run_dir: Path) -> ResumePoint:
 def read_resume_point(checkpoint_dir: Path) -> ResumePoint:
     """One checkpoint directory (``round-NNNNNNNN``, or a copy of it such as a Tune checkpoint)."""
     return _resume_point(load_checkpoint(Path(checkpoint_dir)), Path(checkpoint_dir), [])
+
+
+RESUMABLE = ("train.rounds", "train.eval_every", "cluster.", "output.", "faults.", "defence.")
+"""Config fields a resumed run may change: how long and how it runs, not what it computes."""
+
+FIXED_ON_RESUME = ("output.dir",)
+"""A resumed run continues in its own folder."""
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def config_changes(saved: dict[str, Any], cfg: ExperimentConfig) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, new value) for every field of ``cfg`` that differs from ``saved``.
+
+    Both sides are normalised by this version's config model, so defaults filled in since
+    the checkpoint was written do not count as changes.
+    """
+    old = _flatten(build_config(saved, source="the checkpoint's config").to_dict())
+    new = _flatten(cfg.to_dict())
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_resume_config(saved: dict[str, Any], cfg: ExperimentConfig, rounds_done: int,
+                        asked_by: str = "now", may_change: Sequence[str] = ()) -> None:
+    """ConfigError naming the field if ``cfg`` changes what the checkpointed run computes.
+
+    Allowed: more rounds (``train.rounds`` ≥ the rounds done), ``train.eval_every``, the
+    ``cluster``, ``output`` (but not ``output.dir``), ``faults`` and ``defence`` sections, and
+    the fields in ``may_change`` (a PBT exploit continues a donor's run under the trial's own
+    name and searched hyperparameters).
+    """
+    for path, old, new in config_changes(saved, cfg):
+        if path == "train.rounds":
+            if new < rounds_done:
+                raise ConfigError(f"--resume: train.rounds ({new}) is below the {rounds_done} rounds already done")
+            continue
+        if (path.startswith(RESUMABLE) and path not in FIXED_ON_RESUME) or path in may_change:
+            continue
+        raise ConfigError(f"--resume keeps the run's meaning: {path} cannot change (was {old!r}, {asked_by} {new!r})")
+
+
+def check_resume(cfg: ExperimentConfig, point: ResumePoint, workload: Workload, may_change: Sequence[str] = ()) -> None:
+    """Refuse, before any cluster starts, a checkpoint that does not belong to ``cfg``'s run.
+
+    The config must keep the run's meaning (:func:`check_resume_config`), and the saved
+    server state must load into a server built from ``cfg`` (parameter count, strategy and
+    controller state, downlink bookkeeping), as it will on the backend.
+    """
+    check_resume_config(point.config, cfg, point.round, may_change=may_change)
+    try:
+        ServerCore(cfg, workload).load_state_dict(point.server)
+    except Exception as err:
+        raise SetupError(f"checkpoint {point.path} does not fit the configured run: {describe(err)}") from None
+    strangers = sorted(c for c in point.clients if not 0 <= c < workload.num_clients)
+    if strangers:
+        raise SetupError(f"checkpoint {point.path} holds state of clients {strangers[:10]}, "
+                         f"the run has {workload.num_clients}")

@@ -7,19 +7,22 @@ backend gives the same global model for the same seed.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from apf_ray.aggregation import Aggregator
 from apf_ray.config import ExperimentConfig
 from apf_ray.downlink import DownlinkTracker
 from apf_ray.flat import set_buffers, set_params
 from apf_ray.network import NetworkModel
-from apf_ray.records import REPORTED, Broadcast, ClientRecord, ClientResult, RoundEvent, RoundRecord
+from apf_ray.records import FAILED, REPORTED, Broadcast, ClientRecord, ClientResult, RoundEvent, RoundRecord
 from apf_ray.strategies import DecodedUpload, make_strategy
 from apf_ray.training import evaluate
+from apf_ray.validation import UploadValidator
 from apf_ray.workload import Workload, model_factory, sample_clients
 
 Executor = Callable[[Broadcast, list[int]], tuple[list[ClientResult], dict[int, str]]]
@@ -39,7 +42,10 @@ class ServerCore:
         self.params = workload.init_params.copy()
         self.buffers = workload.init_buffers.copy()
         self.strategy = make_strategy(cfg.strategy.name, cfg.strategy.options, cfg.strategy.uplink, cfg.seed)
+        self.strategy.aggregator = Aggregator(cfg.defence.aggregation, cfg.defence.trim_fraction)
         self.strategy.setup(self.params)
+        self.validator = UploadValidator(cfg.defence, [len(p) for p in workload.partitions], self.params.size,
+                                         self.buffers.size)
         self.rng = np.random.default_rng(cfg.seed)
         self.downlink = DownlinkTracker(self.params.size)
         self.round = 0  # completed rounds = current model version
@@ -80,14 +86,23 @@ class ServerCore:
         record.wall_s = time.perf_counter() - start
         return RoundEvent(record, client_records)
 
-    def _decode(self, broadcast: Broadcast, res: ClientResult, rec: ClientRecord) -> DecodedUpload | None:
+    def _accept(self, broadcast: Broadcast, res: ClientResult, rec: ClientRecord,
+                bounds: tuple[float, float]) -> DecodedUpload | None:
+        """The client's upload if it decodes and passes validation; otherwise why not, in ``rec``."""
         if res.upload is None:
             rec.status, rec.error = "error", res.error or "unknown error"
             return None
+        buf = res.upload
+        rec.bytes_up = int(buf.nbytes) if isinstance(buf, np.ndarray) else 0  # refused bytes still crossed the wire
+        reason = None
         try:
-            up = self.strategy.decode_upload(broadcast.plan, res.client_id, np.asarray(res.upload))
-        except Exception as err:  # a corrupt upload drops the client, not the round
-            rec.status, rec.error = "error", f"bad upload: {err}"[: self.cfg.cluster.max_error_chars]
+            up = self.strategy.decode_upload(broadcast.plan, res.client_id, np.asarray(buf))
+        except Exception as err:  # a malformed upload refuses the client, not the round
+            up, reason = None, f"malformed upload: {err}"
+        if reason is None:
+            reason = self.validator.check(up, self.params, self.buffers, bounds)
+        if reason is not None:
+            rec.status, rec.error = "rejected", reason[: self.cfg.cluster.max_error_chars]
             return None
         rec.bytes_up, rec.num_samples, rec.train_loss = up.nbytes, up.num_samples, up.loss
         if up.update is None:
@@ -96,57 +111,80 @@ class ServerCore:
 
     def finish_round(self, broadcast: Broadcast, clients: list[int], results: list[ClientResult],
                      missing: dict[int, str], down: dict[int, int]) -> tuple[RoundRecord, list[ClientRecord]]:
-        """Aggregate what arrived, run the strategy's observer, account bytes and time, evaluate.
+        """Validate and aggregate what arrived, run the strategy's observer, account, evaluate.
 
         ``missing`` maps clients that never reported to why (``timeout``, ``died``,
-        ``no_actor``). The record's ``wall_s`` is left to the caller, who times the round.
+        ``no_actor``). Uploads that fail validation are ``rejected``; if fewer than the quorum
+        of valid uploads arrived, or their aggregate is not finite, the model is kept and the
+        valid uploads are ``discarded``. The record's ``wall_s`` is left to the caller, who
+        times the round.
         """
         r = broadcast.round
         records: dict[int, ClientRecord] = {}
         uploads: list[DecodedUpload] = []
+        bounds = (self.validator.norm_bound(self.params), self.validator.buffer_bound(self.buffers))
+        sampled = set(clients)
         for res in sorted(results, key=lambda x: x.client_id):
+            if res.client_id not in sampled:
+                continue  # not sampled this round (a confused host): nothing to record it under
             rec = ClientRecord(r, res.client_id, self.pool_of_client[res.client_id], "ok",
                                bytes_down=down.get(res.client_id, 0), compute_s=res.compute_s, device=res.device)
             records[res.client_id] = rec
-            up = self._decode(broadcast, res, rec)
+            up = self._accept(broadcast, res, rec, bounds)
             if up is not None:
                 uploads.append(up)
         for cid, reason in missing.items():
             records[cid] = ClientRecord(r, cid, self.pool_of_client[cid], reason,
                                         bytes_down=0 if reason == "no_actor" else down.get(cid, 0), error=reason)
-        aggregated = len(uploads) >= self.cfg.quorum()  # a CMFL skip counts as reporting
+        quorum = self.cfg.quorum()
+        quorum_met = len(uploads) >= quorum  # a CMFL skip counts as reporting
         self.downlink.record_received([c for c, rec in records.items() if rec.status != "no_actor"], r - 1)
+        aggregated, why_not = False, f"round missed its quorum ({len(uploads)} valid of {quorum} needed)"
+        if quorum_met:
+            params, buffers = self.strategy.aggregate(self.params, self.buffers, uploads)
+            if np.all(np.isfinite(params)) and np.all(np.isfinite(buffers)):
+                old = self.params
+                self.params, self.buffers = params, buffers
+                self.downlink.record_aggregation(old, self.params, r)
+                aggregated = True
+            else:
+                why_not = "the aggregate was not finite; round discarded, model kept"
         if aggregated:
-            old = self.params
-            self.params, self.buffers = self.strategy.aggregate(self.params, self.buffers, uploads)
-            self.downlink.record_aggregation(old, self.params, r)
-        old_mask = self.active_mask()
-        self.strategy.observe(self.params)
-        if not np.array_equal(old_mask, self.active_mask()):
-            self.downlink.record_mask_change(r)
+            # A round that did not move the model says nothing about stability: APF's controller
+            # would read it as a zero-motion check and freeze scalars because of an attack.
+            old_mask = self.active_mask()
+            self.strategy.observe(self.params)
+            if not np.array_equal(old_mask, self.active_mask()):
+                self.downlink.record_mask_change(r)
+        else:
+            for up in uploads:
+                records[up.client_id].status, records[up.client_id].error = "discarded", why_not
         self.round = r
         for rec in records.values():
-            if rec.status in REPORTED:
+            if rec.status in REPORTED or rec.status == "rejected":
                 rec.simulated_s = self.network.client_round_s(rec.pool, rec.bytes_down, rec.compute_s, rec.bytes_up)
         client_records = sorted(records.values(), key=lambda c: c.client_id)
-        return self._record_round(r, clients, client_records, aggregated), client_records
+        record = self._record_round(r, clients, client_records)
+        record.quorum_met, record.aggregated = quorum_met, aggregated
+        return record, client_records
 
-    def _record_round(self, r: int, clients: list[int], recs: list[ClientRecord], aggregated: bool) -> RoundRecord:
-        ok = [c for c in recs if c.status in REPORTED]
+    def _record_round(self, r: int, clients: list[int], recs: list[ClientRecord]) -> RoundRecord:
+        valid = [c for c in recs if c.status in REPORTED]
+        arrived = [c for c in recs if c.status in REPORTED or c.status == "rejected"]
         up = sum(c.bytes_up for c in recs)
         down = sum(c.bytes_down for c in recs)
-        sim = max((c.simulated_s for c in ok), default=0.0)
+        sim = max((c.simulated_s for c in arrived), default=0.0)
         self.cum_up += up
         self.cum_down += down
         self.cum_sim += sim
         acc = loss = None
         if r % self.cfg.train.eval_every == 0 or r == self.cfg.train.rounds:
             acc, loss = self.evaluate()
-        weights = np.array([c.num_samples for c in ok], dtype=np.float64)
-        losses = np.array([c.train_loss for c in ok], dtype=np.float64)
+            loss = loss if math.isfinite(loss) else None  # a finite but huge model overflows the loss
+        weights = np.array([c.num_samples for c in valid], dtype=np.float64)
+        losses = np.array([c.train_loss for c in valid], dtype=np.float64)
         train_loss = float((weights * losses).sum() / weights.sum()) if weights.sum() > 0 else None
         mask = self.active_mask()
-        reported = len(ok) if aggregated else 0
         return RoundRecord(
             round=r,
             test_accuracy=acc,
@@ -159,12 +197,14 @@ class ServerCore:
             frozen_fraction=float(1.0 - mask.mean()),
             threshold=self.strategy.threshold,
             clients_sampled=len(clients),
-            clients_reported=reported,
-            clients_dropped=len(clients) - reported,
+            clients_reported=len(valid),
+            clients_dropped=sum(c.status in FAILED for c in recs),
             wall_s=0.0,
             simulated_s=sim,
             cum_simulated_s=self.cum_sim,
             layer_frozen={name: float(1.0 - mask[sl].mean()) for name, sl in self.layout.layer_slices().items()},
+            clients_rejected=sum(c.status == "rejected" for c in recs),
+            clients_discarded=sum(c.status == "discarded" for c in recs),
         )
 
     def evaluate(self) -> tuple[float, float]:

@@ -112,11 +112,15 @@ class UplinkChain:
     def decode(self, values_part: np.ndarray, sync_mask: np.ndarray | None, num_params: int) -> np.ndarray:
         """Dense float32 update (0 where nothing was sent) from an upload's ``values`` part.
 
-        The container must be the kind this chain produces and cover exactly the
-        synchronised scalars; anything else is a ValueError naming the mismatch.
+        The container must be the kind (dense or sparse) and the value type this chain
+        produces, and cover exactly the synchronised scalars; anything else is a ValueError
+        naming the mismatch.
         """
         expected = num_params if sync_mask is None else int(np.count_nonzero(sync_mask))
         kind = "sparse" if self.sparse else "dense"
+        dtype = wire.value_dtype(values_part)
+        if dtype != self.quantizer.name:
+            raise ValueError(f"upload values are {dtype}, the uplink chain sends {self.quantizer.name}")
         if self.sparse:
             positions, values, n = wire.decode_sparse(values_part)
             if n != expected:

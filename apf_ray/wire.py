@@ -215,6 +215,22 @@ def decode_values(buf: np.ndarray) -> np.ndarray:
     return _decode_payload(data[_VALUES_HEADER.size :], n, code)
 
 
+def value_dtype(buf: np.ndarray) -> str:
+    """The quantiser name written in a values or sparse buffer's header (nothing else is read)."""
+    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1 or buf.size < 3:
+        raise ValueError("expected a values or sparse buffer of at least 3 bytes")
+    tag = int(buf[0])
+    if tag == _TAG_VALUES:
+        code = int(buf[1])
+    elif tag == _TAG_SPARSE:
+        code = int(buf[2])
+    else:
+        found = _KIND_BY_TAG.get(tag, "unknown kind")
+        raise ValueError(f"expected a values or sparse buffer, got tag {tag:#04x} ({found})")
+    _check_dtype_code(code, _KIND_BY_TAG[tag])
+    return QUANTIZER_CODES[code].name
+
+
 # --------------------------------------------------------------------------- mask
 
 

@@ -26,7 +26,9 @@ README = REPO / "README.md"
 BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 MODEL_NAMES = {61_706: "LeNet-5", 11_173_962: "ResNet-18"}
 # Files written before the scripts recorded their date and command: the date of their commit.
-UNDATED = {"controller": "2026-11-28", "gpu_local_training": "2026-11-28", "orchestration": "2026-11-28"}
+UNDATED = {"controller": "2026-11-28", "gpu_local_training": "2026-11-28", "orchestration": "2026-11-28",
+           "faults": "2026-11-29"}
+UNRECORDED_COMMANDS = {"faults": "PYTHONPATH=. python3 bench/faults.py"}  # files from before commands were recorded
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -191,6 +193,20 @@ def render_orchestration() -> str:
             + "\n\n" + notes)
 
 
+def render_faults() -> str:
+    """Injected faults (in-process) and bad inputs / stops (the CLI on Ray), from ``bench/faults.py``."""
+    from faults import fault_table, input_table  # bench/faults.py: the tables it also prints
+
+    data = _load("faults")
+    cmd = data.get("command") or UNRECORDED_COMMANDS["faults"]
+    m = data["machine"]
+    where = (_machine(data) if "cpu_model" in m else
+             f"{m['cpus']}-core machine, 1-minute load average {m['load_average'][0]:.1f} at the end, {data['day']}")
+    return (f"`{cmd}` ({_link('faults')}; {where}):\n\n"
+            + fault_table(data["faults"]["rows"], data["faults"]["rounds"]) + "\n\n"
+            + input_table(data["inputs"]["rows"]))
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "timings": render_timings,
     "default_compare": render_default_compare,
@@ -198,6 +214,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "controller": render_controller,
     "gpu_local_training": render_gpu_local_training,
     "orchestration": render_orchestration,
+    "faults": render_faults,
 }
 
 

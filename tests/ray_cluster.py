@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING
 import pytest
 import ray
 
-from actors.backend import enable_token_auth
+from actors.backend import enable_token_auth, local_cluster_env
+from apf_ray.config import ExperimentConfig
 
 if TYPE_CHECKING:
     from ray._private.worker import RayContext
@@ -339,13 +340,15 @@ class _LocalRay:
                 "must not request local_ray after a two_node_cluster test"
             )
         self._temp_dir = Path(tempfile.mkdtemp(prefix="apf-ray-local-"))
-        self.context = ray.init(
-            num_cpus=2,
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-            include_dashboard=False,
-            log_to_driver=False,
-            _temp_dir=str(self._temp_dir),
-        )
+        enable_token_auth()
+        with local_cluster_env(ExperimentConfig()):  # 127.0.0.1 only, like the CLI's local clusters
+            self.context = ray.init(
+                num_cpus=2,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                include_dashboard=False,
+                log_to_driver=False,
+                _temp_dir=str(self._temp_dir),
+            )
         return self.context
 
     def stop(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -485,3 +486,17 @@ def test_a_users_loader_must_return_a_dataset(user_plugins: str) -> None:
         load_dataset(f"{user_plugins}:not_a_dataset")
     with pytest.raises(ValueError, match=r"partitioner 'my_data:blobs' is .* not a Partitioner subclass"):
         make_partitioner(f"{user_plugins}:blobs", 2)
+
+
+def test_cifar10_a_crafted_batch_cannot_run_code(tmp_path: Path) -> None:
+    write_cifar_dir(tmp_path)
+    marker = tmp_path / "ran"
+
+    class Trap:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    (tmp_path / "data_batch_3").write_bytes(pickle.dumps({b"data": Trap(), b"labels": [0]}))
+    with pytest.raises(ValueError, match=r"data_batch_3: not a CIFAR-10 pickle batch .*refusing posix\.mkdir"):
+        load_dataset("cifar10", path=tmp_path)
+    assert not marker.exists()

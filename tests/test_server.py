@@ -83,15 +83,18 @@ def test_returning_client_downlink_is_a_delta_that_reconstructs_the_model(worklo
     assert np.array_equal(mask, server.active_mask())
 
 
-def test_round_below_quorum_leaves_the_model_unchanged(workload):
+def test_round_below_quorum_keeps_the_model_and_counts_failed_apart_from_discarded(workload):
     cfg = tiny_config("cluster.min_clients=3")
     server, host = ServerCore(cfg, workload), _host(cfg, workload)
     b, clients = server.begin_round()
     results = host.run(b, clients)[:2]
     before = server.params.copy()
-    rec, _ = server.finish_round(b, clients, results, {clients[2]: "timeout"}, server.downlink_bytes(b, clients))
+    rec, recs = server.finish_round(b, clients, results, {clients[2]: "timeout"}, server.downlink_bytes(b, clients))
     assert server.params.tobytes() == before.tobytes()
-    assert rec.clients_reported == 0 and rec.clients_dropped == 3
+    assert not rec.quorum_met and not rec.aggregated
+    assert (rec.clients_reported, rec.clients_dropped, rec.clients_discarded) == (2, 1, 2)
+    assert [c.status for c in recs] == ["discarded", "discarded", "timeout"]
+    assert "quorum" in recs[0].error
 
 
 def test_partial_sync_clients_drift_apart_at_unsynchronised_positions(workload):

@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -281,16 +282,43 @@ _CIFAR_HINT = (
 )
 
 
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+})
+"""The only globals a CIFAR-10 batch may name: what rebuilds a numpy array (and bytes)."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Pickle with an allow-list: a crafted batch file cannot make ``pickle`` call anything else.
+
+    A CIFAR-10 batch is a dict of bytes keys, lists of ints and bytes, and uint8 arrays; any
+    other global (``os.system``, a class with a side-effecting ``__reduce__``) is refused.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: a CIFAR-10 batch holds only arrays, "
+                                         "lists, bytes and ints")
+        if module.startswith("numpy.core.") and importlib.util.find_spec("numpy._core") is not None:
+            module = "numpy._core." + module.removeprefix("numpy.core.")  # numpy 2 (numpy.core warns)
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 3, 32, 32) uint8 and labels (N,) of one CIFAR-10 python pickle batch.
 
-    Pickle executes code on load: only point this at files you trust.
+    The batches are pickles; they are read with an allow-list of globals (numpy arrays
+    only), so a crafted file is refused rather than run. Still, treat data folders as input
+    you trust: the README's threat model says what this does and does not cover.
     """
     if not path.is_file():
         raise FileNotFoundError(f"missing CIFAR-10 batch {path}: {_CIFAR_HINT}")
     try:
         with path.open("rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
         raise ValueError(f"{path}: not a CIFAR-10 pickle batch ({err!r})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:

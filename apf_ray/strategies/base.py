@@ -17,6 +17,7 @@ synchronised scalars go through the configured uplink chain (:mod:`apf_ray.uplin
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from apf_ray import wire
-from apf_ray.aggregation import weighted_mean
+from apf_ray.aggregation import Aggregator
 from apf_ray.plugins import resolve, subclass_of
 from apf_ray.records import RoundPlan
 from apf_ray.uplink import UplinkChain
@@ -71,6 +72,8 @@ class Strategy(ABC):
         self.uplink = uplink
         self.seed = seed
         self.num_params = 0
+        # How vectors are combined (``defence.aggregation``); the server sets it after construction.
+        self.aggregator = Aggregator()
 
     # ---- server half -------------------------------------------------------------------
     def setup(self, init_params: np.ndarray) -> None:
@@ -91,29 +94,41 @@ class Strategy(ABC):
         for key in ("num_samples", "loss"):
             if key not in meta:
                 raise ValueError(f"upload metadata lacks {key!r}")
+        num_samples = meta["num_samples"]
+        if not (math.isfinite(num_samples) and num_samples.is_integer()):
+            raise ValueError(f"upload claims {num_samples!r} samples, not a whole number")
         update = None
         if "values" in parts:
             update = self.uplink.decode(parts["values"], plan.sync_mask, self.num_params)
-        buffers = wire.decode_values(parts["buffers"]) if "buffers" in parts else np.zeros(0, np.float32)
-        return DecodedUpload(client_id, update, buffers, int(meta["num_samples"]), float(meta["loss"]),
-                             int(buf.nbytes))
+        buffers = np.zeros(0, np.float32)
+        if "buffers" in parts:
+            if wire.value_dtype(parts["buffers"]) != "float32":
+                raise ValueError(f"upload buffers are {wire.value_dtype(parts['buffers'])}, expected float32")
+            buffers = wire.decode_values(parts["buffers"])
+        return DecodedUpload(client_id, update, buffers, int(num_samples), float(meta["loss"]), int(buf.nbytes))
 
     def aggregate(self, params: np.ndarray, buffers: np.ndarray,
                   uploads: list[DecodedUpload]) -> tuple[np.ndarray, np.ndarray]:
-        """New (params, buffers): the sample-weighted mean delta added to the global vector.
+        """New (params, buffers): the combined delta added to the global vector.
 
+        Combined by ``self.aggregator``: the sample-weighted mean unless ``defence.aggregation``
+        asks for a coordinate-wise robust statistic (over this round's synchronised scalars).
         A scalar no client sent gets exactly ``+0.0`` and therefore stays bit-identical.
         """
         used = [u for u in uploads if u.update is not None]
         if not used:
             return params, buffers
         weights = [u.num_samples for u in used]
-        new_params = params + weighted_mean([u.update for u in used], weights)
-        new_buffers = weighted_mean([u.buffers for u in used], weights) if buffers.size else buffers
+        new_params = params + self.aggregator([u.update for u in used], weights, self.sync_mask)
+        new_buffers = self.aggregator([u.buffers for u in used], weights) if buffers.size else buffers
         return new_params, new_buffers
 
     def observe(self, params: np.ndarray) -> None:  # noqa: B027 - an optional hook
-        """Called with the new global vector after every round (aggregated or not)."""
+        """Called with the new global vector after every aggregated round.
+
+        A round that was not aggregated (quorum missed, or discarded) is not observed: the
+        model did not move, and APF would otherwise count it as a check of zero motion.
+        """
 
     @property
     def sync_mask(self) -> np.ndarray | None:

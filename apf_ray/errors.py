@@ -1,0 +1,57 @@
+"""The two ways a run ends early on purpose: it could not start, or a signal stopped it.
+
+Both carry a one-line message for the command line (``error: ...`` with exit status 2, or
+the stop notice with 128 + the signal's number), so a user never reads a Ray traceback for a
+mistake in their config, data or checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+
+def describe(err: BaseException) -> str:
+    """One line for ``err``: its message, prefixed by its type unless that is a plain value error."""
+    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__
+    if isinstance(err, (ValueError, FileNotFoundError, SetupError)):
+        return text
+    return f"{type(err).__name__}: {text}"
+
+
+class SetupError(ValueError):
+    """The run could not start (config, data, model, checkpoint, cluster); nothing was written."""
+
+
+class RunStopped(Exception):
+    """SIGINT or SIGTERM stopped the run.
+
+    ``round`` is the last checkpointed round. A first signal lets the round in flight finish
+    and checkpoints it (``abandoned`` False); a second one stops at once, leaving the last
+    checkpoint written before it.
+    """
+
+    def __init__(self, round_done: int, signum: int, run_dir: Path, *, abandoned: bool = False,
+                 checkpointed: bool = True) -> None:
+        self.round, self.signum, self.run_dir = round_done, signum, Path(run_dir)
+        self.abandoned, self.checkpointed = abandoned, checkpointed
+        super().__init__(self.message)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process ended by that signal (130, 143)."""
+        return 128 + int(self.signum)
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def message(self) -> str:
+        if not self.checkpointed:
+            return f"stopped by {self.signal_name} before any checkpoint was written; nothing to resume"
+        resume = f"resume with apf-ray train --resume {self.run_dir}"
+        if self.abandoned:
+            return (f"abandoned the round in flight (second signal); stopped after round {self.round}, "
+                    f"the last checkpoint; {resume}")
+        return f"stopped after round {self.round}; {resume}"
