@@ -51,8 +51,14 @@ def reproduce(output: str | Path, *, quick: bool = False, only: list[str] | None
                 overhead_file.parent.mkdir(parents=True, exist_ok=True)
                 overhead_file.write_text(json.dumps({"scale": plan.scale, "models": overhead}, indent=2))
             statuses = run_all(specs, out, jobs=jobs, say=say)
-    meta = {"command": command, "date": now(), "machine": machine(), "wall_s": time.perf_counter() - start,
-            "load_average": load.report(), "jobs": jobs, "selected": selected}
+    wall_s = time.perf_counter() - start
+    trained = sorted(k for k, v in statuses.items() if v != "cached")
+    invocations = _invocations(out / "runs" / "invocations.json", {
+        "command": command, "date": now(), "wall_s": wall_s, "load_average": load.report(), "trained": trained,
+    } if trained else None)
+    meta = {"command": command, "date": now(), "machine": machine(), "wall_s": wall_s, "load_average": load.report(),
+            "jobs": jobs, "selected": selected, "invocations": invocations,
+            "total_wall_s": sum(i["wall_s"] for i in invocations)}
     result = write_report(plan, out, statuses=statuses, meta=meta, overhead=overhead)
     failed = {k: v for k, v in statuses.items() if v.startswith("failed")}
     say(f"wrote {out / 'report.md'}, {len(result['plots'])} plots and {out / 'reproduce.json'}"
@@ -66,3 +72,13 @@ def _cached_overhead(path: Path, scale: str) -> dict[str, Any] | None:
         return None
     data = json.loads(path.read_text())
     return data["models"] if data.get("scale") == scale else None
+
+
+def _invocations(path: Path, current: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every invocation that trained runs into this output folder (the report's total time), oldest first."""
+    history = json.loads(path.read_text()) if path.is_file() else []
+    if current is not None:
+        history.append(current)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(history, indent=2) + "\n")
+    return history

@@ -79,6 +79,15 @@ def _plt():
     return plt
 
 
+def _plain_log_ticks(axis) -> None:
+    """Tick labels of a log axis as plain numbers (0.1, 0.2, 50, 200), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _round_axis(ax, xlabel: str = "round") -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -120,6 +129,7 @@ def curves_figure(path: Path, title: str, series: list[tuple[str, RunData]], k: 
                 if t:
                     ax.step(*zip(*t, strict=True), where="post", color=color, label=label)
                     ax.set_yscale("log")
+                    _plain_log_ticks(ax.yaxis)
             elif panel == "saving" and baseline is not None:
                 n = min(len(rd.rounds), len(baseline.rounds))
                 mine = (rd.column("cum_bytes_up") + rd.column("cum_bytes_down"))[:n]
@@ -336,6 +346,7 @@ class Report:
                 a.plot(total, smoothed(acc, self.k("lenet5")), color=f"C{i}", label=r["label"])
             a.axhline(target, color="grey", ls=":", lw=1, label=f"target {target:.3f}")
             a.set_xscale("log")
+            _plain_log_ticks(a.xaxis)
             a.set_xlabel("cumulative bytes, up + down (MB, log scale)")
             a.set_ylabel("test accuracy (fraction, smoothed)")
             a.set_title("Accuracy against traffic")
@@ -703,6 +714,17 @@ class Report:
                 + "\n")
 
 
+def _invocation_text(meta: dict[str, Any], load: dict[str, Any]) -> str:
+    """How long training took: this invocation, or every invocation that trained into the folder."""
+    inv = meta.get("invocations") or []
+    if len(inv) <= 1:
+        return (f"This invocation took {_duration(meta['wall_s'])} (mean 1-minute load average "
+                f"{load.get('mean_1min_during', '—')}). ")
+    parts = ", ".join(f"`{i['command']}` {_duration(i['wall_s'])} (load {i['load_average']['mean_1min_during']})"
+                      for i in inv)
+    return (f"The runs were trained by {len(inv)} invocations, {_duration(meta['total_wall_s'])} in all: {parts}. ")
+
+
 def _runs_of_true(flags: np.ndarray) -> list[tuple[int, int]]:
     """[start, stop) index ranges where ``flags`` is True."""
     padded = np.concatenate([[False], flags.astype(bool), [False]])
@@ -728,10 +750,10 @@ def write_report(plan: Plan, out: Path, *, statuses: dict[str, str], meta: dict[
     load = meta.get("load_average") or {}
     head = (f"# APF reproduction report ({plan.scale} scale)\n\n"
             f"`{meta['command']}` — {meta['date'][:10]}, {meta['machine']['cpus']}-core "
-            f"{meta['machine']['cpu_model']}, niceness {meta['machine']['nice']}, this invocation took "
-            f"{_duration(meta['wall_s'])} with a mean 1-minute load average of {load.get('mean_1min_during', '—')} "
-            f"({meta['jobs']} runs at a time). Every number below is in [`reproduce.json`](reproduce.json); the "
-            f"paper's are SPEC §6's (Tables I–III of Chen et al., ICDCS 2021). "
+            f"{meta['machine']['cpu_model']}, niceness {meta['machine']['nice']}, {meta['jobs']} runs at a time. "
+            + _invocation_text(meta, load) +
+            "Every number below is in [`reproduce.json`](reproduce.json); the "
+            "paper's are SPEC §6's (Tables I–III of Chen et al., ICDCS 2021). "
             + ("**Quick scale: toy data and a few rounds — a check that the pipeline works, not evidence.** "
                if plan.scale == "quick" else "")
             + f"All runs: in-process backend (the Ray backend gives the same bytes and accuracy, tested), seed 0, "
