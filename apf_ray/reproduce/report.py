@@ -399,7 +399,7 @@ class Report:
             return self.section(name, f"*Not measured in this output folder yet*: `apf-ray reproduce"
                                       f"{' --quick' if self.plan.scale == 'quick' else ''} --only overhead --output "
                                       f"{self.out}`.")
-        rows, data = [], {}
+        rows, data, in_run = [], {}, []
         for model, x in measured.items():
             apf, fed = self.m.get(f"{model}-apf"), self.m.get(f"{model}-fedavg")
             ctrl = (apf or {}).get("controller") or {}
@@ -424,14 +424,21 @@ class Report:
                                                        "memory_overhead")},
             }
             data[model] = entry
-            rows.append([MODEL_NAMES[model], f"{x['num_params']:,}", _ms(x["controller_update_s"]),
-                         _ms(entry["controller_in_run_median_s"]),
+            extra = x["controller_update_s"] + x["local_round_s_apf"] - x["local_round_s_fedavg"]
+            entry["extra_s_per_round"] = extra
+            entry["compute_inflation"] = extra / x["local_round_s_fedavg"]
+            paper = PAPER[model]
+            rows.append([MODEL_NAMES[model], f"{x['num_params']:,}",
+                         f"{_ms(x['controller_update_s'])} / {_ms(entry['controller_in_run_median_s'])}",
                          f"{_s(x['local_round_s_fedavg'], 3)} / {_s(x['local_round_s_apf'], 3)}",
-                         _signed_pct(entry["local_step_inflation"]), _signed_pct(in_run_compute),
+                         _signed_pct(entry["local_step_inflation"]), f"{extra:+.3f} s",
+                         _signed_pct(entry["compute_inflation"]),
+                         f"{paper['compute_s']:.3f} s ({_pct(paper['compute_overhead'])})",
                          f"{x['controller_state_bytes'] / 1e6:.2f} MB", _pct(ratio_state_model),
                          "—" if not rss else f"{rss / 1e6:,.0f} MB", _pct(entry["state_over_peak_rss"]),
-                         f"{PAPER[model]['compute_s']:.3f} s ({_pct(PAPER[model]['compute_overhead'])}); "
-                         f"{PAPER[model]['memory_bytes'] / 1e6:g} MB ({_pct(PAPER[model]['memory_overhead'])})"])
+                         f"{paper['memory_bytes'] / 1e6:g} MB ({_pct(paper['memory_overhead'])})"])
+            if in_run_compute is not None:
+                in_run.append(f"{MODEL_NAMES[model]} {_signed_pct(in_run_compute)}")
         text = ("APF adds work in two places here. **Server**: the controller's stability check on the global vector "
                 "(measured alone on the model's real parameter count, a check every round, and timed inside each APF "
                 "run); its state is 16 bytes per parameter (ref, E, A as float32; period and countdown as uint16). "
@@ -442,10 +449,18 @@ class Report:
                 "against one copy of the model's weights + gradients (+ momentum), and against the APF run's peak "
                 "resident memory (the whole process: framework, data, model copies — closer to what the paper "
                 "measured). A client holds only the mask (1 byte per scalar while training; n/8 bytes on the wire).")
-        table = _table(["model", "parameters", "controller update", "in the run", "local round s FedAvg / APF",
-                        "masked step", "in-run compute", "state", "of model + optimiser", "APF run peak RSS",
-                        "of peak RSS", "paper: APF compute; memory"], rows)
-        return self.section(name, f"{text}\n\n{table}\n", {"models": data})
+        table = _table(["model", "parameters", "controller update: alone / in the run", "local round s: FedAvg / APF",
+                        "masked step", "APF extra per round", "compute inflation", "paper: extra (inflation)",
+                        "state", "of weights + gradients (+ momentum)", "APF run peak RSS", "of peak RSS",
+                        "paper: memory (inflation)"], rows)
+        note = ("*APF extra per round* = the controller's update + the masked local round's extra time (clients "
+                "train in parallel, the check runs once on the server); *compute inflation* = that over FedAvg's local "
+                "round. The masked step costs a `torch.where` over every gradient tensor at every step, whatever the "
+                "frozen fraction. "
+                + ("In the runs themselves, APF's mean per-client compute against FedAvg's: " + ", ".join(in_run)
+                   + " (those runs ran at different times on a shared machine, so the load shifts this figure)."
+                   if in_run else ""))
+        return self.section(name, f"{text}\n\n{table}\n\n{note}\n", {"models": data})
 
     # ---- Figs 1–3 -----------------------------------------------------------------------------
     def stability(self) -> str:
