@@ -249,9 +249,12 @@ def read_tuned(path: Path | None) -> dict[str, Any] | None:
         return None
     options = {k: v for k, v in tuned["settings"].items()
                if k in ("threshold", "alpha", "check_every", "aggressive_prob", "tighten_ratio")}
+    others = {r["run"]: {k: r.get(k) for k in ("settings", "rounds", "accuracy_last10", "final_accuracy",
+                                                  "bytes_total", "saving_total", "frozen_fraction_final")}
+              for r in data.get("runs", [])}
     return {"file": str(path), "options": options, "date": data.get("date"), "trial": data.get("best_trial"),
             "search_command": data.get("search_command"), "rounds": tuned.get("rounds"),
-            "search_saving_total": tuned.get("saving_total")}
+            "search_saving_total": tuned.get("saving_total"), "runs": others}
 
 
 # ---- the plan -------------------------------------------------------------------------------
@@ -291,6 +294,7 @@ def build_plan(*, quick: bool, cifar10: Path | None = None, tuned_file: Path | N
         label = "APF tuned (" + ", ".join(f"{_SYMBOL.get(k, k)} = {_short(v)}"
                                           for k, v in tuned["options"].items()) + ")"
         add(L, "lenet5-apf-tuned", label, f"apf:{opts}")
+        add(L, "lenet5-apf-tuned-int8", label.replace("APF tuned", "APF tuned + int8"), f"apf:{opts}+int8")
     # continuations: the same runs, trained on from their last checkpoint to twice the length
     longer = 2 * workloads[L].base["train"]["rounds"]
     for key in ("lenet5-fedavg", "lenet5-apf"):
@@ -300,7 +304,7 @@ def build_plan(*, quick: bool, cifar10: Path | None = None, tuned_file: Path | N
                                           extends=key)
     gap_runs = ["lenet5-fedavg", "lenet5-apf", f"lenet5-fedavg-{longer}", f"lenet5-apf-{longer}", "lenet5-apf-int8"]
     if tuned is not None:
-        gap_runs.append("lenet5-apf-tuned")
+        gap_runs += ["lenet5-apf-tuned", "lenet5-apf-tuned-int8"]
     T = "Table I/II ({}): bytes, per-round time and accuracy of FedAvg, APF and aggressive APF"
     experiments = [
         Experiment("lenet5", "Table I/II — LeNet-5", ("lenet5-fedavg", "lenet5-apf", "lenet5-apf-aggressive"),

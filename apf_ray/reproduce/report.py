@@ -659,17 +659,31 @@ class Report:
         rounds300 = base300 and base300["rounds"]
         for key, what in (("lenet5-apf-aggressive", f"aggressive APF (p = 0.3), {rounds300} rounds"),
                           ("lenet5-apf-int8", "APF + int8 values (1 byte a value + a scale per 4096)"),
-                          ("lenet5-apf-tuned", "APF with the Ray Tune search's best settings")):
+                          ("lenet5-apf-tuned", "APF with the Ray Tune search's best settings"),
+                          ("lenet5-apf-tuned-int8", "the tuned settings + int8 values")):
             if key not in self.data or base300 is None:
                 continue
             r = {x["key"]: x for x in self.compare_rows("lenet5", ["lenet5-fedavg", key])}[key]
             out.append({"what": what, "run": key, "saving": r["saving_total"], "accuracy_delta": r["accuracy_delta"],
                         "frozen_final": r["frozen_final"], "saving_up": r["saving_up"]})
-            note = f"uplink alone {_pct(r['saving_up'])}" if key == "lenet5-apf-int8" else ""
+            note = f"uplink alone {_pct(r['saving_up'])}" if key.endswith("int8") else ""
             if key == "lenet5-apf-tuned" and self.plan.tuned:
                 note = f"from `{self.plan.tuned['search_command']}` ({Path(self.plan.tuned['file']).name})"
-            lines.append([what + ("" if key != "lenet5-apf-tuned" else f": {r['label']}"), _pct(r["saving_total"]),
+            lines.append([what + ("" if not key.startswith("lenet5-apf-tuned") else f": {r['label']}"),
+                          _pct(r["saving_total"]),
                           _pts(r["accuracy_delta"]), _pct(r["frozen_final"]), note])
+        ref = (self.plan.tuned or {}).get("runs", {})
+        base_ref, paper_ref = ref.get("FedAvg"), ref.get("APF, the paper's defaults")
+        if base_ref and paper_ref and paper_ref.get("saving_total") is not None:
+            delta = paper_ref["accuracy_last10"] - base_ref["accuracy_last10"]
+            out.append({"what": "APF at the paper's defaults (T = 0.05), from the Ray Tune bench",
+                        "saving": paper_ref["saving_total"], "accuracy_delta": delta,
+                        "frozen_final": paper_ref["frozen_fraction_final"], "source": self.plan.tuned["file"]})
+            lines.append([f"for reference: APF at the paper's defaults (T = 0.05, α = 0.99, Fc = 1), "
+                          f"{paper_ref['rounds']} rounds", _pct(paper_ref["saving_total"]), _pts(delta),
+                          _pct(paper_ref["frozen_fraction_final"]),
+                          f"not a run of this report: {Path(self.plan.tuned['file']).name} (accuracy: mean of the "
+                          f"last 10 rounds)"])
         if self.plan.tuned is None:
             lines.append(["APF with Ray Tune's best settings", "pending", "—", "—",
                           "the search (`tune_configs/fashion-mnist-lenet5.yaml`) has not written its result yet"])
