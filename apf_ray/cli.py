@@ -217,6 +217,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from apf_ray.reproduce import reproduce
+
+    output = args.output or ("runs/reproduce-quick" if args.quick else "runs/reproduce")
+    command = "apf-ray " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else "apf-ray reproduce"
+    result = reproduce(output, quick=args.quick, only=args.only, jobs=args.jobs, cifar10=args.cifar10,
+                       tuned=args.tuned, report_only=args.report_only, command=command,
+                       say=(lambda _: None) if args.quiet else console().print)
+    return 1 if result["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apf-ray", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True)
@@ -256,6 +267,25 @@ def build_parser() -> argparse.ArgumentParser:
     level.add_argument("--quiet", action="store_true", help="no live trial table; errors and the final table")
     level.add_argument("--verbose", action="store_true", help="also show Ray's own logs")
     s.set_defaults(func=cmd_tune)
+
+    r = sub.add_parser("reproduce", help="run the paper's experiments at this machine's scale; write a report",
+                       description="Run the paper's experiments (Tables I-III, Figs. 1-3, 5/6, 12-14) at the scale "
+                                   "this machine allows and write OUTPUT/report.md with PNG plots and "
+                                   "OUTPUT/reproduce.json. Finished runs in OUTPUT are reused; an interrupted "
+                                   "run resumes from its last checkpoint.")
+    r.add_argument("--quick", action="store_true", help="toy scale, every experiment in minutes (not evidence)")
+    r.add_argument("--only", nargs="+", metavar="NAME",
+                   help="only these experiments: lenet5 lstm resnet18 gap strawmen baselines periods threshold "
+                        "overhead stability")
+    r.add_argument("--output", help="output folder (default runs/reproduce, or runs/reproduce-quick)")
+    r.add_argument("--jobs", type=int, default=2, help="runs trained at a time, each in its own process (2)")
+    r.add_argument("--cifar10", metavar="DIR", help="CIFAR-10 python batches for ResNet-18 (default "
+                                                    "data/cifar-10-batches-py; else Fashion-MNIST as 3x32x32)")
+    r.add_argument("--tuned", metavar="FILE", help="Ray Tune result whose best APF settings get a run "
+                                                   "(default docs/results/tune_fashion_mnist.json)")
+    r.add_argument("--report-only", action="store_true", help="train nothing; rebuild the report from OUTPUT")
+    r.add_argument("--quiet", action="store_true", help="print only errors")
+    r.set_defaults(func=cmd_reproduce, verbose=False)
     return p
 
 

@@ -225,6 +225,14 @@ class APFController:
         """Fraction of scalars frozen for the next round, as of the last check."""
         return self._num_frozen / self.num_params
 
+    def state_at(self, index: npt.ArrayLike) -> dict[str, np.ndarray]:
+        """``ref``, ``ema``, ``abs_ema``, ``period`` and ``remaining`` at ``index`` only (copies).
+
+        A probe that follows a sample of scalars every round reads them here, without the
+        16 bytes × n copy of :meth:`state_dict`.
+        """
+        return {key: getattr(self, f"_{key}")[index] for key in _ARRAY_STATE}
+
     @property
     def state_nbytes(self) -> int:
         """Bytes of all state that scales with n (16 per parameter)."""

@@ -207,6 +207,73 @@ def render_faults() -> str:
             + input_table(data["inputs"]["rows"]))
 
 
+def render_reproduce() -> str:
+    """The paper's experiments, from ``apf-ray reproduce``'s result file (``docs/results/reproduce/``)."""
+    data = _load("reproduce/reproduce")
+    link = "[`docs/results/reproduce/reproduce.json`](docs/results/reproduce/reproduce.json)"
+    if data is None:
+        return ("*Not measured yet*: `apf-ray reproduce --output docs/results/reproduce` writes "
+                "`docs/results/reproduce/report.md` and its result file." + _reproduce_quick())
+    runs = data["runs"]
+    done = sum(1 for r in runs.values() if r["status"] == "done")
+    names = {"lenet5": "LeNet-5", "lstm": "LSTM", "resnet18": "ResNet-18"}
+    inv = data.get("invocations") or []
+    main = max(inv, key=lambda i: i["wall_s"]) if inv else data  # the invocation that trained most
+    took = _duration(data.get("total_wall_s") or data["wall_s"])
+    text = (f"`{main['command']}` ({data['scale']} scale; "
+            f"[the full report](docs/results/reproduce/report.md) has every table and plot, {link} every number): "
+            f"{done} runs, in-process, seed 0, {data['jobs']} at a time, {took} of training on a "
+            f"{_machine(data | {'load_average': main['load_average']})}"
+            + (f" ({len(inv)} invocations, the longest's load shown)" if len(inv) > 1 else "") + ".")
+    rows = []
+    for h in data.get("headline", []):
+        paper = _pct(h["paper_saving"]) + (f" ({_pct(h['paper_saving_aggressive'])})"
+                                           if h.get("paper_saving_aggressive") else "")
+        rows.append([names[h["model"]], str(h["rounds"]), _acc(h["accuracy_fedavg"]),
+                     f"{_pct(h['saving_apf'])} ({100 * h['accuracy_delta_apf']:+.1f})",
+                     f"{_pct(h['saving_aggressive'])} ({100 * h['accuracy_delta_aggressive']:+.1f})", paper,
+                     f"{_pct(h['paper_time_saving'])} / {_pct(h['time_saving_apf'])} "
+                     f"({_pct(h['transfer_saving_apf'])})"])
+    text += ("\n\n" + _table(["model", "rounds", "FedAvg accuracy", "APF saving (Δ acc, points)",
+                               "aggressive APF saving (Δ acc)", "paper saving (aggressive)",
+                               "round time saving: paper / here (transfer only)"], rows))
+    exps = data["experiments"]
+    closers = exps.get("gap", {}).get("closers") or []
+    if closers:
+        items = []
+        for c in closers:
+            late = f"; rounds after the first half alone: {_pct(c['late_saving'])}" if c.get("late_saving") else ""
+            items.append(f"{c['what']}: {_pct(c['saving'])} ({100 * c['accuracy_delta']:+.1f} points{late})")
+        pending = "" if data.get("tuned") else "; the Ray Tune setting's run is pending (its search has not finished)"
+        text += "\n\nWhat closes the LeNet-5 gap: " + "; ".join(items) + pending + "."
+    rows13 = exps.get("baselines", {}).get("rows") or []
+    if rows13:
+        target = rows13[0]["target"]
+        parts = ", ".join(f"{r['label']} " + ("not reached" if r["bytes_to_target"] is None
+                                               else _mb_text(r["bytes_to_target"])) for r in rows13)
+        text += f" Bytes to reach accuracy {target:.3f} (Fig. 13): {parts}."
+    straw = {r["key"]: r for r in exps.get("strawmen", {}).get("rows") or []}
+    if straw:
+        text += (" Accuracy against FedAvg (Figs. 5/6): "
+                 + ", ".join(f"{straw[k]['label']} {100 * straw[k]['accuracy_delta']:+.1f} points"
+                             for k in ("lenet5-apf", "lenet5-partial-sync", "lenet5-permanent") if k in straw) + ".")
+    return text + _reproduce_quick()
+
+
+def _reproduce_quick() -> str:
+    """How long ``apf-ray reproduce --quick`` took (``docs/results/reproduce_quick.json``)."""
+    quick = _load("reproduce_quick")
+    if quick is None:
+        return ""
+    return (f"\n\n`{quick['command']}` ({_link('reproduce_quick')}): every experiment at toy scale, "
+            f"{sum(1 for r in quick['runs'].values() if r['status'] == 'done')} runs in "
+            f"**{_duration(quick['wall_s'])}** on a {_machine(quick)}.")
+
+
+def _mb_text(nbytes: float) -> str:
+    return f"{nbytes / 1e6:,.0f} MB"
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "timings": render_timings,
     "default_compare": render_default_compare,
@@ -215,6 +282,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "gpu_local_training": render_gpu_local_training,
     "orchestration": render_orchestration,
     "faults": render_faults,
+    "reproduce": render_reproduce,
 }
 
 

@@ -106,6 +106,18 @@ def test_idx_limit_beyond_the_file_is_an_error(tmp_path: Path) -> None:
         load_dataset("mnist_idx", path=write_mnist_dir(tmp_path), limit_test=5)
 
 
+def test_idx_channels_3_repeats_the_grey_channel_for_rgb_models(tmp_path: Path) -> None:
+    directory = write_mnist_dir(tmp_path, gz=False)
+    grey = load_dataset("mnist_idx", path=directory)
+    rgb = load_dataset("mnist_idx", path=directory, channels=3)
+    assert rgb.input_shape == (3, 32, 32) and rgb.x_train.shape[1:] == (3, 32, 32)
+    for c in range(3):
+        assert np.array_equal(rgb.x_train[:, c], grey.x_train[:, 0])
+        assert np.array_equal(rgb.x_test[:, c], grey.x_test[:, 0])
+    with pytest.raises(ValueError, match="channels=2 must be 1"):
+        load_dataset("mnist_idx", path=directory, channels=2)
+
+
 def test_idx_bad_magic_names_the_file(tmp_path: Path) -> None:
     write_mnist_dir(tmp_path, gz=False)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(4), magic=0x00000803)

@@ -232,6 +232,7 @@ def load_mnist_idx(
     limit_train: int | None = None,
     limit_test: int | None = None,
     seed: int = 0,
+    channels: int = 1,
 ) -> Dataset:
     """MNIST-family images from the four IDX files in ``path``.
 
@@ -239,8 +240,12 @@ def load_mnist_idx(
     ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each optionally ``.gz``.
     Images are zero-padded to ``pad_to`` x ``pad_to`` pixels (LeNet-5 expects 32x32;
     None keeps them as stored). ``limit_train`` / ``limit_test`` keep a seeded random
-    subset of that many samples, to make CPU runs short.
+    subset of that many samples, to make CPU runs short. ``channels=3`` repeats the grey
+    channel three times (3 x ``pad_to`` x ``pad_to``), so models built for RGB input such as
+    ResNet-18 can run on Fashion-MNIST where CIFAR-10 is not available.
     """
+    if channels not in (1, 3):
+        raise ValueError(f"channels={channels} must be 1 (grey, as stored) or 3 (grey repeated as RGB)")
     if path is None:
         raise ValueError(f"path is required: the directory holding the MNIST IDX files. {_IDX_HINT}")
     directory = Path(path)
@@ -261,6 +266,8 @@ def load_mnist_idx(
         top, left = (pad_to - rows) // 2, (pad_to - cols) // 2
         pad = ((0, 0), (0, 0), (top, pad_to - rows - top), (left, pad_to - cols - left))
         x_train, x_test = np.pad(x_train, pad), np.pad(x_test, pad)
+    if channels > 1:
+        x_train, x_test = np.repeat(x_train, channels, axis=1), np.repeat(x_test, channels, axis=1)
 
     mean, std = _uint8_channel_stats(x_train)
     return Dataset(

@@ -1,0 +1,139 @@
+"""Runs the reproduction's runs, up to ``jobs`` at a time, each in its own process; cached.
+
+A run is *done* when its folder holds a ``summary.json`` for exactly its config (and the
+probe's summary where it has one) and the worker's ``worker.json``: such a run is skipped, so
+an interrupted ``apf-ray reproduce`` continues where it stopped (an interrupted run resumes
+from its last checkpoint, see :mod:`apf_ray.reproduce.worker`). A continuation waits for the
+run it continues. Everything but the report lives under ``OUTPUT/runs/`` (run folders, each
+run's spec and log), so the report files can sit in a repository that ignores ``runs/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from apf_ray.reproduce.plan import APF_T, RunSpec
+from apf_ray.reproduce.worker import WORKER_FILE
+from apf_ray.stability_probe import PROBE_DIR
+
+PROGRESS_EVERY_S = 60.0  # seconds between progress lines while runs are going
+
+
+def run_dir(out: Path, key: str) -> Path:
+    return Path(out) / "runs" / key
+
+
+def is_done(out: Path, spec: RunSpec) -> bool:
+    d = run_dir(out, spec.key)
+    path = d / "summary.json"
+    if not path.is_file() or not (d / WORKER_FILE).is_file():
+        return False
+    summary = json.loads(path.read_text())
+    if summary.get("config") != spec.config or summary.get("rounds") != spec.rounds:
+        return False
+    return not spec.probe or (d / PROBE_DIR / "summary.json").is_file()
+
+
+def rounds_done(out: Path, key: str) -> int:
+    """Rounds in a run's journal so far (what a progress line shows)."""
+    path = run_dir(out, key) / "journal" / "rounds.jsonl"
+    if not path.is_file():
+        return 0
+    with path.open("rb") as f:
+        return sum(1 for _ in f)
+
+
+@dataclass
+class _Running:
+    spec: RunSpec
+    proc: subprocess.Popen
+    log: Path
+    started: float
+
+
+def run_all(specs: list[RunSpec], out: Path, *, jobs: int = 2, say: Callable[[str], None] = print) -> dict[str, str]:
+    """Train every spec that is not done yet; returns key → ``cached`` | ``done`` | ``failed: why``."""
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    status: dict[str, str] = {s.key: "cached" for s in specs if is_done(out, s)}
+    pending = [s for s in specs if s.key not in status]
+    if status:
+        say(f"{len(status)} run(s) already done in {out / 'runs'}: {', '.join(status)}")
+    if not pending:
+        return status
+    say(f"{len(pending)} run(s) to train, {jobs} at a time: {', '.join(s.key for s in pending)}")
+    running: list[_Running] = []
+    total = len(pending)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    try:
+        _loop(pending, running, status, out, env, jobs, say, total)
+    finally:
+        for r in running:  # interrupted: stop this invocation's workers; their checkpoints stay
+            r.proc.terminate()
+        for r in running:
+            r.proc.wait()
+    return status
+
+
+def _loop(pending: list[RunSpec], running: list[_Running], status: dict[str, str], out: Path, env: dict[str, str],
+          jobs: int, say: Callable[[str], None], total: int) -> None:
+    finished = 0
+    last_progress = time.monotonic()
+    while pending or running:
+        for spec in list(pending):
+            if len(running) >= jobs:
+                break
+            if spec.extends and spec.extends not in status:
+                continue  # its source is still training
+            pending.remove(spec)
+            if spec.extends and status[spec.extends].startswith("failed"):
+                status[spec.key] = f"failed: the run it continues ({spec.extends}) failed"
+                continue
+            running.append(_start(spec, out, env))
+            say(f"started {spec.key} ({spec.label}, {spec.rounds} rounds)")
+        time.sleep(0.5)
+        for r in list(running):
+            code = r.proc.poll()
+            if code is None:
+                continue
+            running.remove(r)
+            finished += 1
+            took = time.monotonic() - r.started
+            if code == 0 and is_done(out, r.spec):
+                status[r.spec.key] = "done"
+                say(f"[{finished}/{total}] {r.spec.key} finished in {took / 60:.1f} min")
+            else:
+                tail = r.log.read_text().strip().splitlines()[-8:] if r.log.is_file() else []
+                status[r.spec.key] = f"failed: exit code {code} (log: {r.log})"
+                say(f"[{finished}/{total}] {r.spec.key} FAILED (exit code {code}); last lines of {r.log}:\n  "
+                    + "\n  ".join(tail))
+        if running and time.monotonic() - last_progress >= PROGRESS_EVERY_S:
+            last_progress = time.monotonic()
+            say("  running: " + ", ".join(f"{r.spec.key} {rounds_done(out, r.spec.key)}/{r.spec.rounds}"
+                                          for r in running))
+        if not running and pending and all(s.extends and s.extends not in status for s in pending):
+            for s in pending:  # cannot happen with a plan's ordering; never wait forever
+                status[s.key] = f"failed: {s.extends} was never scheduled"
+            pending.clear()
+
+
+def _start(spec: RunSpec, out: Path, env: dict[str, str]) -> _Running:
+    spec_path = out / "runs" / f"{spec.key}.spec.json"
+    spec_path.write_text(json.dumps({
+        "key": spec.key, "config": spec.config, "run_dir": str(run_dir(out, spec.key).resolve()),
+        "probe": spec.probe, "probe_threshold": APF_T,
+        "extends_dir": str(run_dir(out, spec.extends).resolve()) if spec.extends else None,
+    }, indent=2))
+    log = out / "runs" / f"{spec.key}.log"
+    with log.open("a") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "apf_ray.reproduce.worker", str(spec_path)],
+                                stdout=f, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+    return _Running(spec, proc, log, time.monotonic())

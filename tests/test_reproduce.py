@@ -1,0 +1,118 @@
+"""`apf-ray reproduce`: the report, its plots and JSON, the stability probe, cached and continued runs.
+
+The end-to-end test runs two experiments at quick scale (four short digits runs, two at a time in
+worker processes); the others drive the pieces in this process on the tests' tiny workload.
+Nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from apf_ray.cli import main
+from apf_ray.reproduce.analysis import smoothed
+from apf_ray.reproduce.plan import build_plan
+from apf_ray.reproduce.worker import main as worker_main
+from apf_ray.run import run
+from apf_ray.stability_probe import StabilityProbe, read_probe
+from tests.helpers import Crash, CrashAfter, journal_rounds, tiny_config
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_reproduce_writes_the_report_plots_and_json_and_reuses_finished_runs(tmp_path: Path) -> None:
+    out = tmp_path / "quick"
+    argv = ["reproduce", "--quick", "--only", "stability", "strawmen", "--output", str(out), "--quiet"]
+    assert main(argv) == 0
+
+    data = json.loads((out / "reproduce.json").read_text())
+    report = (out / "report.md").read_text()
+    for plot in ("fig1_trajectories.png", "fig2_perturbation.png", "fig3_layers.png", "fig5_6_strawmen.png"):
+        assert plot in data["plots"] and f"]({plot})" in report
+        assert (out / plot).read_bytes()[:8] == PNG
+    rows = {r["key"]: r for r in data["experiments"]["strawmen"]["rows"]}
+    assert set(rows) == {"lenet5-fedavg", "lenet5-apf", "lenet5-partial-sync", "lenet5-permanent"}
+    fedavg, apf = rows["lenet5-fedavg"], rows["lenet5-apf"]
+    assert fedavg["frozen_final"] == 0 and fedavg["saving_total"] is None
+    assert 0 < apf["bytes_total"] < fedavg["bytes_total"] and 0 < apf["saving_total"] < 1
+    assert all(0.3 < r["accuracy_smoothed"] <= 1 and r["rounds"] == 12 for r in rows.values())
+    assert rows["lenet5-permanent"]["frozen_final"] >= apf["frozen_final"]  # frozen for good never thaws
+
+    stability = data["experiments"]["stability"]
+    assert stability["complete"] and len(stability["layers_apf"]) == 5  # LeNet-5's five layers
+    assert all(0 <= p <= 1 for _, p in stability["p_mean_fedavg"] if p is not None)
+    run_entry = data["runs"]["lenet5-apf"]
+    assert run_entry["status"] == "done" and run_entry["seed"] == 0 and run_entry["rounds"] == 12
+    assert run_entry["command"] == "apf-ray train --inprocess --config configs/lenet5-apf.yaml --output runs/lenet5-apf"
+    assert (out / "configs" / "lenet5-apf.yaml").is_file()
+    assert data["runs"]["lstm-apf"]["status"] == "not run"
+    assert "## Figs. 5/6" in report and "*Not run in this output folder yet*" in report  # other experiments
+
+    summary = out / "runs" / "lenet5-apf" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    assert main(argv) == 0  # everything is cached: nothing retrains
+    assert summary.stat().st_mtime_ns == before
+
+
+def test_unknown_experiment_names_the_choices(capsys) -> None:
+    assert main(["reproduce", "--quick", "--only", "table9", "--output", "/nonexistent/x"]) == 2
+    assert "unknown experiment; choose from lenet5, lstm, resnet18" in capsys.readouterr().out
+
+
+def test_every_run_of_the_plan_is_a_valid_config_and_the_lenet5_workload_is_the_tune_search_s() -> None:
+    quick, full = build_plan(quick=True), build_plan(quick=False)
+    assert set(quick.runs) == set(full.runs) - {"lenet5-fedavg-600", "lenet5-apf-600"} | {"lenet5-fedavg-24",
+                                                                                            "lenet5-apf-24"}
+    cont = full.runs["lenet5-apf-600"]
+    assert cont.extends == "lenet5-apf" and cont.rounds == 600
+    assert full.runs["lenet5-partial-sync"].config["strategy"]["options"]["threshold"] == 0.2  # same T as APF
+    lenet = full.runs["lenet5-fedavg"].config
+    if lenet["data"]["dataset"] == "fashion_mnist":  # SPEC §6's probe, as tune_configs/fashion-mnist-lenet5.yaml
+        assert (lenet["data"]["num_clients"], lenet["train"]["clients_per_round"], lenet["train"]["local_steps"],
+                lenet["train"]["rounds"]) == (10, 10, 50, 300)
+
+
+def test_smoothed_accuracy_is_the_trailing_mean() -> None:
+    assert smoothed(np.array([1.0, 3.0, 5.0, 7.0]), 2).tolist() == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_the_probe_follows_a_sample_each_round_and_survives_a_resume(tmp_path: Path) -> None:
+    from apf_ray.resume import load_resume_point
+
+    cfg = tiny_config("output.checkpoint_every=2", "output.tensorboard=false", rounds=4)
+    whole = tmp_path / "whole"
+    run(cfg, whole, callbacks=[StabilityProbe(per_layer=50, trajectories=3, threshold=0.5)])
+    rows, summary = read_probe(whole)
+    assert [r["round"] for r in rows] == [1, 2, 3, 4] and all(len(r["values"]) == 3 for r in rows)
+    assert summary["source"] == "controller" and len(summary["layers"]) == 5
+    assert all(0 < layer["sampled"] <= 50 for layer in summary["layers"])
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Crash):
+        run(cfg, cut, callbacks=[StabilityProbe(per_layer=50, trajectories=3, threshold=0.5), CrashAfter(3)])
+    run(cfg, cut, callbacks=[StabilityProbe(per_layer=50, trajectories=3, threshold=0.5)],
+        resume=load_resume_point(cut))
+    assert read_probe(cut) == (rows, summary)
+
+
+def test_a_continued_run_equals_the_run_trained_that_long_in_one_go(tmp_path: Path) -> None:
+    def spec(key: str, rounds: int, extends: str | None = None) -> Path:
+        cfg = tiny_config("output.tensorboard=false", rounds=rounds).to_dict()
+        path = tmp_path / f"{key}.json"
+        path.write_text(json.dumps({"key": key, "config": cfg, "run_dir": str(tmp_path / key), "probe": False,
+                                    "extends_dir": str(tmp_path / extends) if extends else None}))
+        return path
+
+    assert worker_main(str(spec("short", 2))) == 0
+    assert worker_main(str(spec("continued", 4, extends="short"))) == 0
+    assert worker_main(str(spec("straight", 4))) == 0
+    continued, straight = journal_rounds(tmp_path / "continued"), journal_rounds(tmp_path / "straight")
+    keys = ("cum_bytes_up", "cum_bytes_down", "test_accuracy", "frozen_fraction")
+    assert [[getattr(r, k) for k in keys] for r in continued] == [[getattr(r, k) for k in keys] for r in straight]
+    assert len(journal_rounds(tmp_path / "short")) == 2  # the source run is left as it was
+    worker = json.loads((tmp_path / "continued" / "worker.json").read_text())
+    assert worker["resumed_after_round"] == 2 and worker["controller_timing"]["calls"] == 2
