@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 from apf_ray.cli import main
+from apf_ray.metrics import read_history
 from apf_ray.reproduce.analysis import smoothed
 from apf_ray.reproduce.plan import build_plan
 from apf_ray.reproduce.worker import main as worker_main
 from apf_ray.run import run
 from apf_ray.stability_probe import StabilityProbe, read_probe
-from tests.helpers import Crash, CrashAfter, journal_rounds, tiny_config
+from tests.helpers import Crash, CrashAfter, tiny_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -110,9 +111,9 @@ def test_a_continued_run_equals_the_run_trained_that_long_in_one_go(tmp_path: Pa
     assert worker_main(str(spec("short", 2))) == 0
     assert worker_main(str(spec("continued", 4, extends="short"))) == 0
     assert worker_main(str(spec("straight", 4))) == 0
-    continued, straight = journal_rounds(tmp_path / "continued"), journal_rounds(tmp_path / "straight")
+    continued, straight = read_history(tmp_path / "continued"), read_history(tmp_path / "straight")
     keys = ("cum_bytes_up", "cum_bytes_down", "test_accuracy", "frozen_fraction")
     assert [[getattr(r, k) for k in keys] for r in continued] == [[getattr(r, k) for k in keys] for r in straight]
-    assert len(journal_rounds(tmp_path / "short")) == 2  # the source run is left as it was
+    assert len(read_history(tmp_path / "short")) == 2  # the source run is left as it was
     worker = json.loads((tmp_path / "continued" / "worker.json").read_text())
     assert worker["resumed_after_round"] == 2 and worker["controller_timing"]["calls"] == 2

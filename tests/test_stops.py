@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
+from apf_ray.metrics import read_history
 from apf_ray.resume import load_resume_point
 from apf_ray.run import run
-from tests.helpers import journal_rounds, tiny_config
+from tests.helpers import tiny_config
 from tests.netcheck import descendants
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,7 +71,7 @@ def test_a_signal_mid_run_checkpoints_the_interrupted_round_and_resume_reproduce
     os.kill(proc.pid, sig)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 128 + sig, out
-    stopped_at = len(journal_rounds(run_dir))
+    stopped_at = len(read_history(run_dir))
     assert 2 <= stopped_at < cfg.train.rounds
     expected = f"stopped after round {stopped_at}; resume with apf-ray train --resume {run_dir}"
     assert out.strip().splitlines()[-1] == expected
@@ -84,9 +85,9 @@ def test_a_signal_mid_run_checkpoints_the_interrupted_round_and_resume_reproduce
     run(cfg, tmp_path / "reference")
     assert (load_resume_point(run_dir).server["params"].tobytes()
             == load_resume_point(tmp_path / "reference").server["params"].tobytes())
-    assert journal_rounds(run_dir) and [
-        (r.round, r.bytes_up, r.bytes_down, r.test_accuracy) for r in journal_rounds(run_dir)
-    ] == [(r.round, r.bytes_up, r.bytes_down, r.test_accuracy) for r in journal_rounds(tmp_path / "reference")]
+    assert read_history(run_dir) and [
+        (r.round, r.bytes_up, r.bytes_down, r.test_accuracy) for r in read_history(run_dir)
+    ] == [(r.round, r.bytes_up, r.bytes_down, r.test_accuracy) for r in read_history(tmp_path / "reference")]
 
 
 def test_a_second_signal_abandons_the_round_in_flight_and_keeps_the_last_checkpoint(tmp_path):
@@ -100,7 +101,7 @@ def test_a_second_signal_abandons_the_round_in_flight_and_keeps_the_last_checkpo
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 143, out
     assert "abandoned the round in flight" in out and "Traceback" not in out
-    done = len(journal_rounds(run_dir))
+    done = len(read_history(run_dir))
     assert load_resume_point(run_dir).round == done < cfg.train.rounds
     assert f"stopped after round {done}" in out
 
@@ -115,7 +116,7 @@ def test_ctrl_c_on_ray_checkpoints_stops_the_cluster_and_resumes_the_same_run(tm
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out
-    stopped_at = len(journal_rounds(run_dir))
+    stopped_at = len(read_history(run_dir))
     assert f"stopped after round {stopped_at}; resume with apf-ray train --resume {run_dir}" in out
     assert "Traceback" not in out and load_resume_point(run_dir).round == stopped_at
     deadline = time.monotonic() + 30
@@ -129,7 +130,7 @@ def test_ctrl_c_on_ray_checkpoints_stops_the_cluster_and_resumes_the_same_run(tm
     run(cfg, tmp_path / "reference")
     np.testing.assert_allclose(load_resume_point(run_dir).server["params"],
                                load_resume_point(tmp_path / "reference").server["params"], rtol=1e-6, atol=1e-7)
-    assert [r.bytes_up for r in journal_rounds(run_dir)] == [r.bytes_up for r in journal_rounds(tmp_path / "reference")]
+    assert [r.bytes_up for r in read_history(run_dir)] == [r.bytes_up for r in read_history(tmp_path / "reference")]
 
 
 def test_the_run_restores_the_signal_handlers_it_found(tmp_path):
