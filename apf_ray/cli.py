@@ -87,16 +87,15 @@ def _train(cfg: ExperimentConfig, run_dir: Path, args: argparse.Namespace, label
     from apf_ray.progress import ProgressDisplay
     from apf_ray.run import run
 
-    callbacks: list[Callback] = [_replaced_notice(run_dir)]
-    if not args.quiet:
-        callbacks.append(ProgressDisplay(console(), label))
+    display = None if args.quiet else ProgressDisplay(console(), label)
+    callbacks: list[Callback] = [_replaced_notice(run_dir), *([display] if display else [])]
     backend, options = _backend(args)
     try:
         return run(cfg, run_dir, backend=backend, backend_options=options, callbacks=callbacks, resume=resume,
                    overwrite=args.overwrite)
     finally:
-        for cb in callbacks:
-            cb.close()
+        if display is not None:
+            display.close()
 
 
 def _finished_summary(run_dir: Path, rounds_done: int, rounds: int) -> dict | None:

@@ -208,7 +208,7 @@ def test_a_crafted_checkpoint_cannot_run_code_on_resume_and_a_damaged_newest_fal
     with (newest / "arrays.npz").open("wb") as f:
         np.savez(f, **members)
     _rewrite_manifest(newest)  # what an attacker would do: the checksums match the crafted file
-    assert main(["train", "--inprocess", "--quiet", "--resume", str(run_dir)]) == 0
+    assert main(["train", "--inprocess", "--resume", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "checkpoint round-00000002 is damaged" in out and "dtype object" in out
     assert "resuming" in out and "after round 1" in out
