@@ -66,10 +66,9 @@ def round_events(rec: RoundRecord, clients: list[ClientRecord]) -> list[str]:
 class ProgressDisplay(Callback):
     """A rich progress bar per run; pool events and dropped clients are printed above it."""
 
-    def __init__(self, console: Console, label: str, *, show_events: bool = True) -> None:
+    def __init__(self, console: Console, label: str) -> None:
         self.console = console
         self.label = short_label(label)
-        self.show_events = show_events
         self.progress: Progress | None = None
 
     def on_start(self, ctx: RunContext) -> None:
@@ -91,11 +90,10 @@ class ProgressDisplay(Callback):
 
     def on_round(self, event: RoundEvent) -> None:
         rec = event.record
-        if self.show_events:
-            for e in event.pool_events:
-                self.progress.console.print(f"[yellow]round {rec.round}: {e}")
-            for line in round_events(rec, event.clients):
-                self.progress.console.print(f"[yellow]{escape(line)}", highlight=False)
+        for e in event.pool_events:
+            self.progress.console.print(f"[yellow]round {rec.round}: {e}")
+        for line in round_events(rec, event.clients):
+            self.progress.console.print(f"[yellow]{escape(line)}", highlight=False)
         self.progress.update(self.task, completed=rec.round, status=round_status(rec))
 
     def on_end(self, summary: dict[str, Any]) -> None:
