@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from provenance import LoadSampler, command, machine, now  # noqa: E402
+from readme_tables import fault_table, input_table  # noqa: E402
 
 from apf_ray.config import load_config  # noqa: E402
 from apf_ray.resume import load_resume_point  # noqa: E402
@@ -272,31 +273,6 @@ def input_rows(work: Path) -> list[dict[str, Any]]:
     return rows
 
 
-# ---------------------------------------------------------------------------------------- tables
-def fault_table(rows: list[dict[str, Any]], rounds: int) -> str:
-    out = [f"| fault ({rounds} rounds, p = {FAULT_PROB} unless noted) | final acc | Δ acc (points) | "
-           "uploads rejected | clients dropped | rounds not aggregated | model finite | example message |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        msg = r["example_message"].replace("|", "\\|")
-        out.append(f"| {r['case']} | {r['final_accuracy']:.3f} | {r['accuracy_change_points']:+.1f} | "
-                   f"{r['uploads_rejected']} | {r['clients_dropped']} | {r['rounds_not_aggregated']} | "
-                   f"{'yes' if r['model_finite'] else 'no'} | {msg[:90]} |")
-    return "\n".join(out)
-
-
-def input_table(rows: list[dict[str, Any]]) -> str:
-    out = ["| input (apf-ray train on Ray) | exit | s to exit (CPU s) | run folder | rounds lost | what it printed |",
-           "|---|---|---|---|---|---|"]
-    for r in rows:
-        lost = r.get("rounds_lost", "—")
-        msg = r["message"].replace("|", "\\|")
-        folder = r["run_folder"].replace("|", "\\|")
-        out.append(f"| {r['case']} | {r['exit']} | {r['seconds']} ({r['cpu_s']}) | {folder} | {lost} | "
-                   f"{msg} |")
-    return "\n".join(out)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["faults", "inputs", "all"], default="all")
@@ -320,7 +296,7 @@ def main() -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     if "faults" in result:
-        print(fault_table(result["faults"]["rows"], result["faults"]["rounds"]))
+        print(fault_table(result["faults"]["rows"], result["faults"]["rounds"], FAULT_PROB))
     if "inputs" in result:
         print()
         print(input_table(result["inputs"]["rows"]))

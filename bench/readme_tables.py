@@ -193,17 +193,41 @@ def render_orchestration() -> str:
             + "\n\n" + notes)
 
 
+def fault_table(rows: list[dict[str, Any]], rounds: int, fault_prob: float) -> str:
+    """``bench/faults.py``'s injected faults, one row per case."""
+    out = [f"| fault ({rounds} rounds, p = {fault_prob} unless noted) | final acc | Δ acc (points) | "
+           "uploads rejected | clients dropped | rounds not aggregated | model finite | example message |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        msg = r["example_message"].replace("|", "\\|")
+        out.append(f"| {r['case']} | {r['final_accuracy']:.3f} | {r['accuracy_change_points']:+.1f} | "
+                   f"{r['uploads_rejected']} | {r['clients_dropped']} | {r['rounds_not_aggregated']} | "
+                   f"{'yes' if r['model_finite'] else 'no'} | {msg[:90]} |")
+    return "\n".join(out)
+
+
+def input_table(rows: list[dict[str, Any]]) -> str:
+    """``bench/faults.py``'s bad inputs and stops of the CLI on Ray, one row per case."""
+    out = ["| input (apf-ray train on Ray) | exit | s to exit (CPU s) | run folder | rounds lost | what it printed |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        lost = r.get("rounds_lost", "—")
+        msg = r["message"].replace("|", "\\|")
+        folder = r["run_folder"].replace("|", "\\|")
+        out.append(f"| {r['case']} | {r['exit']} | {r['seconds']} ({r['cpu_s']}) | {folder} | {lost} | "
+                   f"{msg} |")
+    return "\n".join(out)
+
+
 def render_faults() -> str:
     """Injected faults (in-process) and bad inputs / stops (the CLI on Ray), from ``bench/faults.py``."""
-    from faults import fault_table, input_table  # bench/faults.py: the tables it also prints
-
     data = _load("faults")
     cmd = data.get("command") or UNRECORDED_COMMANDS["faults"]
     m = data["machine"]
     where = (_machine(data) if "cpu_model" in m else
              f"{m['cpus']}-core machine, 1-minute load average {m['load_average'][0]:.1f} at the end, {data['day']}")
     return (f"`{cmd}` ({_link('faults')}; {where}):\n\n"
-            + fault_table(data["faults"]["rows"], data["faults"]["rounds"]) + "\n\n"
+            + fault_table(data["faults"]["rows"], data["faults"]["rounds"], data["faults"]["probability"]) + "\n\n"
             + input_table(data["inputs"]["rows"]))
 
 

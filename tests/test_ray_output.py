@@ -51,5 +51,5 @@ def test_by_default_the_terminal_shows_progress_and_pool_events_but_not_rays_sta
 
 def test_verbose_shows_rays_own_logs(tmp_path):
     proc = _train(tmp_path, "--verbose")
-    assert "Started a local Ray instance" in proc.stderr and "Token authentication" in proc.stderr
+    assert "Started a local Ray instance" in proc.stderr  # (token auth is on explicitly: Ray no longer warns of it)
     assert "final accuracy" in proc.stdout
