@@ -219,6 +219,43 @@ def input_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def render_tune_fashion_mnist() -> str:
+    """Ray Tune's best APF settings against the paper's defaults and FedAvg (``bench/tune_fashion_mnist.py``)."""
+    data = _load("tune_fashion_mnist")
+    if data is None:
+        return ("*Not measured yet*: `python3 bench/tune_fashion_mnist.py` writes "
+                "`docs/results/tune_fashion_mnist.json`.")
+    runs = {r["run"]: r for r in data["runs"]}
+    base = runs["FedAvg"]
+    rows = []
+    for r in data["runs"]:
+        settings = ", ".join(f"{_SYMBOLS.get(k, k)} = {_value(v)}"
+                             for k, v in r["settings"].items())
+        up = None if r is base else 1 - r["bytes_up"] / base["bytes_up"]
+        rows.append([r["run"], settings, str(r["rounds"]), _acc(r["accuracy_last10"]),
+                     f"{100 * (r['accuracy_last10'] - base['accuracy_last10']):+.1f}" if r is not base else "—",
+                     f"{r['bytes_total'] / 1e6:,.1f}", _pct(r["saving_total"]), _pct(up),
+                     _pct(r["frozen_fraction_final"])])
+    invocations = len(data.get("search_invocations_s") or [1])
+    took = _duration(data["search_time_s"]) + (f" over {invocations} invocations (an interrupted one not counted)"
+                                               if invocations > 1 else "")
+    text = (f"`{data['command']}` ({_link('tune_fashion_mnist')}; the search: `{data['search_command']}`, "
+            f"{len(data['trials']) - 1} trials and the FedAvg baseline, {took}; then "
+            f"`{data['defaults_command']}`) on a {_machine(data)}:\n\n")
+    text += _table(["run", "settings", "rounds", "accuracy (last 10)", "Δ acc (points)", "MB up + down",
+                    "saving (total)", "saving (uplink)", "frozen at the end"], rows)
+    text += ("\n\nThe search's Pareto front (accuracy against total bytes; every trial, the front and the "
+             "baseline): [`docs/results/tune_fashion_mnist_pareto.png`](docs/results/tune_fashion_mnist_pareto.png).")
+    return text
+
+
+def _value(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+_SYMBOLS = {"threshold": "T", "alpha": "α", "check_every": "Fc", "aggressive_prob": "p", "strategy": "strategy"}
+
+
 def render_faults() -> str:
     """Injected faults (in-process) and bad inputs / stops (the CLI on Ray), from ``bench/faults.py``."""
     data = _load("faults")
@@ -307,6 +344,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "orchestration": render_orchestration,
     "faults": render_faults,
     "reproduce": render_reproduce,
+    "tune_fashion_mnist": render_tune_fashion_mnist,
 }
 
 
