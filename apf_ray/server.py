@@ -23,7 +23,7 @@ from apf_ray.records import FAILED, REPORTED, Broadcast, ClientRecord, ClientRes
 from apf_ray.strategies import DecodedUpload, make_strategy
 from apf_ray.training import evaluate
 from apf_ray.validation import UploadValidator
-from apf_ray.workload import Workload, model_factory, sample_clients
+from apf_ray.workload import Workload, model_factory, sample_clients, sampling_rng
 
 Executor = Callable[[Broadcast, list[int]], tuple[list[ClientResult], dict[int, str]]]
 """Runs a round's clients: ``(broadcast, client ids) -> (results, missing: id -> status)``."""
@@ -46,7 +46,7 @@ class ServerCore:
         self.strategy.setup(self.params)
         self.validator = UploadValidator(cfg.defence, [len(p) for p in workload.partitions], self.params.size,
                                          self.buffers.size)
-        self.rng = np.random.default_rng(cfg.seed)
+        self.rng = sampling_rng(cfg.seed)
         self.downlink = DownlinkTracker(self.params.size)
         self.round = 0  # completed rounds = current model version
         self.cum_up = self.cum_down = 0
