@@ -4,7 +4,11 @@ The global model after ``r`` aggregations is version ``r``. The tracker remember
 scalar, the version at which it last changed, the version at which the mask last changed,
 and which version each client holds. A returning client is sent only the scalars that changed
 since its version (plus the mask when it changed, plus the round's strategy extras); a new
-client gets the full model. Every count is the ``nbytes`` of a real encoded buffer.
+client gets the full model. :meth:`DownlinkTracker.payload` is that real buffer;
+:meth:`DownlinkTracker.bytes_for`, which the server calls every round, computes the same byte
+counts from the wire layout (``wire.downlink_part_nbytes``, tested equal to the encoded
+buffers) and a histogram of the versions at which scalars last changed, so accounting a round
+costs O(clients + versions), not an O(model) encoding per distinct version held.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ class DownlinkTracker:
         self.last_changed = np.zeros(num_params, dtype=np.int32)
         self.mask_version = 0
         self.held_version: dict[int, int] = {}
+        self._count_changed_at = np.array([num_params], dtype=np.int64)  # [v]: scalars whose last change is v
+
+    def _changed_since(self) -> np.ndarray:
+        """[v]: how many scalars changed after version v (0 past the newest version)."""
+        after = np.cumsum(self._count_changed_at[::-1])[::-1]  # [v]: last changed at v or later
+        return np.append(after[1:], 0)
 
     def payload(self, held: int | None, params: np.ndarray, buffers: np.ndarray, mask: np.ndarray | None,
                 extras: dict[str, np.ndarray]) -> np.ndarray:
@@ -44,13 +54,22 @@ class DownlinkTracker:
 
     def bytes_for(self, clients: list[int], params: np.ndarray, buffers: np.ndarray, mask: np.ndarray | None,
                   extras: dict[str, np.ndarray]) -> dict[int, int]:
-        """Downlink bytes per client, encoding each distinct held version once."""
+        """Downlink bytes per client: ``payload(held, ...).nbytes`` for each, without encoding it."""
+        n = params.size
+        common = {"buffers": wire.values_nbytes(buffers.size)} if buffers.size else {}
+        common.update({name: int(part.nbytes) for name, part in extras.items()})
+        changed_since = self._changed_since()
         by_version: dict[int | None, int] = {}
         out = {}
         for cid in clients:
             held = self.held_version.get(cid)
             if held not in by_version:
-                by_version[held] = int(self.payload(held, params, buffers, mask, extras).nbytes)
+                if held is None:
+                    model = wire.downlink_part_nbytes(n, None, mask is not None)
+                else:
+                    changed = int(changed_since[held]) if held < changed_since.size else 0
+                    model = wire.downlink_part_nbytes(n, changed, self.mask_version > held)
+                by_version[held] = wire.message_nbytes({"model": wire.message_nbytes(model), **common})
             out[cid] = by_version[held]
         return out
 
@@ -61,7 +80,12 @@ class DownlinkTracker:
 
     def record_aggregation(self, old: np.ndarray, new: np.ndarray, version: int) -> None:
         """The global model became ``version``; scalars that differ from ``old`` changed in it."""
-        self.last_changed[old != new] = version
+        changed = old != new
+        self._count_changed_at -= np.bincount(self.last_changed[changed], minlength=self._count_changed_at.size)
+        self._count_changed_at = np.append(self._count_changed_at,
+                                           np.zeros(max(0, version + 1 - self._count_changed_at.size), np.int64))
+        self._count_changed_at[version] += int(changed.sum())
+        self.last_changed[changed] = version
 
     def record_mask_change(self, version: int) -> None:
         self.mask_version = version
@@ -80,6 +104,7 @@ class DownlinkTracker:
             raise ValueError(f"downlink state covers {last_changed.size} scalars, the model has "
                              f"{self.last_changed.size}")
         self.last_changed = last_changed.copy()
+        self._count_changed_at = np.bincount(self.last_changed).astype(np.int64)
         self.mask_version = int(state["mask_version"])
         clients, versions = np.asarray(state["held_clients"]), np.asarray(state["held_versions"])
         self.held_version = {int(c): int(v) for c, v in zip(clients, versions, strict=True)}
