@@ -7,8 +7,8 @@ since its version (plus the mask when it changed, plus the round's strategy extr
 client gets the full model. :meth:`DownlinkTracker.payload` is that real buffer;
 :meth:`DownlinkTracker.bytes_for`, which the server calls every round, computes the same byte
 counts from the wire layout (``wire.downlink_part_nbytes``, tested equal to the encoded
-buffers) and a histogram of the versions at which scalars last changed, so accounting a round
-costs O(clients + versions), not an O(model) encoding per distinct version held.
+buffers) and one counting pass over ``last_changed`` per distinct version held — a compare and
+a count, instead of finding, gathering and framing the changed scalars for each.
 """
 
 from __future__ import annotations
@@ -27,12 +27,6 @@ class DownlinkTracker:
         self.last_changed = np.zeros(num_params, dtype=np.int32)
         self.mask_version = 0
         self.held_version: dict[int, int] = {}
-        self._count_changed_at = np.array([num_params], dtype=np.int64)  # [v]: scalars whose last change is v
-
-    def _changed_since(self) -> np.ndarray:
-        """[v]: how many scalars changed after version v (0 past the newest version)."""
-        after = np.cumsum(self._count_changed_at[::-1])[::-1]  # [v]: last changed at v or later
-        return np.append(after[1:], 0)
 
     def payload(self, held: int | None, params: np.ndarray, buffers: np.ndarray, mask: np.ndarray | None,
                 extras: dict[str, np.ndarray]) -> np.ndarray:
@@ -58,7 +52,6 @@ class DownlinkTracker:
         n = params.size
         common = {"buffers": wire.values_nbytes(buffers.size)} if buffers.size else {}
         common.update({name: int(part.nbytes) for name, part in extras.items()})
-        changed_since = self._changed_since()
         by_version: dict[int | None, int] = {}
         out = {}
         for cid in clients:
@@ -67,7 +60,7 @@ class DownlinkTracker:
                 if held is None:
                     model = wire.downlink_part_nbytes(n, None, mask is not None)
                 else:
-                    changed = int(changed_since[held]) if held < changed_since.size else 0
+                    changed = int(np.count_nonzero(self.last_changed > held))
                     model = wire.downlink_part_nbytes(n, changed, self.mask_version > held)
                 by_version[held] = wire.message_nbytes({"model": wire.message_nbytes(model), **common})
             out[cid] = by_version[held]
@@ -80,12 +73,7 @@ class DownlinkTracker:
 
     def record_aggregation(self, old: np.ndarray, new: np.ndarray, version: int) -> None:
         """The global model became ``version``; scalars that differ from ``old`` changed in it."""
-        changed = old != new
-        self._count_changed_at -= np.bincount(self.last_changed[changed], minlength=self._count_changed_at.size)
-        self._count_changed_at = np.append(self._count_changed_at,
-                                           np.zeros(max(0, version + 1 - self._count_changed_at.size), np.int64))
-        self._count_changed_at[version] += int(changed.sum())
-        self.last_changed[changed] = version
+        self.last_changed[old != new] = version
 
     def record_mask_change(self, version: int) -> None:
         self.mask_version = version
@@ -104,7 +92,6 @@ class DownlinkTracker:
             raise ValueError(f"downlink state covers {last_changed.size} scalars, the model has "
                              f"{self.last_changed.size}")
         self.last_changed = last_changed.copy()
-        self._count_changed_at = np.bincount(self.last_changed).astype(np.int64)
         self.mask_version = int(state["mask_version"])
         clients, versions = np.asarray(state["held_clients"]), np.asarray(state["held_versions"])
         self.held_version = {int(c): int(v) for c, v in zip(clients, versions, strict=True)}

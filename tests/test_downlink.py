@@ -45,7 +45,7 @@ def test_bytes_counted_equal_the_encoded_payload_for_every_held_version(change_p
             assert counted == encoded
 
 
-def test_the_changed_scalar_histogram_survives_a_state_round_trip():
+def test_bytes_counted_after_a_state_round_trip_equal_the_original_trackers():
     rng = np.random.default_rng(2)
     tracker, params = _tracker_after(rng, 3000, 6, 0.01)
     tracker.record_received([0, 1], 2)
