@@ -9,6 +9,7 @@ Ray Tune reporting are all callbacks; the checkpointer runs first and sets
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,9 @@ class Checkpointer(Callback):
         self.rounds = ctx.cfg.train.rounds
 
     def on_round(self, event: RoundEvent) -> None:
+        """Checkpoint when due, timing it into the round's ``phase_s["checkpoint"]`` (seconds)."""
         r = event.record.round
         if (self.every and r % self.every == 0) or r >= self.rounds:
+            start = time.perf_counter()
             event.checkpoint = self.backend.save_checkpoint()
+            event.record.phase_s["checkpoint"] = time.perf_counter() - start

@@ -4,7 +4,11 @@ The global model after ``r`` aggregations is version ``r``. The tracker remember
 scalar, the version at which it last changed, the version at which the mask last changed,
 and which version each client holds. A returning client is sent only the scalars that changed
 since its version (plus the mask when it changed, plus the round's strategy extras); a new
-client gets the full model. Every count is the ``nbytes`` of a real encoded buffer.
+client gets the full model. :meth:`DownlinkTracker.payload` is that real buffer;
+:meth:`DownlinkTracker.bytes_for`, which the server calls every round, computes the same byte
+counts from the wire layout (``wire.downlink_part_nbytes``, tested equal to the encoded
+buffers) and one counting pass over ``last_changed`` per distinct version held — a compare and
+a count, instead of finding, gathering and framing the changed scalars for each.
 """
 
 from __future__ import annotations
@@ -44,13 +48,21 @@ class DownlinkTracker:
 
     def bytes_for(self, clients: list[int], params: np.ndarray, buffers: np.ndarray, mask: np.ndarray | None,
                   extras: dict[str, np.ndarray]) -> dict[int, int]:
-        """Downlink bytes per client, encoding each distinct held version once."""
+        """Downlink bytes per client: ``payload(held, ...).nbytes`` for each, without encoding it."""
+        n = params.size
+        common = {"buffers": wire.values_nbytes(buffers.size)} if buffers.size else {}
+        common.update({name: int(part.nbytes) for name, part in extras.items()})
         by_version: dict[int | None, int] = {}
         out = {}
         for cid in clients:
             held = self.held_version.get(cid)
             if held not in by_version:
-                by_version[held] = int(self.payload(held, params, buffers, mask, extras).nbytes)
+                if held is None:
+                    model = wire.downlink_part_nbytes(n, None, mask is not None)
+                else:
+                    changed = int(np.count_nonzero(self.last_changed > held))
+                    model = wire.downlink_part_nbytes(n, changed, self.mask_version > held)
+                by_version[held] = wire.message_nbytes({"model": wire.message_nbytes(model), **common})
             out[cid] = by_version[held]
         return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from apf_ray.callbacks import Callback, RunContext
-from apf_ray.records import ClientRecord, RoundEvent, RoundRecord
+from apf_ray.records import PHASES, ClientRecord, RoundEvent, RoundRecord
 
 JOURNAL = "journal"
 TABLES = ("rounds", "clients", "layers")
@@ -72,6 +73,7 @@ def tensorboard_scalars(rec: RoundRecord) -> dict[str, float]:
         "time/simulated_cumulative_s": rec.cum_simulated_s,
     }
     scalars.update({f"frozen_by_layer/{layer}": frac for layer, frac in rec.layer_frozen.items()})
+    scalars.update({f"time_by_phase/{phase}_s": secs for phase, secs in rec.phase_s.items()})
     return {k: float(v) for k, v in scalars.items() if v is not None}
 
 
@@ -102,12 +104,22 @@ class MetricsWriter(Callback):
                                     purge_step=ctx.start_round + 1 if ctx.start_round else None)
 
     def on_round(self, event: RoundEvent) -> None:
+        """Append the round to the journal and TensorBoard, timing this work into its ``phase_s``.
+
+        The round's own journal line is written last, so it can carry the time spent on
+        everything else (one append of a few hundred bytes is all it leaves out).
+        """
+        start = time.perf_counter()
         rec = event.record
         self.history.append(rec)
-        self._append("rounds", [asdict(rec)])
         self._append("clients", [asdict(c) for c in event.clients])
-        if self.tb is None:
-            return
+        if self.tb is not None:
+            self._tensorboard(event)
+        rec.phase_s["metrics"] = time.perf_counter() - start
+        self._append("rounds", [asdict(rec)])
+
+    def _tensorboard(self, event: RoundEvent) -> None:
+        rec = event.record
         for tag, value in tensorboard_scalars(rec).items():
             self.tb.add_scalar(tag, value, rec.round)
         if self.cfg.output.per_client_tensorboard:
@@ -144,14 +156,17 @@ def journal_tables(run_dir: Path) -> dict[str, pa.Table]:
     """The ``rounds``, ``clients`` and ``layers`` tables of a run, from its journal.
 
     Works on a finished run and on one still running or stopped (the journal is appended every
-    round). Every table has its columns even when it has no rows.
+    round). Every table has its columns even when it has no rows. A round's ``phase_s`` becomes
+    the columns ``phase_<name>_s`` (null where the phase did not happen, or in journals written
+    before rounds were timed by phase).
     """
     journal = Path(run_dir) / JOURNAL
     rounds = _read_journal(journal / "rounds.jsonl", math.inf)
     clients = _read_journal(journal / "clients.jsonl", math.inf)
     layers = [{"round": r["round"], "layer": name, "frozen_fraction": f}
               for r in rounds for name, f in r["layer_frozen"].items()]
-    rounds = [{k: v for k, v in r.items() if k != "layer_frozen"} for r in rounds]
+    rounds = [{**{k: v for k, v in r.items() if k not in _NESTED},
+               **{f"phase_{p}_s": r.get("phase_s", {}).get(p) for p in PHASES}} for r in rounds]
     layer_schema = pa.schema([("round", pa.int64()), ("layer", pa.string()), ("frozen_fraction", pa.float64())])
     return {"rounds": pa.Table.from_pylist(rounds, schema=_schema(RoundRecord)),
             "clients": pa.Table.from_pylist(clients, schema=_schema(ClientRecord)),
@@ -173,11 +188,17 @@ def write_tables(run_dir: Path) -> None:
         tmp.replace(Path(run_dir) / f"{name}.parquet")
 
 
+_NESTED = ("layer_frozen", "phase_s")
+"""RoundRecord fields that are mappings: their own table (layers) or flattened columns (phases)."""
+
+
 def _schema(record: type) -> pa.Schema:
     """Column types from a record's annotations, so all-None columns keep their type."""
     types = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "float | None": pa.float64(),
              "ClientStatus": pa.string(), "bool": pa.bool_()}
-    fields = [(name, types[str(ann)]) for name, ann in record.__annotations__.items() if name != "layer_frozen"]
+    fields = [(name, types[str(ann)]) for name, ann in record.__annotations__.items() if name not in _NESTED]
+    if record is RoundRecord:
+        fields += [(f"phase_{p}_s", pa.float64()) for p in PHASES]
     return pa.schema(fields)
 
 

@@ -31,6 +31,22 @@ FAILED: frozenset[str] = frozenset({"error", "timeout", "died", "no_actor"})
 """Statuses counted as dropped: the client never delivered an upload."""
 
 
+PHASES: tuple[str, ...] = ("sampling", "downlink", "clients", "decode", "aggregation", "controller", "evaluation",
+                           "record", "checkpoint", "metrics")
+"""Where a round's time goes, in order, as ``RoundRecord.phase_s`` names it (seconds each).
+
+Server (:class:`~apf_ray.server.ServerCore`): ``sampling`` (clients and the strategy's plan),
+``downlink`` (download accounting: bytes per client, versions, changed scalars), ``clients``
+(from dispatch until every result is in or the deadline passed: training, transfers, Ray),
+``decode`` (uploads decoded and validated), ``aggregation``, ``controller`` (the strategy's
+observer: APF's stability check), ``evaluation`` (the global model on the test set),
+``record`` (the round's metrics assembled). Callbacks, in the caller's process: ``checkpoint``
+(the backend writing a checkpoint, as the checkpointer waits for it; absent in rounds without
+one) and ``metrics`` (TensorBoard and the clients' journal; the round's own journal line, one
+append, is written after it is measured).
+"""
+
+
 @dataclass
 class RoundPlan:
     """What every client of one round receives besides the model (decided by the strategy)."""
@@ -106,6 +122,7 @@ class RoundRecord:
     aggregated: bool = True  # the model moved: quorum met and the aggregate was finite
     clients_rejected: int = 0  # uploads refused by the server's checks
     clients_discarded: int = 0  # valid uploads of a round that was not aggregated
+    phase_s: dict[str, float] = field(default_factory=dict)  # seconds per phase of PHASES (its keys only)
 
 
 @dataclass

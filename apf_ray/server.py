@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -23,10 +24,29 @@ from apf_ray.records import FAILED, REPORTED, Broadcast, ClientRecord, ClientRes
 from apf_ray.strategies import DecodedUpload, make_strategy
 from apf_ray.training import evaluate
 from apf_ray.validation import UploadValidator
-from apf_ray.workload import Workload, model_factory, sample_clients
+from apf_ray.workload import Workload, model_factory, sample_clients, sampling_rng
 
 Executor = Callable[[Broadcast, list[int]], tuple[list[ClientResult], dict[int, str]]]
 """Runs a round's clients: ``(broadcast, client ids) -> (results, missing: id -> status)``."""
+
+
+class PhaseTimer:
+    """Seconds per phase of one round (``records.PHASES``), summed when a phase recurs.
+
+    Part of every round's record, so a slow server shows where its time went in any run, not
+    only under a profiler; two ``perf_counter`` calls per phase cost nothing next to a round.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 class ServerCore:
@@ -46,7 +66,7 @@ class ServerCore:
         self.strategy.setup(self.params)
         self.validator = UploadValidator(cfg.defence, [len(p) for p in workload.partitions], self.params.size,
                                          self.buffers.size)
-        self.rng = np.random.default_rng(cfg.seed)
+        self.rng = sampling_rng(cfg.seed)
         self.downlink = DownlinkTracker(self.params.size)
         self.round = 0  # completed rounds = current model version
         self.cum_up = self.cum_down = 0
@@ -77,12 +97,16 @@ class ServerCore:
                                        broadcast.plan.extras)
 
     def run_round(self, execute: Executor) -> RoundEvent:
-        """Sample, execute, aggregate, account and evaluate one round."""
+        """Sample, execute, aggregate, account and evaluate one round, timing each phase."""
         start = time.perf_counter()
-        broadcast, clients = self.begin_round()
-        down = self.downlink_bytes(broadcast, clients)
-        results, missing = execute(broadcast, clients)
-        record, client_records = self.finish_round(broadcast, clients, results, missing, down)
+        timer = PhaseTimer()
+        with timer("sampling"):
+            broadcast, clients = self.begin_round()
+        with timer("downlink"):
+            down = self.downlink_bytes(broadcast, clients)
+        with timer("clients"):
+            results, missing = execute(broadcast, clients)
+        record, client_records = self.finish_round(broadcast, clients, results, missing, down, timer)
         record.wall_s = time.perf_counter() - start
         return RoundEvent(record, client_records)
 
@@ -110,52 +134,62 @@ class ServerCore:
         return up
 
     def finish_round(self, broadcast: Broadcast, clients: list[int], results: list[ClientResult],
-                     missing: dict[int, str], down: dict[int, int]) -> tuple[RoundRecord, list[ClientRecord]]:
+                     missing: dict[int, str], down: dict[int, int],
+                     timer: PhaseTimer | None = None) -> tuple[RoundRecord, list[ClientRecord]]:
         """Validate and aggregate what arrived, run the strategy's observer, account, evaluate.
 
         ``missing`` maps clients that never reported to why (``timeout``, ``died``,
         ``no_actor``). Uploads that fail validation are ``rejected``; if fewer than the quorum
         of valid uploads arrived, or their aggregate is not finite, the model is kept and the
         valid uploads are ``discarded``. The record's ``wall_s`` is left to the caller, who
-        times the round.
+        times the round; ``timer`` (the caller's, or a new one) times this part's phases into
+        the record's ``phase_s``.
         """
+        timer = timer if timer is not None else PhaseTimer()
         r = broadcast.round
         records: dict[int, ClientRecord] = {}
         uploads: list[DecodedUpload] = []
-        bounds = (self.validator.norm_bound(self.params), self.validator.buffer_bound(self.buffers))
-        sampled = set(clients)
-        for res in sorted(results, key=lambda x: x.client_id):
-            if res.client_id not in sampled:
-                continue  # not sampled this round (a confused host): nothing to record it under
-            rec = ClientRecord(r, res.client_id, self.pool_of_client[res.client_id], "ok",
-                               bytes_down=down.get(res.client_id, 0), compute_s=res.compute_s, device=res.device)
-            records[res.client_id] = rec
-            up = self._accept(broadcast, res, rec, bounds)
-            if up is not None:
-                uploads.append(up)
+        with timer("decode"):
+            bounds = (self.validator.norm_bound(self.params), self.validator.buffer_bound(self.buffers))
+            sampled = set(clients)
+            for res in sorted(results, key=lambda x: x.client_id):
+                if res.client_id not in sampled:
+                    continue  # not sampled this round (a confused host): nothing to record it under
+                rec = ClientRecord(r, res.client_id, self.pool_of_client[res.client_id], "ok",
+                                   bytes_down=down.get(res.client_id, 0), compute_s=res.compute_s,
+                                   device=res.device)
+                records[res.client_id] = rec
+                up = self._accept(broadcast, res, rec, bounds)
+                if up is not None:
+                    uploads.append(up)
         for cid, reason in missing.items():
             records[cid] = ClientRecord(r, cid, self.pool_of_client[cid], reason,
                                         bytes_down=0 if reason == "no_actor" else down.get(cid, 0), error=reason)
         quorum = self.cfg.quorum()
         quorum_met = len(uploads) >= quorum  # a CMFL skip counts as reporting
-        self.downlink.record_received([c for c, rec in records.items() if rec.status != "no_actor"], r - 1)
+        with timer("downlink"):
+            self.downlink.record_received([c for c, rec in records.items() if rec.status != "no_actor"], r - 1)
         aggregated, why_not = False, f"round missed its quorum ({len(uploads)} valid of {quorum} needed)"
         if quorum_met:
-            params, buffers = self.strategy.aggregate(self.params, self.buffers, uploads)
-            if np.all(np.isfinite(params)) and np.all(np.isfinite(buffers)):
+            with timer("aggregation"):
+                params, buffers = self.strategy.aggregate(self.params, self.buffers, uploads)
+                finite = bool(np.all(np.isfinite(params)) and np.all(np.isfinite(buffers)))
+            if finite:
                 old = self.params
                 self.params, self.buffers = params, buffers
-                self.downlink.record_aggregation(old, self.params, r)
+                with timer("downlink"):
+                    self.downlink.record_aggregation(old, self.params, r)
                 aggregated = True
             else:
                 why_not = "the aggregate was not finite; round discarded, model kept"
         if aggregated:
             # A round that did not move the model says nothing about stability: APF's controller
             # would read it as a zero-motion check and freeze scalars because of an attack.
-            old_mask = self.active_mask()
-            self.strategy.observe(self.params)
-            if not np.array_equal(old_mask, self.active_mask()):
-                self.downlink.record_mask_change(r)
+            with timer("controller"):
+                old_mask = self.active_mask()
+                self.strategy.observe(self.params)
+                if not np.array_equal(old_mask, self.active_mask()):
+                    self.downlink.record_mask_change(r)
         else:
             for up in uploads:
                 records[up.client_id].status, records[up.client_id].error = "discarded", why_not
@@ -164,11 +198,19 @@ class ServerCore:
             if rec.status in REPORTED or rec.status == "rejected":
                 rec.simulated_s = self.network.client_round_s(rec.pool, rec.bytes_down, rec.compute_s, rec.bytes_up)
         client_records = sorted(records.values(), key=lambda c: c.client_id)
-        record = self._record_round(r, clients, client_records)
+        acc = loss = None
+        if r % self.cfg.train.eval_every == 0 or r == self.cfg.train.rounds:
+            with timer("evaluation"):
+                acc, loss = self.evaluate()
+            loss = loss if math.isfinite(loss) else None  # a finite but huge model overflows the loss
+        with timer("record"):
+            record = self._record_round(r, clients, client_records, acc, loss)
         record.quorum_met, record.aggregated = quorum_met, aggregated
+        record.phase_s = timer.seconds
         return record, client_records
 
-    def _record_round(self, r: int, clients: list[int], recs: list[ClientRecord]) -> RoundRecord:
+    def _record_round(self, r: int, clients: list[int], recs: list[ClientRecord], acc: float | None,
+                      loss: float | None) -> RoundRecord:
         valid = [c for c in recs if c.status in REPORTED]
         arrived = [c for c in recs if c.status in REPORTED or c.status == "rejected"]
         up = sum(c.bytes_up for c in recs)
@@ -177,10 +219,6 @@ class ServerCore:
         self.cum_up += up
         self.cum_down += down
         self.cum_sim += sim
-        acc = loss = None
-        if r % self.cfg.train.eval_every == 0 or r == self.cfg.train.rounds:
-            acc, loss = self.evaluate()
-            loss = loss if math.isfinite(loss) else None  # a finite but huge model overflows the loss
         weights = np.array([c.num_samples for c in valid], dtype=np.float64)
         losses = np.array([c.train_loss for c in valid], dtype=np.float64)
         train_loss = float((weights * losses).sum() / weights.sum()) if weights.sum() > 0 else None

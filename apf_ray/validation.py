@@ -31,8 +31,14 @@ from apf_ray.strategies import DecodedUpload
 
 
 def _l2(vec: np.ndarray) -> float:
-    """L2 norm in float64, so float32 values near the top of their range do not overflow."""
-    return float(np.linalg.norm(np.asarray(vec, dtype=np.float64)))
+    """L2 norm in float64, so float32 values near the top of their range do not overflow.
+
+    ``einsum`` casts in small buffered chunks: one read of ``vec``, no model-sized float64
+    copy. Not finite exactly when ``vec`` holds a NaN or an infinity (float32 squares summed
+    in float64 cannot overflow), so it is the finiteness check too.
+    """
+    flat = np.ravel(vec)
+    return math.sqrt(float(np.einsum("i,i->", flat, flat, dtype=np.float64)))
 
 
 class UploadValidator:
@@ -84,12 +90,12 @@ class UploadValidator:
             return None  # a skip (CMFL): nothing to aggregate beyond the claims checked above
         if up.update.shape != (self.num_params,):
             return f"update has shape {up.update.shape}, the model has {self.num_params} parameters"
-        if not np.all(np.isfinite(up.update)):
+        norm = _l2(up.update)  # also the finiteness check: one pass over the update
+        if not math.isfinite(norm):
             bad = int(np.count_nonzero(~np.isfinite(up.update)))
             return f"update holds {bad} NaN or inf value(s)"
         param_bound, buffer_bound = bounds if bounds is not None else (
             self.norm_bound(params), self.buffer_bound(buffers))
-        norm = _l2(up.update)
         if norm > param_bound:
             return f"update norm {norm:.4g} exceeds the bound {param_bound:.4g} (defence.max_update_norm/_ratio)"
         if self.num_buffers:

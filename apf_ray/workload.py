@@ -37,9 +37,24 @@ def client_seed(seed: int, round_idx: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1)[0])
 
 
+def sampling_rng(seed: int) -> np.random.Generator:
+    """The generator a run draws its rounds' clients from (the server's; checkpointed with it)."""
+    return np.random.default_rng(seed)
+
+
 def sample_clients(rng: np.random.Generator, num_clients: int, k: int) -> list[int]:
     """The sorted ids of the ``k`` clients a round trains, drawn without replacement."""
     return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+
+
+def sampling_schedule(seed: int, num_clients: int, k: int, rounds: int) -> list[list[int]]:
+    """The clients an uninterrupted run with this seed trains in rounds 1..``rounds``.
+
+    The server draws exactly these (same generator, same calls), so another system fed this
+    schedule trains the same clients in the same rounds (``bench/vs_flower.py``).
+    """
+    rng = sampling_rng(seed)
+    return [sample_clients(rng, num_clients, k) for _ in range(rounds)]
 
 
 def model_factory(cfg: ExperimentConfig, num_classes: int,

@@ -77,7 +77,7 @@ def process_kind(proc: psutil.Process, driver_pid: int) -> str:
     if proc.pid == driver_pid:
         return "driver"
     title = (proc.cmdline() or [""])[0]
-    if title.startswith("ray::ClientPoolActor"):
+    if title.startswith(("ray::ClientPoolActor", "ray::ClientAppActor")):  # apf-ray's, Flower's
         return "client_actor"
     if title.startswith("ray::ServerActor"):
         return "server_actor"
@@ -87,16 +87,18 @@ def process_kind(proc: psutil.Process, driver_pid: int) -> str:
 
 
 class MemorySampler:
-    """Peak memory of this process (and, with ``tree``, all its descendants) while the block runs.
+    """Peak memory of this process, or of ``root`` (a pid), and with ``tree`` all its descendants.
 
     Totals are peaks of the per-sample sum (not sums of per-process peaks). Units: bytes inside,
-    MB (2**20) in :meth:`report`.
+    MB (2**20) in :meth:`report`. Every process seen is remembered, so :meth:`leftovers` can
+    name those of a child's cluster still running after the child exited.
     """
 
-    def __init__(self, tree: bool, gcs_address: str | None = None) -> None:
+    def __init__(self, tree: bool, gcs_address: str | None = None, root: int | None = None) -> None:
         self.tree = tree
         self.gcs_address = gcs_address
-        self.me = psutil.Process()
+        self.me = psutil.Process(root)
+        self.seen: dict[int, psutil.Process] = {}
         self.samples = 0
         self.peak_rss = self.peak_pss = 0
         self.peak_kind_rss: dict[str, int] = {}
@@ -123,7 +125,12 @@ class MemorySampler:
                 return
 
     def _sample(self, slow: bool) -> None:
-        procs = [self.me] + (self.me.children(recursive=True) if self.tree else [])
+        try:
+            procs = [self.me] + (self.me.children(recursive=True) if self.tree else [])
+        except psutil.Error:  # the root exited
+            return
+        for proc in procs:
+            self.seen.setdefault(proc.pid, proc)
         total_rss = total_pss = 0
         kind_rss: dict[str, int] = {}
         for proc in procs:
@@ -152,6 +159,10 @@ class MemorySampler:
             if match:
                 self.store_mib = max(self.store_mib or 0, int(match.group(1)))
         self.samples += 1
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Processes seen in the tree that still run (``is_running`` also rules out a reused pid)."""
+        return [p for pid, p in self.seen.items() if pid != self.me.pid and p.is_running()]
 
     def peaks_of(self, kind: str) -> tuple[list[float], list[float]]:
         """Per-process peak (RSS MB, PSS MB) of every process of ``kind``, by pid."""

@@ -32,6 +32,19 @@ def command() -> str:
     return " ".join(["python3", str(script), *sys.argv[1:]])
 
 
+def code() -> str:
+    """``commit abc1234`` (``+ uncommitted changes`` when the tree differs): the code that measured."""
+    import subprocess
+
+    repo = RESULTS.parent.parent
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    return f"commit {head.stdout.strip()}" + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
 def machine() -> dict[str, Any]:
     """CPUs, memory and software versions of this machine (imports torch, Ray and numpy if installed)."""
     versions = {}

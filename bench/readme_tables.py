@@ -256,6 +256,99 @@ def _value(v: Any) -> str:
 _SYMBOLS = {"threshold": "T", "alpha": "α", "check_every": "Fc", "aggressive_prob": "p", "strategy": "strategy"}
 
 
+def render_vs_flower() -> str:
+    """apf-ray (FedAvg and APF) against Flower on one workload, from ``bench/vs_flower.py``."""
+    data = _load("vs_flower")
+    st, rows = data["setup"], []
+    for row in data["summary"]:
+        fl, fed, apf = row["flower"], row["fedavg"], row["apf"]
+
+        def three(key: str, fmt: str, scale: float = 1.0, *, f=fl, a=fed, p=apf) -> str:
+            return " / ".join(format(x[key] * scale, fmt) for x in (f, a, p))
+
+        rows.append([str(row["k"]), f"{row['lower_bound_s']:.3f}",
+                     " / ".join(f"{x['median_round_s']:.3f} ({x['round_over_lower_bound']:.2f}×)"
+                                for x in (fl, fed, apf)),
+                     f"**{row['fedavg_over_flower']['round_s']:.2f}** / {row['apf_over_flower']['round_s']:.2f}",
+                     f"{row['apf_over_fedavg']['round_s']:.2f} ({row['apf_over_fedavg']['client_compute_sum_s']:.2f})",
+                     three("median_startup_s", ".1f"), three("peak_rss_mb", ".0f"),
+                     three("bytes_per_round", ".0f", 1e-3)])
+    agree = data["agreement"].values()
+    same = all(a["same_clients_every_round"] for a in agree)
+    identical = all(a["fedavg_and_flower_final_models_bit_identical"] for a in agree)
+    m = data["masked_step"]
+    k10 = next((r for r in data["summary"] if r["k"] == min(st["clients_per_round"])), None)
+    phases = k10["fedavg"]["median_phase_s"]
+    server = sum(v for k, v in phases.items() if k not in ("clients", "evaluation", "checkpoint", "metrics"))
+    versions = data["versions"]["flower_side"]
+    return (f"`{data['command']}` ({_link('vs_flower')}): LeNet-5 ({st['workload']['num_params']:,} parameters) on "
+            f"digits upsampled to 28×28, {st['num_clients']} clients × {st['shards_per_client']} label shards, "
+            f"{st['local_steps']} local SGD steps of batch {st['batch_size']} (lr {st['lr']}), "
+            f"{st['client_actors']} client actors of {st['cpus_per_actor']} CPU; apf-ray "
+            f"(Ray {data['machine']['ray']}) with FedAvg and with APF (T = {st['apf_threshold']}) against "
+            f"Flower {versions['flwr']} (its Ray simulation, Ray {versions['ray']}, FedAvg); medians of rounds "
+            f"{st['warmup_rounds'] + 1}–{st['rounds']} of {st['reps']} runs per system and K, the systems' order "
+            f"rotating; on a {_machine(data)}.\n\n"
+            + _table(["K", "plain-loop bound s", "round s (× bound): Flower / apf-ray FedAvg / APF",
+                      "apf-ray / Flower: FedAvg / APF", "APF / FedAvg round (clients' compute)",
+                      "start-up s: Flower / FedAvg / APF", "peak RSS MB: Flower / FedAvg / APF",
+                      "KB / round: Flower / FedAvg / APF"], rows)
+            + f"\n\nBoth systems trained the same clients every round: {'yes' if same else '**no**'}; apf-ray's "
+              f"FedAvg and Flower ended with bit-identical models: {'yes' if identical else '**no**'}. The masked "
+              f"local step (APF, {100 * m['frozen_fraction']:.0f}% of the scalars frozen) took "
+              f"{m['masked_over_unmasked']:.3f}× the unmasked one on this workload ({m['clients']} clients' "
+              f"{st['local_steps']} steps, interleaved, median). At K = {k10['k']} apf-ray's server spent "
+              f"{1e3 * server:.1f} ms a round outside the clients (sampling, download accounting, decoding, "
+              f"aggregation, record), {1e3 * phases.get('evaluation', 0.0):.0f} ms evaluating and "
+              f"{1e3 * phases['clients']:.0f} ms waiting for the clients.")
+
+
+def render_scale() -> str:
+    """Server scaling with virtual clients and clients per round, from ``bench/scale.py``."""
+    data = _load("scale")
+    names = {"lenet5": "LeNet-5", "resnet18": "ResNet-18"}
+    cols = ("sampling", "downlink", "decode", "aggregation", "controller", "record", "checkpoint", "metrics")
+    rows, skipped = [], []
+    for r in data["rows"]:
+        if "skipped" in r:
+            skipped.append(f"{names[r['model']]} with {r['num_clients']:,} clients, {r['clients_per_round']:,} per "
+                           f"round ({r['skipped']})")
+            continue
+        mem, ph = r["memory"], r["median_phase_s"]
+        rows.append([names[r["model"]], f"{r['num_clients']:,}", f"{r['clients_per_round']:,}",
+                     f"{r['median_wall_s']:.2f}", f"{ph['clients']:.2f}"]
+                    + [f"{1e3 * ph.get(c, 0.0):.1f}" for c in cols]
+                    + [f"{r['server_work_copies']:,.0f} ({3 * r['clients_per_round'] + 30:,})",
+                       f"{mem['peak_total_rss_mb']:,.0f}", f"{max(mem['server_actor_peak_rss_mb'], default=0):,.0f}",
+                       f"{max(mem['client_actor_peak_rss_mb'], default=0):,.0f}", str(mem["object_store_peak_mib"])])
+    text = (f"`{data['command']}` ({_link('scale')}): APF on Fashion-MNIST (IID), 1 local step of batch 4, "
+            f"2 client actors of 1 CPU, a checkpoint every round, medians of rounds 2–{data['rows'][0]['rounds']}; "
+            f"on a {_machine(data)}.\n\n"
+            + _table(["model", "clients", "per round", "round s", "clients s"] + [f"{c} ms" for c in cols]
+                     + ["server work, model copies (3K + 30)", "peak RSS MB (all)", "server actor MB",
+                        "client actor MB", "object store MiB"], rows))
+    if skipped:
+        text += "\n\nNot run: " + "; ".join(skipped) + "."
+    before = _load("scale_before_fixes")
+    if before:
+        now_rows = {(r["model"], r["num_clients"], r["clients_per_round"]): r
+                    for r in data["rows"] if "skipped" not in r}
+        pairs = []
+        for b in before["rows"]:
+            a = now_rows.get((b["model"], b["num_clients"], b["clients_per_round"]))
+            if a is None:
+                continue
+            pb, pa = b["median_phase_s"], a["median_phase_s"]
+            pairs.append(f"{names[b['model']]} {b['num_clients']:,}/{b['clients_per_round']:,}: download accounting "
+                         f"{1e3 * pb['downlink']:.1f} → {1e3 * pa['downlink']:.1f} ms, aggregation "
+                         f"{1e3 * pb['aggregation']:.1f} → {1e3 * pa['aggregation']:.1f} ms, decode and validation "
+                         f"{1e3 * pb['decode']:.1f} → {1e3 * pa['decode']:.1f} ms, server work "
+                         f"{b['server_work_copies']:,.0f} → {a['server_work_copies']:,.0f} model copies")
+        text += (f"\n\nBefore the fixes (`{before['command']}`, {_link('scale_before_fixes')}, {before['code']}; on a "
+                 f"{_machine(before)}), median per round, before → after: " + "; ".join(pairs) + ".")
+    return text
+
+
 def render_faults() -> str:
     """Injected faults (in-process) and bad inputs / stops (the CLI on Ray), from ``bench/faults.py``."""
     data = _load("faults")
@@ -343,6 +436,8 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "gpu_local_training": render_gpu_local_training,
     "orchestration": render_orchestration,
     "faults": render_faults,
+    "vs_flower": render_vs_flower,
+    "scale": render_scale,
     "reproduce": render_reproduce,
     "tune_fashion_mnist": render_tune_fashion_mnist,
 }

@@ -38,6 +38,16 @@ def test_digits_is_1x32x32_float32_standardised_on_the_train_split() -> None:
     assert abs(float(ds.x_train.mean())) < 1e-5 and abs(float(ds.x_train.std()) - 1.0) < 1e-5
 
 
+def test_digits_size_option_resizes_to_that_side_and_keeps_the_split() -> None:
+    small, default = load_dataset("digits", size=28), load_dataset("digits")
+    assert small.x_train.shape == (1437, 1, 28, 28) and small.input_shape == (1, 28, 28)
+    assert np.array_equal(small.y_train, default.y_train) and np.array_equal(small.y_test, default.y_test)
+    assert abs(float(small.x_train.mean())) < 1e-5 and abs(float(small.x_train.std()) - 1.0) < 1e-5
+    for bad in (0, 7, 28.5, True):
+        with pytest.raises(ValueError, match=r"size=.* must be a whole number of pixels from 8 to 256"):
+            load_dataset("digits", size=bad)
+
+
 def test_digits_split_is_stratified_and_fixed_by_seed() -> None:
     a, b, c = load_dataset("digits", seed=1), load_dataset("digits", seed=1), load_dataset("digits", seed=2)
     # 1797 digits, ~180 per class: a 20% stratified test split has 35..37 of each.
@@ -354,7 +364,7 @@ def test_load_dataset_unknown_name_lists_known_ones() -> None:
 
 
 def test_load_dataset_unknown_option_lists_accepted_ones() -> None:
-    message = r"dataset 'digits': .*'test_size'.*accepted options: \['seed', 'test_fraction'\]"
+    message = r"dataset 'digits': .*'test_size'.*accepted options: \['seed', 'size', 'test_fraction'\]"
     with pytest.raises(ValueError, match=message):
         load_dataset("digits", test_size=0.3)
 

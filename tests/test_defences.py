@@ -330,6 +330,36 @@ def test_buffers_must_be_finite_and_change_within_their_bound():
     assert "shape" in validator.check(upload([1.0, 1.0]), params, buffers)
 
 
+def test_update_norm_is_exact_for_huge_finite_values_and_counts_every_non_finite_one():
+    from apf_ray.config import DefenceConfig
+    from apf_ray.strategies import DecodedUpload
+    from apf_ray.validation import UploadValidator
+
+    n = 100_003  # longer than any internal block
+    validator = UploadValidator(DefenceConfig(max_update_ratio=None, max_update_norm=1e40), [10], n, 0)
+    params, none = np.ones(n, np.float32), np.zeros(0, np.float32)
+    huge = np.full(n, 3e38, np.float32)  # squares overflow float32, not float64: norm 3e38·√n ≈ 9.5e40
+    assert "exceeds the bound" in validator.check(DecodedUpload(0, huge, none, 10, 0.5, 0), params, none)
+    bad = np.zeros(n, np.float32)
+    bad[[7, 50_000, n - 1]] = [np.nan, np.inf, -np.inf]
+    assert validator.check(DecodedUpload(0, bad, none, 10, 0.5, 0), params, none) == \
+        "update holds 3 NaN or inf value(s)"
+
+
+def test_weighted_mean_equals_one_float64_pass_in_upload_order_bit_for_bit():
+    from apf_ray.aggregation import weighted_mean
+
+    rng = np.random.default_rng(3)
+    n = 200_001  # several blocks and a partial one
+    vectors = [rng.normal(scale=10.0 ** e, size=n).astype(np.float32) for e in (-6, 0, 3, 30)]
+    weights = [3, 117, 1, 40]
+    acc = np.zeros(n, dtype=np.float64)
+    for vec, w in zip(vectors, np.asarray(weights, np.float64), strict=True):
+        acc += w * vec.astype(np.float64)
+    expected = (acc / sum(weights)).astype(np.float32)
+    assert weighted_mean(vectors, weights).tobytes() == expected.tobytes()
+
+
 # ---- the command line: accuracy under every corruption kind --------------------------------------
 # IID digits, so that a run without 30% of its uploads learns what the clean run learns (on the
 # non-IID default workload the same holds at 100 rounds: bench/faults.py, README).

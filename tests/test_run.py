@@ -34,6 +34,20 @@ def test_run_writes_summary_tables_tensorboard_and_a_checkpoint(tmp_path):
         assert [e.step for e in board.Scalars(tag)] == [1, 2, 3], tag
 
 
+def test_every_round_records_the_seconds_of_each_phase_and_checkpoints_only_where_written(tmp_path):
+    run(tiny_config("output.checkpoint_every=2", "train.eval_every=2", rounds=3), tmp_path)
+    server = {"sampling", "downlink", "clients", "decode", "aggregation", "controller", "record", "metrics"}
+    phases = [r.phase_s for r in read_history(tmp_path)]
+    evaluated_and_saved = server | {"evaluation", "checkpoint"}
+    assert [set(p) for p in phases] == [server, evaluated_and_saved, evaluated_and_saved]
+    assert all(s >= 0 for p in phases for s in p.values())
+    table = pq.read_table(tmp_path / "rounds.parquet").to_pydict()
+    assert table["phase_checkpoint_s"][0] is None and table["phase_checkpoint_s"][1] == phases[1]["checkpoint"]
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("time_by_phase/decode_s")] == [1, 2, 3]
+
+
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     cfg = tiny_config("output.checkpoint_every=2", rounds=5)
     run(cfg, tmp_path / "full")

@@ -8,7 +8,7 @@ import pytest
 from apf_ray.client import ClientHost
 from apf_ray.server import ServerCore
 from apf_ray.wire import decode_downlink, decode_message
-from apf_ray.workload import build_workload
+from apf_ray.workload import build_workload, sampling_schedule
 from tests.helpers import tiny_config
 
 # alpha=0.5, T=0.95: a scalar whose update changed sign once since its last check has
@@ -32,6 +32,14 @@ def _round(server, host):
     b, clients = server.begin_round()
     results = host.run(b, clients)
     return b, clients, results, server.finish_round(b, clients, results, {}, server.downlink_bytes(b, clients))
+
+
+def test_sampling_schedule_names_the_clients_the_server_samples_each_round(workload):
+    cfg = tiny_config("train.clients_per_round=4")
+    server = ServerCore(cfg, workload)
+    sampled = [server.begin_round()[1] for _ in range(6)]
+    assert sampled == sampling_schedule(cfg.seed, workload.num_clients, 4, 6)
+    assert len({tuple(s) for s in sampled}) > 1  # rounds draw different clients
 
 
 def test_apf_upload_carries_exactly_the_active_scalars(workload):

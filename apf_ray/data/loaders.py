@@ -128,21 +128,25 @@ def _subsample(n: int, limit: int | None, option: str, seed: int, where: str) ->
 # --------------------------------------------------------------------------- digits
 
 
-def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+def load_digits(*, test_fraction: float = 0.2, seed: int = 0, size: int = 32) -> Dataset:
     """scikit-learn's bundled handwritten digits (1797 8x8 images, 10 classes).
 
     The zero-setup default: the data ships inside scikit-learn. Images are scaled from
-    0..16 to 0..1, resized bilinearly to 1x32x32 (LeNet-5's input), and split into a
-    stratified train/test split that is the same for the same ``seed``.
+    0..16 to 0..1, resized bilinearly to 1x``size``x``size`` pixels (32: LeNet-5's input;
+    28: MNIST's side, as other systems' MNIST examples expect), and split into a stratified
+    train/test split that is the same for the same ``seed`` whatever the size.
     """
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction={test_fraction} must be in (0, 1)")
+    if isinstance(size, bool) or int(size) != size or not 8 <= size <= 256:
+        raise ValueError(f"size={size!r} must be a whole number of pixels from 8 to 256")
+    size = int(size)
     bunch = sk_load_digits()
     images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
-    x = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False).numpy()
+    x = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).numpy()
     y = bunch.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
@@ -155,7 +159,7 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
         x_test=_standardise(x_test, mean, std),
         y_test=y_test,
         num_classes=10,
-        input_shape=(1, 32, 32),
+        input_shape=(1, size, size),
         name="digits",
     )
 

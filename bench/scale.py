@@ -1,0 +1,201 @@
+"""How the server scales: 100 → 10,000 virtual clients, 10 → 1,000 clients per round, two model sizes.
+
+Every combination is a real run on one local Ray cluster (2 client actors of 1 CPU, the server
+actor on 0 CPUs) of APF on Fashion-MNIST (60,000 training images, IID, so 10,000 clients hold
+6 each) with 1 local step of batch 4 per client — so that the server's side of a round, not
+training, is what grows. Per round it reads the server's own phase timings (``RoundRecord.
+phase_s``: sampling, download accounting, clients, decode, aggregation, controller,
+evaluation, record, checkpoint, metrics) from the run's journal; a background sampler records
+the peak RSS of every process of the cluster and the object store's use.
+
+The server's work per round — every phase but ``clients`` (training and transfers),
+``evaluation`` (a fixed test set) and ``metrics`` — is also given in *model-vector copies*:
+its seconds divided by the time this process takes to copy the model's float32 vector once.
+Decoding, validating and accumulating K uploads is about 3K copies and the controller a few,
+so a server that stays within ``3K + 30`` copies does no work that grows faster than the round.
+
+Combinations that cannot fit this machine are skipped and recorded as such: ResNet-18 uploads
+are 45 MB each and the server holds a round's uploads until it aggregates, so K = 100 needs
+~4.5 GB in the object store and as much again in the server, K = 1,000 ~45 GB.
+
+    python3 bench/scale.py [--rounds 5] [--only lenet5:10000:1000 ...] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from orchestration import MemorySampler  # bench/orchestration.py: peak memory of the cluster's processes
+from provenance import RESULTS, LoadSampler, code, command, machine, now
+
+from actors.backend import ray_session
+from apf_ray.callbacks import Callback, RunContext
+from apf_ray.config import ExperimentConfig, build_config
+from apf_ray.data import load_dataset
+from apf_ray.records import PHASES
+from apf_ray.run import run
+
+MODELS = ("lenet5", "resnet18")
+NUM_CLIENTS = (100, 1_000, 10_000)
+PER_ROUND = (10, 100, 1_000)
+SKIP = {("resnet18", 100): "ResNet-18 with 100 uploads per round: ~4.5 GB of uploads in the object store and "
+                           "in the server at once, beside the other jobs on this 23 GB machine",
+        ("resnet18", 1_000): "ResNet-18 with 1,000 uploads per round: ~45 GB, more than the machine's 23 GB"}
+SERVER_WORK = ("sampling", "downlink", "decode", "aggregation", "controller", "record", "checkpoint")
+"""Phases whose cost is the server's own per-round work on model vectors (model-copy units)."""
+ACTORS = 2
+OBJECT_STORE_MB = 3072
+TEST_IMAGES = 200
+MB = 2**20
+
+
+def scale_config(model: str, num_clients: int, k: int, rounds: int, run_dir: Path) -> ExperimentConfig:
+    """APF, IID Fashion-MNIST, 1 local step of batch 4; checkpoint every round, evaluate once at the end."""
+    return build_config({
+        "name": f"scale-{model}-{num_clients}-{k}",
+        "seed": 0,
+        "data": {"dataset": "fashion_mnist", "options": {"limit_test": TEST_IMAGES}, "partitioner": "iid",
+                 "num_clients": num_clients},
+        "model": {"name": model},
+        "train": {"rounds": rounds, "clients_per_round": k, "local_steps": 1, "batch_size": 4, "lr": 0.01,
+                  "eval_every": rounds},
+        "strategy": {"name": "apf", "options": {"threshold": 0.2}},
+        "cluster": {"pools": [{"name": "cpu", "num_actors": ACTORS, "num_cpus": 1}], "round_timeout_s": 900,
+                    "object_store_mb": OBJECT_STORE_MB},
+        "output": {"dir": str(run_dir), "checkpoint_every": 1, "keep_checkpoints": 2, "tensorboard": False,
+                   "plots": False},
+    }, source="bench/scale.py")
+
+
+def copy_seconds(num_params: int, repeat: int = 30) -> float:
+    """Median seconds to copy a float32 vector of ``num_params`` into another (the model-copy unit)."""
+    src, dst = np.ones(num_params, np.float32), np.empty(num_params, np.float32)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+class StartInfo(Callback):
+    """The backend's start-up report (its ``num_params``)."""
+
+    def on_start(self, ctx: RunContext) -> None:
+        self.info = ctx.info
+
+
+def _journal(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "journal" / "rounds.jsonl").read_text().splitlines()]
+
+
+def measure(model: str, num_clients: int, k: int, rounds: int, dataset: Any, dataset_ref: ray.ObjectRef,
+            gcs: str, workdir: Path) -> dict:
+    """One run; per-phase medians over rounds 2.. (round 1 sends every client the full model)."""
+    run_dir = workdir / f"{model}-{num_clients}-{k}"
+    cfg = scale_config(model, num_clients, k, rounds, run_dir)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    start_info = StartInfo()
+    with MemorySampler(tree=True, gcs_address=gcs) as memory:
+        summary = run(cfg, run_dir, backend="ray", backend_options={"dataset_ref": dataset_ref}, dataset=dataset,
+                      callbacks=[start_info])
+    rows = _journal(run_dir)
+    measured = rows[1:]
+    num_params = int(start_info.info["num_params"])
+    unit = copy_seconds(num_params)
+    phase = {p: [r["phase_s"].get(p) for r in measured] for p in PHASES}
+    median = {p: float(np.median([x for x in v if x is not None])) for p, v in phase.items()
+              if any(x is not None for x in v)}
+    work = [sum(r["phase_s"].get(p, 0.0) for p in SERVER_WORK) for r in measured]
+    mem = memory.report()
+    return {
+        "model": model, "num_clients": num_clients, "clients_per_round": k, "rounds": rounds,
+        "num_params": num_params,
+        "wall_s_per_round": [round(r["wall_s"], 4) for r in rows],
+        "median_wall_s": float(np.median([r["wall_s"] for r in measured])),
+        "phase_s_per_round": {p: [None if x is None else round(x, 5) for x in v] for p, v in phase.items()},
+        "median_phase_s": median,
+        "server_work_s_per_round": [round(w, 5) for w in work],
+        "median_server_work_s": float(np.median(work)),
+        "model_copy_s": unit,
+        "server_work_copies": float(np.median(work)) / unit,
+        "bytes_down_per_round": [r["bytes_down"] for r in rows],
+        "clients_dropped": sum(r["clients_dropped"] for r in rows),
+        "final_accuracy": summary["final_accuracy"],
+        "run_s": time.perf_counter() - started,
+        "memory": mem,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ("sampling", "downlink", "clients", "decode", "aggregation", "controller", "record", "checkpoint",
+            "metrics")
+    header = (f"{'model':>8} {'N':>6} {'K':>5} {'round s':>8} " + " ".join(f"{c[:8]:>8}" for c in cols)
+              + f" {'copies':>7} {'3K+30':>6} {'RSS MB':>7} {'server MB':>9} {'store MiB':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['model']:>8} {r['num_clients']:>6} {r['clients_per_round']:>5}  skipped: {r['skipped']}")
+            continue
+        m = r["memory"]
+        print(f"{r['model']:>8} {r['num_clients']:>6} {r['clients_per_round']:>5} {r['median_wall_s']:>8.3f} "
+              + " ".join(f"{r['median_phase_s'].get(c, 0.0):>8.4f}" for c in cols)
+              + f" {r['server_work_copies']:>7.0f} {3 * r['clients_per_round'] + 30:>6} "
+              f"{m['peak_total_rss_mb']:>7.0f} {max(m['server_actor_peak_rss_mb'], default=0):>9.0f} "
+              f"{m['object_store_peak_mib'] or 0:>9}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per run (round 1 is not in the medians)")
+    parser.add_argument("--only", nargs="*", default=None, metavar="MODEL:N:K",
+                        help="run only these combinations, e.g. lenet5:10000:1000")
+    parser.add_argument("--json", type=Path, default=RESULTS / "scale.json")
+    args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (round 1 is not measured)")
+    combos = [(m, n, k) for m in MODELS for n in NUM_CLIENTS for k in PER_ROUND if k <= n]
+    if args.only:
+        wanted = {tuple(int(x) if x.isdigit() else x for x in spec.split(":")) for spec in args.only}
+        combos = [c for c in combos if c in wanted]
+
+    started = time.perf_counter()
+    rows: list[dict] = []
+    with LoadSampler() as load, tempfile.TemporaryDirectory(prefix="apf-scale-") as tmp:
+        session_cfg = scale_config(MODELS[0], NUM_CLIENTS[0], PER_ROUND[0], args.rounds, Path(tmp))
+        dataset = load_dataset(session_cfg.data.dataset, **session_cfg.data.options)
+        with ray_session(session_cfg):
+            gcs = ray.get_runtime_context().gcs_address
+            dataset_ref = ray.put(dataset)  # one object-store copy shared by every run
+            for model, n, k in combos:
+                if (model, k) in SKIP:
+                    rows.append({"model": model, "num_clients": n, "clients_per_round": k,
+                                 "skipped": SKIP[(model, k)]})
+                    continue
+                print(f"{model}: {n} clients, {k} per round ...", flush=True)
+                rows.append(measure(model, n, k, args.rounds, dataset, dataset_ref, gcs, Path(tmp)))
+                r = rows[-1]
+                print(f"  round {r['median_wall_s']:.3f} s, server work {r['median_server_work_s']:.4f} s "
+                      f"= {r['server_work_copies']:.0f} model copies (3K+30 = {3 * k + 30}), "
+                      f"downlink {r['median_phase_s']['downlink']:.4f} s, run {r['run_s']:.0f} s", flush=True)
+    print_table(rows)
+    report = {"command": command(), "code": code(), "date": now(), "machine": machine(), "load_average": load.report(),
+              "benchmark": "server scaling with virtual clients and clients per round",
+              "total_s": time.perf_counter() - started, "rows": rows}
+    args.json.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
