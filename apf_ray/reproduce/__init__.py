@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from apf_ray.provenance import LoadSampler, machine, now
 from apf_ray.reproduce.plan import Plan, build_plan
-from apf_ray.reproduce.provenance import LoadSampler, machine, now
 
 __all__ = ["Plan", "build_plan", "reproduce"]
 

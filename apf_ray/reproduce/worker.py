@@ -19,7 +19,7 @@ from typing import Any
 
 from apf_ray.callbacks import Callback, RunContext
 from apf_ray.config import ExperimentConfig, build_config
-from apf_ray.reproduce.provenance import LoadSampler, now
+from apf_ray.provenance import LoadSampler, now
 from apf_ray.resume import ResumePoint, load_resume_point
 from apf_ray.stability_probe import PROBE_DIR, StabilityProbe
 

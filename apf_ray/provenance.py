@@ -1,9 +1,9 @@
-"""Where and when the reproduction ran: machine, software, niceness and load.
+"""Where and when a measurement ran: machine, software, niceness and load.
 
-Times depend on the machine and on what else runs on it (the project's machines are shared),
-so the report states the CPUs, the versions, the niceness and the 1-minute load average
-sampled during the work. Bytes and accuracy do not depend on it. (``bench/provenance.py``
-does the same for the benchmark scripts, which live outside the package.)
+Times depend on the machine and on what else runs on it (this project's machines are shared),
+so every result (``apf-ray reproduce``'s report, the ``bench/`` scripts' files in
+``docs/results/``) states the CPUs, the software versions, the niceness and the 1-minute load
+average sampled during the work. Bytes and accuracy do not depend on it.
 """
 
 from __future__ import annotations
@@ -12,23 +12,26 @@ import os
 import platform
 import threading
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 LOAD_SAMPLE_S = 5.0  # how often the 1-minute load average is sampled, seconds
+PACKAGES = ("torch", "ray", "numpy")  # versions recorded (read from package metadata: nothing is imported)
 
 
 def now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def machine() -> dict[str, Any]:
-    """CPUs, memory, niceness and the versions of torch and numpy."""
+    """CPUs, memory (GiB), platform, niceness and the versions of torch, Ray and numpy (None: absent)."""
     versions = {}
-    for name in ("torch", "numpy"):
+    for name in PACKAGES:
         try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             versions[name] = None
     cpuinfo = Path("/proc/cpuinfo")
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
@@ -39,7 +42,7 @@ def machine() -> dict[str, Any]:
 
 
 class LoadSampler:
-    """The 1-minute load average every few seconds while the block runs."""
+    """The 1-minute load average every few seconds while the block runs (a busy machine stretches times)."""
 
     def __init__(self, every_s: float = LOAD_SAMPLE_S) -> None:
         self.every_s = every_s
@@ -62,6 +65,7 @@ class LoadSampler:
         self.end = os.getloadavg()
 
     def report(self) -> dict[str, Any]:
+        """Load at the start and end (1, 5, 15 min) and the mean and max of the samples taken during the block."""
         samples = self.samples or [self.start[0], self.end[0]]
         return {"start_1_5_15min": [round(x, 2) for x in self.start],
                 "end_1_5_15min": [round(x, 2) for x in self.end],
