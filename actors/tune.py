@@ -188,9 +188,12 @@ def federated_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
             resume = read_resume_point(Path(path))
         _log_resume(run_dir, resume, cfg)
     dataset_ref = shared["dataset_ref"][0]
-    # A PBT exploit continues a donor trial's run under this trial's name and hyperparameters.
+    # A PBT exploit continues a donor trial's run under this trial's name and hyperparameters. Without
+    # a checkpoint the trial starts over, and its folder is Tune's: what an earlier attempt of this
+    # trial left there (a failure, a killed search) is replaced, not refused.
     run(cfg, run_dir, backend=RayBackend(dataset_ref=dataset_ref), callbacks=[TuneReporter(spec, baseline_bytes)],
-        resume=resume, dataset=ray.get(dataset_ref), resume_may_change=("name", *spec.search_space))
+        resume=resume, dataset=ray.get(dataset_ref), resume_may_change=("name", *spec.search_space),
+        overwrite=resume is None)
 
 
 # --------------------------------------------------------------------------- progress
