@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,17 @@ class _Member:
     ready_ref: ray.ObjectRef
     ready: bool = False
     created: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Share:
+    """One actor's part of a round: its streaming call and its clients not yet back, in order."""
+
+    pool: str
+    member: _Member
+    stream: ray.ObjectRefGenerator
+    waiting: deque[int]
+    error: str | None = None  # the last failure the stream gave, for clients it never reached
 
 
 class ClientPools:
@@ -138,48 +150,72 @@ class ClientPools:
 
     # ---- a round ------------------------------------------------------------------------
     def execute(self, broadcast: Broadcast, clients: list[int]) -> tuple[list[ClientResult], dict[int, str]]:
-        """Run ``clients`` on their pools; whatever is not back by ``cluster.round_timeout_s`` is dropped."""
+        """Run ``clients`` on their pools; whatever is not back by ``cluster.round_timeout_s`` is dropped.
+
+        Each ready actor of a pool gets every n-th of the pool's clients (balanced: shares differ
+        by at most one) in one streaming call (``ClientPoolActor.train``), and results are taken
+        as they arrive. A client whose result fails to arrive is an error result; an actor that
+        dies costs its clients not yet back (``died``) and is replaced by the next ``refresh``;
+        at the deadline the clients not back are ``timeout`` and their actors skip the rest.
+        """
         needed = {self.pool_of_client[c] for c in clients}
         self.wait_ready(needed, self.cfg.cluster.startup_timeout_s)
-        bref = ray.put(broadcast)  # once per round; every client call gets the reference
-        pending: dict[ray.ObjectRef, tuple[int, str, _Member]] = {}
-        missing: dict[int, str] = {}
-        turn: dict[str, int] = {}
+        bref = ray.put(broadcast)  # once per round; every actor's call gets the reference
+        by_pool: dict[str, list[int]] = {}
         for cid in clients:
-            pool = self.pool_of_client[cid]
+            by_pool.setdefault(self.pool_of_client[cid], []).append(cid)
+        missing: dict[int, str] = {}
+        shares: list[_Share] = []
+        for pool, cids in by_pool.items():
             ready = self.ready_members(pool)
             if not ready:
-                missing[cid] = "no_actor"
+                missing.update(dict.fromkeys(cids, "no_actor"))
                 continue
-            member = ready[turn.get(pool, 0) % len(ready)]  # round-robin: balanced actors
-            turn[pool] = turn.get(pool, 0) + 1
-            pending[member.handle.train.remote(bref, cid, self.client_state.get(cid))] = (cid, pool, member)
+            for i, member in enumerate(ready):
+                share = cids[i :: len(ready)]
+                if share:
+                    calls = [(c, self.client_state.get(c)) for c in share]
+                    shares.append(_Share(pool, member, member.handle.train.remote(bref, calls), deque(share)))
         results: list[ClientResult] = []
         deadline = time.monotonic() + self.cfg.cluster.round_timeout_s
-        waiting = list(pending)
-        while waiting:
+        live = {id(s.stream): s for s in shares}
+        while live:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            done, waiting = ray.wait(waiting, num_returns=1, timeout=left)
-            for ref in done:
-                cid, pool, member = pending[ref]
-                try:
-                    res = ray.get(ref, timeout=self.cfg.cluster.result_timeout_s)
-                    results.append(res)
-                    if res.state is not None:
-                        self.client_state[cid] = res.state
-                except RayActorError:
-                    missing[cid] = "died"
-                    self._drop(pool, member, "actor died")
-                except RayError as err:  # the task itself failed: an error result, not a crash
-                    detail = f"{type(err).__name__}: {err}"[: self.cfg.cluster.max_error_chars]
-                    results.append(ClientResult(cid, None, error=detail))
-        for ref in waiting:
-            cid, pool, member = pending[ref]
-            missing[cid] = "timeout"
-            member.handle.cancel_round.remote(broadcast.round)
+            done, _ = ray.wait([s.stream for s in live.values()], num_returns=1, timeout=left)
+            for stream in done:
+                share = live[id(stream)]
+                if not self._take(share, results, missing):
+                    del live[id(stream)]
+        for share in live.values():
+            missing.update(dict.fromkeys(share.waiting, "timeout"))
+            share.member.handle.cancel_round.remote(broadcast.round)
         return results, missing
+
+    def _take(self, share: _Share, results: list[ClientResult], missing: dict[int, str]) -> bool:
+        """Take the next result of an actor's stream; False once it has nothing more to give."""
+        try:
+            ref = next(share.stream)
+        except StopIteration:  # ended early: its last error (or none) stands for the rest
+            detail = share.error or "the actor's call ended before this client trained"
+            results.extend(ClientResult(cid, None, error=detail) for cid in share.waiting)
+            return False
+        cid = share.waiting.popleft()
+        try:
+            res = ray.get(ref, timeout=self.cfg.cluster.result_timeout_s)
+        except RayActorError:
+            missing.update(dict.fromkeys([cid, *share.waiting], "died"))
+            self._drop(share.pool, share.member, "actor died")
+            return False
+        except RayError as err:  # the call itself failed: an error result, not a crash
+            share.error = f"{type(err).__name__}: {err}"[: self.cfg.cluster.max_error_chars]
+            results.append(ClientResult(cid, None, error=share.error))
+            return bool(share.waiting)
+        results.append(res)
+        if res.state is not None:
+            self.client_state[cid] = res.state
+        return bool(share.waiting)
 
     def shutdown(self) -> None:
         for members in self.members.values():

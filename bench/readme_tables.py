@@ -267,9 +267,9 @@ def render_vs_flower() -> str:
         def three(key: str, fmt: str, scale: float = 1.0, *, f=fl, a=fed, p=apf) -> str:
             return " / ".join(format(x[key] * scale, fmt) for x in (f, a, p))
 
-        rows.append([str(row["k"]), f"{row['lower_bound_s']:.3f}",
-                     " / ".join(f"{x['median_round_s']:.3f} ({x['round_over_lower_bound']:.2f}×)"
-                                for x in (fl, fed, apf)),
+        rows.append([str(row["k"]), f"{row['lower_bound_s']:.3f} / {row['side_by_side_bound_s']:.3f}",
+                     " / ".join(f"{x['median_round_s']:.3f} ({x['round_over_lower_bound']:.2f}×, "
+                                f"{x['round_over_side_by_side_bound']:.2f}×)" for x in (fl, fed, apf)),
                      f"**{row['fedavg_over_flower']['round_s']:.2f}** / {row['apf_over_flower']['round_s']:.2f}",
                      f"{row['apf_over_fedavg']['round_s']:.2f} ({row['apf_over_fedavg']['client_compute_sum_s']:.2f})",
                      three("median_startup_s", ".1f"), three("peak_rss_mb", ".0f"),
@@ -290,7 +290,8 @@ def render_vs_flower() -> str:
             f"Flower {versions['flwr']} (its Ray simulation, Ray {versions['ray']}, FedAvg); medians of rounds "
             f"{st['warmup_rounds'] + 1}–{st['rounds']} of {st['reps']} runs per system and K, the systems' order "
             f"rotating; on a {_machine(data)}.\n\n"
-            + _table(["K", "plain-loop bound s", "round s (× bound): Flower / apf-ray FedAvg / APF",
+            + _table(["K", "plain-loop bound s: alone / side by side",
+                      "round s (× bound alone, side by side): Flower / apf-ray FedAvg / APF",
                       "apf-ray / Flower: FedAvg / APF", "APF / FedAvg round (clients' compute)",
                       "start-up s: Flower / FedAvg / APF", "peak RSS MB: Flower / FedAvg / APF",
                       "KB / round: Flower / FedAvg / APF"], rows)
