@@ -77,6 +77,21 @@ def tensorboard_scalars(rec: RoundRecord) -> dict[str, float]:
     return {k: float(v) for k, v in scalars.items() if v is not None}
 
 
+def wait_until_new_event_files_sort_last(board: Path) -> None:
+    """Wait until a new TensorBoard event file will sort after those in ``board`` (at most ~1 s).
+
+    TensorBoard reads a folder's event files in name order, and a file's name starts with the
+    second it was created, then the host, the process id and a per-process counter. A run
+    resumed within the same second by the same process (a notebook, a test) would otherwise
+    get a name that can sort *before* the earlier file (counter 10 < 9 as text), and
+    TensorBoard would apply the earlier file's events last, undoing the purge of redone rounds.
+    """
+    stamps = [int(p.name.split(".")[3]) for p in board.glob("events.out.tfevents.*")
+              if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
+
+
 class MetricsWriter(Callback):
     """TensorBoard events and the journal per round; tables, summary and plots at the end."""
 
@@ -99,9 +114,11 @@ class MetricsWriter(Callback):
         if ctx.cfg.output.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            board = self.run_dir / "tensorboard"
+            if ctx.start_round:
+                wait_until_new_event_files_sort_last(board)
             # purge_step drops events of rounds redone after a resume
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"),
-                                    purge_step=ctx.start_round + 1 if ctx.start_round else None)
+            self.tb = SummaryWriter(str(board), purge_step=ctx.start_round + 1 if ctx.start_round else None)
 
     def on_round(self, event: RoundEvent) -> None:
         """Append the round to the journal and TensorBoard, timing this work into its ``phase_s``.

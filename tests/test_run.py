@@ -7,9 +7,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.summary.writer import event_file_writer
+from torch.utils.tensorboard import SummaryWriter
 
 from apf_ray.config import load_config
-from apf_ray.metrics import read_history
+from apf_ray.metrics import read_history, wait_until_new_event_files_sort_last
 from apf_ray.resume import load_resume_point
 from apf_ray.run import run
 from tests.helpers import Crash, CrashAfter, tiny_config
@@ -142,3 +144,16 @@ def test_a_strategy_from_a_file_outside_the_package_runs_by_import_path_with_its
     assert summary["rounds"] == 2 and summary["final_accuracy"] is not None
     with pytest.raises(ValueError, match=r"strategy\.options\.step"):
         tiny_config("strategy.name=tests.plugins.median_strategy:Median", "strategy.options.step=5")
+
+
+def test_a_resumed_runs_tensorboard_file_sorts_after_the_earlier_ones(tmp_path):
+    # TensorBoard applies a folder's event files in name order: <second>.<host>.<pid>.<writer number>.
+    # Within one second of one process, writer number 10 sorts before 9 as text, so a resumed run's
+    # file would be read first and the earlier file's redone rounds would come back.
+    while event_file_writer._global_uid._value % 10 != 9:
+        event_file_writer._global_uid.get()
+    SummaryWriter(str(tmp_path)).close()  # writer …9
+    wait_until_new_event_files_sort_last(tmp_path)
+    SummaryWriter(str(tmp_path), purge_step=2).close()  # writer …10
+    first, last = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
+    assert first.endswith(".9") and last.endswith(".10")
