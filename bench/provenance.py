@@ -13,10 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from apf_ray.provenance import LoadSampler, now
-from apf_ray.provenance import machine as _machine
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # the scripts run from a checkout, whether or not it is pip-installed
+    sys.path.insert(0, str(REPO))
 
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+from apf_ray.provenance import LoadSampler, now  # noqa: E402
+from apf_ray.provenance import machine as _machine  # noqa: E402
+
+RESULTS = REPO / "docs" / "results"
 
 __all__ = ["RESULTS", "LoadSampler", "code", "command", "machine", "now"]
 
