@@ -150,10 +150,12 @@ def test_a_resumed_runs_tensorboard_file_sorts_after_the_earlier_ones(tmp_path):
     # TensorBoard applies a folder's event files in name order: <second>.<host>.<pid>.<writer number>.
     # Within one second of one process, writer number 10 sorts before 9 as text, so a resumed run's
     # file would be read first and the earlier file's redone rounds would come back.
-    while event_file_writer._global_uid._value % 10 != 9:
-        event_file_writer._global_uid.get()
-    SummaryWriter(str(tmp_path)).close()  # writer …9
+    counter = event_file_writer._global_uid
+    nines = 10 ** len(str(counter._value)) - 1  # the next 9, 99, 999...: the one after it gains a digit
+    while counter._value < nines:
+        counter.get()
+    SummaryWriter(str(tmp_path)).close()  # writer number 9 (or 99, ...)
     wait_until_new_event_files_sort_last(tmp_path)
-    SummaryWriter(str(tmp_path), purge_step=2).close()  # writer …10
+    SummaryWriter(str(tmp_path), purge_step=2).close()  # writer number 10 (or 100, ...)
     first, last = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
-    assert first.endswith(".9") and last.endswith(".10")
+    assert first.endswith(f".{nines}") and last.endswith(f".{nines + 1}")
