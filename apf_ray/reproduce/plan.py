@@ -291,8 +291,7 @@ def build_plan(*, quick: bool, cifar10: Path | None = None, tuned_file: Path | N
     notes: list[str] = [n for w in workloads.values() for n in w.notes]
     if tuned is not None:
         opts = ",".join(f"{k}={v}" for k, v in tuned["options"].items())
-        label = "APF tuned (" + ", ".join(f"{_SYMBOL.get(k, k)} = {_short(v)}"
-                                          for k, v in tuned["options"].items()) + ")"
+        label = f"APF tuned ({settings_label(tuned['options'])})"
         add(L, "lenet5-apf-tuned", label, f"apf:{opts}")
         add(L, "lenet5-apf-tuned-int8", label.replace("APF tuned", "APF tuned + int8"), f"apf:{opts}+int8")
     # continuations: the same runs, trained on from their last checkpoint to twice the length
@@ -336,6 +335,11 @@ def build_plan(*, quick: bool, cifar10: Path | None = None, tuned_file: Path | N
         notes.append(f"No Ray Tune result at {tuned_file or TUNE_RESULT} yet: the tuned run is pending "
                      f"(`apf-ray reproduce --only gap --tuned FILE` adds it)")
     return Plan("quick" if quick else "full", workloads, runs, {e.name: e for e in experiments}, tuned, notes)
+
+
+def settings_label(options: dict[str, Any]) -> str:
+    """``T = 0.34, α = 0.988, Fc = 2, p = 0.284``: APF options in the paper's symbols."""
+    return ", ".join(f"{_SYMBOL.get(k, k)} = {_short(v)}" for k, v in options.items())
 
 
 _SYMBOL = {"threshold": "T", "alpha": "α", "check_every": "Fc", "aggressive_prob": "p", "tighten_ratio": "Φ"}

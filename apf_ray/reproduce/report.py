@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 
 from apf_ray.reproduce.analysis import RunData, bytes_to_target, load_run, metrics, saving, smoothed, window_saving
-from apf_ray.reproduce.plan import APF_T, MODEL_NAMES, PAPER, TARGET_FRACTION, Plan
+from apf_ray.reproduce.plan import APF_T, MODEL_NAMES, PAPER, TARGET_FRACTION, Plan, settings_label
 
 DPI = 100
 _PAPER_ROUND = {"fedavg": "round_s_fedavg", "apf": "round_s_apf", "apf-aggressive": "round_s_aggressive"}
@@ -673,15 +673,21 @@ class Report:
                           _pct(r["saving_total"]),
                           _pts(r["accuracy_delta"]), _pct(r["frozen_final"]), note])
         ref = (self.plan.tuned or {}).get("runs", {})
-        base_ref, paper_ref = ref.get("FedAvg"), ref.get("APF, the paper's defaults")
-        if base_ref and paper_ref and paper_ref.get("saving_total") is not None:
-            delta = paper_ref["accuracy_last10"] - base_ref["accuracy_last10"]
-            out.append({"what": "APF at the paper's defaults (T = 0.05), from the Ray Tune bench",
-                        "saving": paper_ref["saving_total"], "accuracy_delta": delta,
-                        "frozen_final": paper_ref["frozen_fraction_final"], "source": self.plan.tuned["file"]})
-            lines.append([f"for reference: APF at the paper's defaults (T = 0.05, α = 0.99, Fc = 1), "
-                          f"{paper_ref['rounds']} rounds", _pct(paper_ref["saving_total"]), _pts(delta),
-                          _pct(paper_ref["frozen_fraction_final"]),
+        base_ref = ref.get("FedAvg")
+        references = [("APF, the paper's defaults", "APF at the paper's defaults (T = 0.05, α = 0.99, Fc = 1)")]
+        if "lenet5-apf-tuned" not in self.data:  # this report's own tuned run supersedes the search's trial
+            options = (self.plan.tuned or {}).get("options", {})
+            references.append(("APF, tuned", f"the Ray Tune search's best trial ({settings_label(options)})"))
+        for name, what in references:
+            other = ref.get(name)
+            if not (base_ref and other and other.get("saving_total") is not None):
+                continue
+            delta = other["accuracy_last10"] - base_ref["accuracy_last10"]
+            out.append({"what": f"{what}, from the Ray Tune bench", "saving": other["saving_total"],
+                        "accuracy_delta": delta, "frozen_final": other["frozen_fraction_final"],
+                        "source": self.plan.tuned["file"]})
+            lines.append([f"for reference: {what}, {other['rounds']} rounds", _pct(other["saving_total"]), _pts(delta),
+                          _pct(other["frozen_fraction_final"]),
                           f"not a run of this report: {Path(self.plan.tuned['file']).name} (accuracy: mean of the "
                           f"last 10 rounds)"])
         if self.plan.tuned is None:
