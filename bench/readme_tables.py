@@ -376,8 +376,12 @@ def render_reproduce() -> str:
     inv = data.get("invocations") or []
     main = max(inv, key=lambda i: i["wall_s"]) if inv else data  # the invocation that trained most
     took = _duration(data.get("total_wall_s") or data["wall_s"])
+    pending = [e["title"] for e in data["experiments"].values() if not e["complete"]]
+    status = ("has every table and plot" if not pending else
+              f"has the tables and plots whose runs are done — {len(pending)} of {len(data['experiments'])} "
+              f"experiments still wait for runs: {'; '.join(pending)}")
     text = (f"`{main['command']}` ({data['scale']} scale; "
-            f"[the full report](docs/results/reproduce/report.md) has every table and plot, {link} every number): "
+            f"[the report](docs/results/reproduce/report.md) {status}; {link} has every number): "
             f"{done} runs, in-process, seed 0, {data['jobs']} at a time, {took} of training on a "
             f"{_machine(data | {'load_average': main['load_average']})}"
             + (f" ({len(inv)} invocations, the longest's load shown)" if len(inv) > 1 else "") + ".")
