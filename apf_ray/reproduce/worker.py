@@ -19,6 +19,7 @@ from typing import Any
 
 from apf_ray.callbacks import Callback, RunContext
 from apf_ray.config import ExperimentConfig, build_config
+from apf_ray.errors import RunStopped
 from apf_ray.provenance import LoadSampler, now
 from apf_ray.resume import ResumePoint, load_resume_point
 from apf_ray.stability_probe import PROBE_DIR, StabilityProbe
@@ -117,8 +118,12 @@ def main(spec_path: str) -> int:
 
     print(f"{spec['key']}: {'resuming after round ' + str(resume.round) if resume else 'starting'}", flush=True)
     start = time.perf_counter()
-    with LoadSampler() as load:
-        summary = run(cfg, run_dir, callbacks=callbacks, resume=resume)
+    try:
+        with LoadSampler() as load:
+            summary = run(cfg, run_dir, callbacks=callbacks, resume=resume)
+    except RunStopped as stop:  # SIGINT/SIGTERM: checkpointed; the next `apf-ray reproduce` resumes it
+        print(f"{spec['key']}: {stop.message}", flush=True)
+        return stop.exit_code
     info = {
         "key": spec["key"], "date": now(), "process_wall_s": time.perf_counter() - start,
         "resumed_after_round": resume.round if resume else 0,
