@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,13 +75,20 @@ def run_all(specs: list[RunSpec], out: Path, *, jobs: int = 2, say: Callable[[st
     total = len(pending)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                      os.environ.get("PYTHONPATH")]))}
+    def stop(signum: int, frame: object) -> None:  # SIGTERM ends Python without `finally`: exit through it
+        raise SystemExit(128 + signum)
+
+    in_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, stop) if in_main else None
     try:
         _loop(pending, running, status, out, env, jobs, say, total)
     finally:
-        for r in running:  # interrupted: stop this invocation's workers; their checkpoints stay
+        for r in running:  # interrupted: stop this invocation's workers; each checkpoints its round in flight
             r.proc.terminate()
         for r in running:
             r.proc.wait()
+        if in_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return status
 
 
