@@ -39,8 +39,9 @@ def test_ray_run_matches_the_inprocess_reference(local_ray, tmp_path):
 
 def test_killing_a_client_actor_mid_round_costs_that_round_one_client(local_ray, tmp_path):
     # 2000 steps with momentum 0.9 move the model by ~24x its norm: no norm bound, or that is a rejection
+    # a generous deadline: on a loaded machine the replacement actor's start-up and 2000 steps are slow
     cfg = tiny_config("train.clients_per_round=2", "train.local_steps=2000", "cluster.min_clients=1",
-                      "defence.max_update_ratio=null", rounds=2)
+                      "defence.max_update_ratio=null", "cluster.round_timeout_s=600", rounds=2)
     backend, info = start_ray_backend(cfg, tmp_path)
     try:
         pids = [a["pid"] for a in info["pools"]["cpu"]]
