@@ -190,9 +190,14 @@ def journal_tables(run_dir: Path) -> dict[str, pa.Table]:
             "layers": pa.Table.from_pylist(layers, schema=layer_schema)}
 
 
+def read_journal(run_dir: Path, name: str = "rounds") -> list[dict[str, Any]]:
+    """The run's ``rounds`` or ``clients`` journal as rows (a missing journal is empty; a torn last line dropped)."""
+    return _read_journal(Path(run_dir) / JOURNAL / f"{name}.jsonl", math.inf)
+
+
 def read_history(run_dir: Path) -> list[RoundRecord]:
     """The run's round records, from its journal (what the plots are drawn from)."""
-    return [RoundRecord(**row) for row in _read_journal(Path(run_dir) / JOURNAL / "rounds.jsonl", math.inf)]
+    return [RoundRecord(**row) for row in read_journal(run_dir)]
 
 
 def write_tables(run_dir: Path) -> None:

@@ -42,6 +42,7 @@ from provenance import LoadSampler, command, machine, now  # noqa: E402
 from readme_tables import fault_table, input_table  # noqa: E402
 
 from apf_ray.config import load_config  # noqa: E402
+from apf_ray.metrics import read_journal  # noqa: E402
 from apf_ray.resume import load_resume_point  # noqa: E402
 from apf_ray.run import run  # noqa: E402
 
@@ -73,10 +74,6 @@ FAULT_CASES: list[tuple[str, list[str]]] = [
 ]
 
 
-def _journal(run_dir: Path, name: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "journal" / f"{name}.jsonl").read_text().splitlines()]
-
-
 def fault_rows(rounds: int, work: Path) -> list[dict[str, Any]]:
     rows = []
     clean_acc = None
@@ -87,10 +84,10 @@ def fault_rows(rounds: int, work: Path) -> list[dict[str, Any]]:
         start = time.perf_counter()
         summary = run(cfg, run_dir)
         wall = time.perf_counter() - start
-        clients = _journal(run_dir, "clients")
+        clients = read_journal(run_dir, "clients")
         rejected = [c for c in clients if c["status"] == "rejected"]
         dropped = [c for c in clients if c["status"] in ("error", "timeout", "died", "no_actor")]
-        rounds_rec = _journal(run_dir, "rounds")
+        rounds_rec = read_journal(run_dir, "rounds")
         acc = summary["final_accuracy"]
         clean_acc = acc if clean_acc is None else clean_acc
         example = (rejected or dropped or [{"error": ""}])[0]["error"]
@@ -265,8 +262,8 @@ def input_rows(work: Path) -> list[dict[str, Any]]:
         delta = float(np.max(np.abs(_params(target) - _params(reference))))
         row["resume_exit"] = resumed["exit"]
         row["resumed_max_abs_diff_vs_uninterrupted"] = delta
-        row["resumed_bytes_equal"] = ([r["bytes_up"] for r in _journal(target, "rounds")]
-                                      == [r["bytes_up"] for r in _journal(reference, "rounds")])
+        row["resumed_bytes_equal"] = ([r["bytes_up"] for r in read_journal(target, "rounds")]
+                                      == [r["bytes_up"] for r in read_journal(reference, "rounds")])
         row["run_folder"] = (f"checkpoint of round {row['checkpoint_round']} of {journal} done; resumed on Ray: "
                              f"max |Δw| vs the uninterrupted run {delta:.1g}, uplink bytes "
                              f"{'equal' if row['resumed_bytes_equal'] else 'DIFFER'}")

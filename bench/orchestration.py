@@ -41,6 +41,7 @@ from ray._private.internal_api import memory_summary
 from actors.backend import ray_session
 from apf_ray.callbacks import Callback
 from apf_ray.config import ConfigError, ExperimentConfig, build_config
+from apf_ray.metrics import read_journal
 from apf_ray.run import run
 
 DEFAULT_CLIENTS = (10, 50, 100)
@@ -188,10 +189,6 @@ class MemorySampler:
         }
 
 
-def _journal(run_dir: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "journal" / f"{name}.jsonl").read_text().splitlines()]
-
-
 class Marks(Callback):
     """Driver clock when the backend is up and after each round's event arrived; pool events."""
 
@@ -217,9 +214,9 @@ def per_round_compute(client_history: list[dict], rounds: int) -> np.ndarray:
 
 def round_stats(run_dir: Path, actors: int) -> dict:
     """Wall vs. compute time of the measured rounds of a finished run (from its journal)."""
-    all_rounds = _journal(run_dir, "rounds")
+    all_rounds = read_journal(run_dir, "rounds")
     history = [h for h in all_rounds if h["round"] > WARMUP_ROUNDS]
-    compute = per_round_compute(_journal(run_dir, "clients"), len(all_rounds))
+    compute = per_round_compute(read_journal(run_dir, "clients"), len(all_rounds))
     rounds = np.array([h["round"] for h in history])
     wall = np.array([h["wall_s"] for h in history])
     serial = compute[rounds]

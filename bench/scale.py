@@ -40,6 +40,7 @@ from actors.backend import ray_session
 from apf_ray.callbacks import Callback, RunContext
 from apf_ray.config import ExperimentConfig, build_config
 from apf_ray.data import load_dataset
+from apf_ray.metrics import read_journal
 from apf_ray.records import PHASES
 from apf_ray.run import run
 
@@ -93,10 +94,6 @@ class StartInfo(Callback):
         self.info = ctx.info
 
 
-def _journal(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "journal" / "rounds.jsonl").read_text().splitlines()]
-
-
 def measure(model: str, num_clients: int, k: int, rounds: int, dataset: Any, dataset_ref: ray.ObjectRef,
             gcs: str, workdir: Path) -> dict:
     """One run; per-phase medians over rounds 2.. (round 1 sends every client the full model)."""
@@ -108,7 +105,7 @@ def measure(model: str, num_clients: int, k: int, rounds: int, dataset: Any, dat
     with MemorySampler(tree=True, gcs_address=gcs) as memory:
         summary = run(cfg, run_dir, backend="ray", backend_options={"dataset_ref": dataset_ref}, dataset=dataset,
                       callbacks=[start_info])
-    rows = _journal(run_dir)
+    rows = read_journal(run_dir)
     measured = rows[1:]
     num_params = int(start_info.info["num_params"])
     unit = copy_seconds(num_params)

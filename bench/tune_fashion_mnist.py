@@ -40,6 +40,8 @@ import pyarrow.parquet as pq
 import yaml
 from provenance import RESULTS, LoadSampler, command, machine, now
 
+from apf_ray.metrics import read_journal
+
 REPO = RESULTS.parent.parent
 SEARCH = "tune_configs/fashion-mnist-lenet5.yaml"
 CONFIG = "configs/fashion-mnist-lenet5.yaml"
@@ -57,12 +59,8 @@ def _run(argv: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def _journal(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "journal" / "rounds.jsonl").read_text().splitlines()]
-
-
 def _summarise(label: str, run_dir: Path, baseline_total: float | None, settings: dict[str, Any]) -> dict[str, Any]:
-    rows = _journal(run_dir)
+    rows = read_journal(run_dir)
     accs = [r["test_accuracy"] for r in rows if r["test_accuracy"] is not None]
     last = rows[-1]
     total = last["cum_bytes_up"] + last["cum_bytes_down"]

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from apf_ray.metrics import read_journal
 from apf_ray.reproduce.plan import RunSpec
 from apf_ray.reproduce.runner import is_done, run_dir
 from apf_ray.reproduce.worker import WORKER_FILE
@@ -46,18 +47,12 @@ class RunData:
         return np.array([r[name] for r in self.rounds], dtype=np.float64)
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def load_run(out: Path, spec: RunSpec) -> RunData | None:
     """The run's data, or None if it is not done (in this output folder, for this config)."""
     if not is_done(out, spec):
         return None
     d = run_dir(out, spec.key)
-    return RunData(spec, _jsonl(d / "journal" / "rounds.jsonl"), _jsonl(d / "journal" / "clients.jsonl"),
+    return RunData(spec, read_journal(d), read_journal(d, "clients"),
                    json.loads((d / "summary.json").read_text()), json.loads((d / WORKER_FILE).read_text()),
                    read_probe(d) if spec.probe else None)
 
