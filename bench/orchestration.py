@@ -32,9 +32,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil  # bundled with Ray: importable once ray is imported (ray/thirdparty_files)
 import ray
 import torch
+
+# isort: split
+import psutil  # bundled with Ray: importable once ray is imported (ray/thirdparty_files)
 from provenance import RESULTS, LoadSampler, command, now
 from ray._private.internal_api import memory_summary
 
