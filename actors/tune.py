@@ -333,7 +333,7 @@ def _scheduler(spec: TuneSpec, rounds: int) -> Any:
         mutations = s.mutations or spec.search_space
         return PopulationBasedTraining(time_attr="round", metric=metric, mode=mode,
                                        perturbation_interval=s.perturbation_interval,
-                                       quantile_fraction=s.quantile_fraction,
+                                       quantile_fraction=s.quantile_fraction, synch=s.synch,
                                        hyperparam_mutations={k: tune_domain(d) for k, d in mutations.items()})
     return None
 

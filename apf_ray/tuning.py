@@ -116,6 +116,10 @@ class SchedulerSpec(_Strict):
     reduction_factor: float = Field(2.0, gt=1, description="asha: keep 1/reduction_factor at each rung")
     perturbation_interval: int = Field(2, ge=1, description="pbt: rounds between exploit/explore steps")
     quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="pbt: bottom fraction that copies the top")
+    synch: bool = Field(False, description="pbt: perturb the whole population at once — every trial waits at "
+                                           "each perturbation round (slower with uneven trials); False: each "
+                                           "trial is compared with the others' latest scores when it arrives, "
+                                           "and copies a top trial only if that one checkpointed as a top trial")
     mutations: dict[str, Domain] = Field(default_factory=dict,
                                          description="pbt: dotted keys → resampling domains (default: search_space)")
 

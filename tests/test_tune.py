@@ -109,7 +109,7 @@ def test_a_pbt_exploit_continues_the_donors_round_and_controller_state_with_the_
     _, rows = _search(tmp_path, {
         "search_space": {"strategy.options.threshold": {"choice": [0.05, 0.1, 0.6, 0.9]}},
         "objective": [{"metric": "accuracy"}], "scheduler": {"name": "pbt", "perturbation_interval": 2,
-                                                              "quantile_fraction": 0.5},
+                                                              "quantile_fraction": 0.5, "synch": True},
         "num_samples": 4, "baseline": False,
     }, _base("output.keep_checkpoints=10", "strategy.options.alpha=0.5", "train.local_steps=20", "train.lr=0.1",
              "train.momentum=0", rounds=6, cpus=0.5))  # all 4 at once; learns enough for scores to differ
@@ -119,7 +119,10 @@ def test_a_pbt_exploit_continues_the_donors_round_and_controller_state_with_the_
         if log.is_file():
             exploits += [(r["trial_id"], json.loads(line)) for line in log.read_text().splitlines()]
     exploits = [(t, e) for t, e in exploits if not e["from"].endswith(t) and e["round"] < 6]
-    assert exploits, "PBT with quantile 0.5 over 4 trials must exploit by round 4"
+    # Synchronous PBT: at round 2 all four wait, the top two checkpoint, the bottom two copy one of them.
+    # (Asynchronous PBT exploits only when a trial arrives below others that checkpointed as top trials —
+    # an order the machine's load decides; it exploited here on 2 cores at rest and not once in CI.)
+    assert len({t for t, e in exploits if e["round"] == 2}) == 2, exploits
     for recipient, entry in exploits:
         donor = entry["from"].rsplit("-", 1)[-1]
         donor_dir = tmp_path / "trials" / donor
