@@ -129,7 +129,7 @@ class ServerCore:
             rec.status, rec.error = "rejected", reason[: self.cfg.cluster.max_error_chars]
             return None
         rec.bytes_up, rec.num_samples, rec.train_loss = up.nbytes, up.num_samples, up.loss
-        if up.update is None:
+        if up.values is None:
             rec.status = "skipped"
         return up
 

@@ -109,29 +109,26 @@ class UplinkChain:
             state[RESIDUAL] = full
         return buf
 
-    def decode(self, values_part: np.ndarray, sync_mask: np.ndarray | None, num_params: int) -> np.ndarray:
-        """Dense float32 update (0 where nothing was sent) from an upload's ``values`` part.
+    def decode(self, values_part: np.ndarray, num_synced: int) -> np.ndarray:
+        """The update over the round's ``num_synced`` synchronised scalars, in flat order (float32,
+        0 where a sparsifier sent nothing), from an upload's ``values`` part.
 
         The container must be the kind (dense or sparse) and the value type this chain
         produces, and cover exactly the synchronised scalars; anything else is a ValueError
-        naming the mismatch.
+        naming the mismatch. The result stays compact: scattering it into a model-sized vector
+        (one boolean-mask pass, ~15 copies of the model's time when half of it is frozen) is
+        left to whoever needs it, once per round (:meth:`Strategy.aggregate`).
         """
-        expected = num_params if sync_mask is None else int(np.count_nonzero(sync_mask))
         kind = "sparse" if self.sparse else "dense"
         dtype = wire.value_dtype(values_part)
         if dtype != self.quantizer.name:
             raise ValueError(f"upload values are {dtype}, the uplink chain sends {self.quantizer.name}")
         if self.sparse:
             positions, values, n = wire.decode_sparse(values_part)
-            if n != expected:
-                raise ValueError(f"sparse upload covers {n} scalars, the round synchronises {expected}")
-            synced = wire.densify(positions, values, n)
-        else:
-            synced = wire.decode_values(values_part)
-            if synced.size != expected:
-                raise ValueError(f"{kind} upload has {synced.size} values, the round synchronises {expected}")
-        if sync_mask is None:
-            return synced
-        dense = np.zeros(num_params, dtype=np.float32)
-        dense[sync_mask] = synced
-        return dense
+            if n != num_synced:
+                raise ValueError(f"sparse upload covers {n} scalars, the round synchronises {num_synced}")
+            return wire.densify(positions, values, n)
+        synced = wire.decode_values(values_part)
+        if synced.size != num_synced:
+            raise ValueError(f"{kind} upload has {synced.size} values, the round synchronises {num_synced}")
+        return synced

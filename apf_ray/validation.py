@@ -86,13 +86,16 @@ class UploadValidator:
             return f"buffers have shape {up.buffers.shape}, the model has {self.num_buffers}"
         if not np.all(np.isfinite(up.buffers)):
             return "buffers hold NaN or inf"
-        if up.update is None:
+        if up.values is None:
             return None  # a skip (CMFL): nothing to aggregate beyond the claims checked above
-        if up.update.shape != (self.num_params,):
-            return f"update has shape {up.update.shape}, the model has {self.num_params} parameters"
-        norm = _l2(up.update)  # also the finiteness check: one pass over the update
+        if up.sync_mask is not None and up.sync_mask.shape != (self.num_params,):
+            return f"sync mask has shape {up.sync_mask.shape}, the model has {self.num_params} parameters"
+        synced = self.num_params if up.sync_mask is None else int(np.count_nonzero(up.sync_mask))
+        if up.values.shape != (synced,):
+            return f"update has shape {up.values.shape}, the round synchronises {synced} parameters"
+        norm = _l2(up.values)  # also the finiteness check: one pass over what was sent
         if not math.isfinite(norm):
-            bad = int(np.count_nonzero(~np.isfinite(up.update)))
+            bad = int(np.count_nonzero(~np.isfinite(up.values)))
             return f"update holds {bad} NaN or inf value(s)"
         param_bound, buffer_bound = bounds if bounds is not None else (
             self.norm_bound(params), self.buffer_bound(buffers))

@@ -14,9 +14,11 @@ its seconds divided by the time this process takes to copy the model's float32 v
 Decoding, validating and accumulating K uploads is about 3K copies and the controller a few,
 so a server that stays within ``3K + 30`` copies does no work that grows faster than the round.
 
-Combinations that cannot fit this machine are skipped and recorded as such: ResNet-18 uploads
-are 45 MB each and the server holds a round's uploads until it aggregates, so K = 100 needs
-~4.5 GB in the object store and as much again in the server, K = 1,000 ~45 GB.
+Combinations that cannot fit this machine are skipped and recorded as such: the server holds a
+round's uploads until it aggregates (45 MB each for ResNet-18), in the object store and decoded
+in the server, so a round needs about 2 × K × 4 B × parameters beside the cluster itself (ResNet-18:
+~9 GB at K = 100, ~90 GB at K = 1,000); a combination runs when that fits the memory available
+when the benchmark starts.
 
     python3 bench/scale.py [--rounds 5] [--only lenet5:10000:1000 ...] [--json PATH]
 """
@@ -33,6 +35,9 @@ from typing import Any
 
 import numpy as np
 import ray
+
+# isort: split
+import psutil  # bundled with Ray: importable once ray is imported (ray/thirdparty_files)
 from orchestration import MemorySampler  # bench/orchestration.py: peak memory of the cluster's processes
 from provenance import RESULTS, LoadSampler, code, command, machine, now
 
@@ -47,18 +52,35 @@ from apf_ray.run import run
 MODELS = ("lenet5", "resnet18")
 NUM_CLIENTS = (100, 1_000, 10_000)
 PER_ROUND = (10, 100, 1_000)
-SKIP = {("resnet18", 100): "ResNet-18 with 100 uploads per round: ~4.5 GB of uploads in the object store and "
-                           "in the server at once, beside the other jobs on this 23 GB machine",
-        ("resnet18", 1_000): "ResNet-18 with 1,000 uploads per round: ~45 GB, more than the machine's 23 GB"}
+NUM_PARAMS = {"lenet5": 61_706, "resnet18": 11_172_810}
+"""Parameters of each model on Fashion-MNIST (checked against the run's own count in :func:`measure`)."""
+CLUSTER_GB = 6.0
+"""Peak RSS of the cluster (driver, Ray's processes, server and 2 client actors) with ResNet-18 at K = 10."""
 SERVER_WORK = ("sampling", "downlink", "decode", "aggregation", "controller", "record", "checkpoint")
 """Phases whose cost is the server's own per-round work on model vectors (model-copy units)."""
 ACTORS = 2
 OBJECT_STORE_MB = 3072
+"""The object store's size when every round's uploads fit in it; larger rounds get what they need."""
 TEST_IMAGES = 200
 MB = 2**20
 
 
-def scale_config(model: str, num_clients: int, k: int, rounds: int, run_dir: Path) -> ExperimentConfig:
+def uploads_gb(model: str, k: int) -> float:
+    """GB a round's K dense float32 uploads take in the object store and again decoded in the server."""
+    return 2 * k * 4 * NUM_PARAMS[model] / 1e9
+
+
+def skip_reason(model: str, k: int, available_gb: float) -> str | None:
+    """Why ``model`` with ``k`` uploads per round cannot run here, or None when it fits."""
+    need = uploads_gb(model, k)
+    if need + CLUSTER_GB <= available_gb:
+        return None
+    return (f"{model} with {k:,} uploads per round needs ~{need:.0f} GB for them (object store + server) beside "
+            f"the cluster's ~{CLUSTER_GB:.0f} GB; {available_gb:.0f} GB of memory was available")
+
+
+def scale_config(model: str, num_clients: int, k: int, rounds: int, run_dir: Path,
+                 object_store_mb: int = OBJECT_STORE_MB) -> ExperimentConfig:
     """APF, IID Fashion-MNIST, 1 local step of batch 4; checkpoint every round, evaluate once at the end."""
     return build_config({
         "name": f"scale-{model}-{num_clients}-{k}",
@@ -70,7 +92,7 @@ def scale_config(model: str, num_clients: int, k: int, rounds: int, run_dir: Pat
                   "eval_every": rounds},
         "strategy": {"name": "apf", "options": {"threshold": 0.2}},
         "cluster": {"pools": [{"name": "cpu", "num_actors": ACTORS, "num_cpus": 1}], "round_timeout_s": 900,
-                    "object_store_mb": OBJECT_STORE_MB},
+                    "object_store_mb": object_store_mb},
         "output": {"dir": str(run_dir), "checkpoint_every": 1, "keep_checkpoints": 2, "tensorboard": False,
                    "plots": False},
     }, source="bench/scale.py")
@@ -108,6 +130,8 @@ def measure(model: str, num_clients: int, k: int, rounds: int, dataset: Any, dat
     rows = read_journal(run_dir)
     measured = rows[1:]
     num_params = int(start_info.info["num_params"])
+    if num_params != NUM_PARAMS[model]:
+        raise SystemExit(f"{model} has {num_params} parameters, NUM_PARAMS says {NUM_PARAMS[model]}: update it")
     unit = copy_seconds(num_params)
     phase = {p: [r["phase_s"].get(p) for r in measured] for p in PHASES}
     median = {p: float(np.median([x for x in v if x is not None])) for p, v in phase.items()
@@ -169,16 +193,20 @@ def main() -> None:
 
     started = time.perf_counter()
     rows: list[dict] = []
+    available_gb = psutil.virtual_memory().available / 1e9
+    skipped = {(m, k): why for m, _, k in combos if (why := skip_reason(m, k, available_gb))}
+    store_mb = max([OBJECT_STORE_MB] + [int(uploads_gb(m, k) / 2 * 1e9 / MB * 1.25) + 1
+                                        for m, _, k in combos if (m, k) not in skipped])
     with LoadSampler() as load, tempfile.TemporaryDirectory(prefix="apf-scale-") as tmp:
-        session_cfg = scale_config(MODELS[0], NUM_CLIENTS[0], PER_ROUND[0], args.rounds, Path(tmp))
+        session_cfg = scale_config(MODELS[0], NUM_CLIENTS[0], PER_ROUND[0], args.rounds, Path(tmp), store_mb)
         dataset = load_dataset(session_cfg.data.dataset, **session_cfg.data.options)
         with ray_session(session_cfg):
             gcs = ray.get_runtime_context().gcs_address
             dataset_ref = ray.put(dataset)  # one object-store copy shared by every run
             for model, n, k in combos:
-                if (model, k) in SKIP:
+                if (model, k) in skipped:
                     rows.append({"model": model, "num_clients": n, "clients_per_round": k,
-                                 "skipped": SKIP[(model, k)]})
+                                 "skipped": skipped[(model, k)]})
                     continue
                 print(f"{model}: {n} clients, {k} per round ...", flush=True)
                 rows.append(measure(model, n, k, args.rounds, dataset, dataset_ref, gcs, Path(tmp)))

@@ -58,21 +58,41 @@ def test_apf_upload_carries_exactly_the_active_scalars(workload):
         assert s == {next(iter(s0)) - 4 * (a0 - a)}  # 4 float32 bytes per frozen scalar fewer
 
 
-def test_global_frozen_values_never_move_and_match_the_clients(workload):
+def test_frozen_values_never_move_even_a_negative_zero_and_synchronised_ones_get_the_weighted_mean(workload):
     cfg = tiny_config(*FREEZE_FAST)
     server, host = ServerCore(cfg, workload), _host(cfg, workload)
     for _ in range(2):
         _round(server, host)
     b, clients = server.begin_round()
-    frozen = ~b.plan.sync_mask
-    assert frozen.any()
+    synced = b.plan.sync_mask
+    frozen = ~synced
+    assert frozen.any() and synced.any()
+    server.params[np.flatnonzero(frozen)[0]] = -0.0  # adding +0.0 to it would clear the sign bit
     before = server.params.copy()
     results = host.run(b, clients)
-    for r in results:  # the client's trained model at frozen positions equals the server's
-        local = before + server.strategy.decode_upload(b.plan, r.client_id, r.upload).update
-        assert local[frozen].tobytes() == before[frozen].tobytes()
+    ups = [server.strategy.decode_upload(b.plan, r.client_id, r.upload) for r in results]
+    for u in ups:  # compact on the wire and in the server; the client's model at frozen positions is the server's
+        assert u.values.shape == (synced.sum(),) and u.update.shape == before.shape
+        assert not u.update[frozen].any()
+    weights = np.array([u.num_samples for u in ups], np.float64)
+    mean = (np.stack([u.values for u in ups]).astype(np.float64) * weights[:, None]).sum(0) / weights.sum()
     server.finish_round(b, clients, results, {}, server.downlink_bytes(b, clients))
     assert server.params[frozen].tobytes() == before[frozen].tobytes()
+    np.testing.assert_allclose(server.params[synced], before[synced] + mean.astype(np.float32), rtol=0, atol=1e-7)
+
+
+def test_uploads_decoded_against_different_masks_are_combined_densely(workload):
+    from apf_ray.strategies import DecodedUpload
+
+    cfg = tiny_config()
+    strategy = ServerCore(cfg, workload).strategy
+    n = strategy.num_params
+    first, second = np.arange(n) % 2 == 0, np.arange(n) % 3 == 0
+    ups = [DecodedUpload(0, np.ones(first.sum(), np.float32), np.zeros(0, np.float32), 1, 0.0, 0, first),
+           DecodedUpload(1, np.full(second.sum(), 3, np.float32), np.zeros(0, np.float32), 1, 0.0, 0, second)]
+    params, _ = strategy.aggregate(np.zeros(n, np.float32), np.zeros(0, np.float32), ups)
+    expected = (first * 1.0 + second * 3.0) / 2
+    assert params.tobytes() == expected.astype(np.float32).tobytes()
 
 
 def test_returning_client_downlink_is_a_delta_that_reconstructs_the_model(workload):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
@@ -40,14 +41,31 @@ class NoOptions(BaseModel):
 
 @dataclass
 class DecodedUpload:
-    """A client's upload as the server reads it."""
+    """A client's upload as the server reads it.
+
+    ``values`` is the update over the round's synchronised scalars — those of ``sync_mask``
+    (bool, one per scalar), or all of them when it is None — in flat order, 0 where nothing was
+    sent; None if the client skipped. It stays compact so that the server's work per upload is
+    a few passes over what was synchronised, not a scatter into a model-sized vector per client;
+    :attr:`update` is the dense delta, for strategies that want one.
+    """
 
     client_id: int
-    update: np.ndarray | None  # dense float32 delta, 0 where nothing was sent; None if it skipped
+    values: np.ndarray | None
     buffers: np.ndarray  # non-trainable state (BatchNorm statistics), dense
     num_samples: int
     loss: float
     nbytes: int  # wire bytes of the upload
+    sync_mask: np.ndarray | None = None
+
+    @cached_property
+    def update(self) -> np.ndarray | None:
+        """Dense float32 delta, +0.0 at the scalars not synchronised; None if the client skipped."""
+        if self.values is None or self.sync_mask is None:
+            return self.values
+        dense = np.zeros(self.sync_mask.size, dtype=np.float32)
+        dense[self.sync_mask] = self.values
+        return dense
 
 
 def frame_upload(values: np.ndarray | None, buffers: np.ndarray, num_samples: int, loss: float,
@@ -97,30 +115,40 @@ class Strategy(ABC):
         num_samples = meta["num_samples"]
         if not (math.isfinite(num_samples) and num_samples.is_integer()):
             raise ValueError(f"upload claims {num_samples!r} samples, not a whole number")
-        update = None
+        values = None
         if "values" in parts:
-            update = self.uplink.decode(parts["values"], plan.sync_mask, self.num_params)
+            num_synced = self.num_params if plan.sync_mask is None else int(np.count_nonzero(plan.sync_mask))
+            values = self.uplink.decode(parts["values"], num_synced)
         buffers = np.zeros(0, np.float32)
         if "buffers" in parts:
             if wire.value_dtype(parts["buffers"]) != "float32":
                 raise ValueError(f"upload buffers are {wire.value_dtype(parts['buffers'])}, expected float32")
             buffers = wire.decode_values(parts["buffers"])
-        return DecodedUpload(client_id, update, buffers, int(num_samples), float(meta["loss"]), int(buf.nbytes))
+        return DecodedUpload(client_id, values, buffers, int(num_samples), float(meta["loss"]), int(buf.nbytes),
+                             plan.sync_mask)
 
     def aggregate(self, params: np.ndarray, buffers: np.ndarray,
                   uploads: list[DecodedUpload]) -> tuple[np.ndarray, np.ndarray]:
         """New (params, buffers): the combined delta added to the global vector.
 
         Combined by ``self.aggregator``: the sample-weighted mean unless ``defence.aggregation``
-        asks for a coordinate-wise robust statistic (over this round's synchronised scalars).
-        A scalar no client sent gets exactly ``+0.0`` and therefore stays bit-identical.
+        asks for a coordinate-wise robust statistic — over the synchronised scalars only, each
+        upload's compact values as they arrived, then added at those positions in one pass. A
+        scalar no client sent is not touched, so it stays bit-identical.
         """
-        used = [u for u in uploads if u.update is not None]
+        used = [u for u in uploads if u.values is not None]
         if not used:
             return params, buffers
         weights = [u.num_samples for u in used]
-        new_params = params + self.aggregator([u.update for u in used], weights, self.sync_mask)
+        mask = used[0].sync_mask
         new_buffers = self.aggregator([u.buffers for u in used], weights) if buffers.size else buffers
+        if any(u.sync_mask is not mask for u in used):  # uploads decoded against different plans
+            return params + self.aggregator([u.update for u in used], weights, self.sync_mask), new_buffers
+        combined = self.aggregator([u.values for u in used], weights)
+        if mask is None:
+            return params + combined, new_buffers
+        new_params = params.copy()
+        new_params[mask] += combined
         return new_params, new_buffers
 
     def observe(self, params: np.ndarray) -> None:  # noqa: B027 - an optional hook
