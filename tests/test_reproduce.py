@@ -81,6 +81,15 @@ def test_smoothed_accuracy_is_the_trailing_mean() -> None:
     assert smoothed(np.array([1.0, 3.0, 5.0, 7.0]), 2).tolist() == [1.0, 2.0, 4.0, 6.0]
 
 
+def test_a_round_far_over_its_runs_median_is_reported_as_stalled_and_slow_runs_are_not() -> None:
+    from apf_ray.reproduce.report import _stalled_rounds
+
+    wall = np.array([2.7, 2.8, 699.0, 2.6, 602.0, 2.9])
+    assert _stalled_rounds(wall, np.arange(1, 7)) == [(3, 699.0), (5, 602.0)]
+    assert _stalled_rounds(np.array([30.0, 31.0, 29.0, 45.0]), np.arange(1, 5)) == []  # slow, steady
+    assert _stalled_rounds(np.array([0.1, 0.1, 50.0]), np.arange(1, 4)) == []  # 500x, but under a minute
+
+
 def test_the_probe_follows_a_sample_each_round_and_survives_a_resume(tmp_path: Path) -> None:
     from apf_ray.resume import load_resume_point
 

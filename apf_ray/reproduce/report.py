@@ -150,6 +150,19 @@ def curves_figure(path: Path, title: str, series: list[tuple[str, RunData]], k: 
 
 # ---- the report --------------------------------------------------------------------------------
 
+STALL_FACTOR = 20.0
+"""A round over this many times its run's median round (and over :data:`STALL_MIN_S`) stalled."""
+STALL_MIN_S = 60.0
+"""Seconds: shorter rounds never count as stalled, however fast the run's median."""
+
+
+def _stalled_rounds(wall_s: np.ndarray, rounds: np.ndarray) -> list[tuple[int, float]]:
+    """(round, seconds) of the rounds that stalled: the process was stopped or starved, not working."""
+    median = float(np.median(wall_s))
+    return [(int(r), float(w)) for r, w in zip(rounds, wall_s, strict=True)
+            if w > STALL_FACTOR * median and w > STALL_MIN_S]
+
+
 class Report:
     """Collects the Markdown sections, the plots and the JSON of one report."""
 
@@ -734,7 +747,7 @@ class Report:
                           "per-round time saving, paper / here (transfer only)", "FedAvg accuracy"], rows) + "\n")
 
     def runs_table(self) -> str:
-        rows, data = [], {}
+        rows, data, notes = [], {}, []
         for key, spec in self.plan.runs.items():
             rd, m = self.data.get(key), self.m.get(key)
             cfg_file = f"configs/{key}.yaml"
@@ -749,6 +762,14 @@ class Report:
             if rd is None:
                 continue
             load = m["load_mean_1min"]
+            stalls = _stalled_rounds(rd.column("wall_s"), rd.column("round"))
+            if stalls:
+                data[key]["stalled_rounds"] = stalls
+                notes.append(f"`{key}`: round{'s' if len(stalls) > 1 else ''} "
+                             + ", ".join(f"{r} ({_duration(s)})" for r, s in stalls)
+                             + f" against a median of {_s(float(np.median(rd.column('wall_s'))))} s — without "
+                             f"{'them' if len(stalls) > 1 else 'it'}, "
+                             f"{_duration(m['run_wall_s'] - sum(s for _, s in stalls))}")
             rows.append([f"`{key}`", spec.label, spec.config["data"]["dataset"], str(m["rounds"]),
                          str(spec.config["seed"]), _duration(m["run_wall_s"]), _s(m["wall_s_per_round"]),
                          "—" if load is None else f"{load:.1f}", f"`{cmd}`"])
@@ -759,7 +780,11 @@ class Report:
                 "machine's mean 1-minute load average while it ran. Continuations train the run they continue on "
                 "from its last checkpoint.\n\n"
                 + _table(["run", "what", "data", "rounds", "seed", "wall time", "s / round", "load", "command"], rows)
+                + (f"\nRounds that stalled — over {STALL_FACTOR:g}× the run's median round and over "
+                   f"{STALL_MIN_S:g} s: the process was paused or starved (a shared machine), so its wall time and "
+                   "mean round time include them: " + "; ".join(notes) + ".\n" if notes else "")
                 + "\n")
+
 
 
 def _versus(row: dict[str, Any], ref: dict[str, Any]) -> str:
