@@ -132,9 +132,9 @@ class Strategy(ABC):
         """New (params, buffers): the combined delta added to the global vector.
 
         Combined by ``self.aggregator``: the sample-weighted mean unless ``defence.aggregation``
-        asks for a coordinate-wise robust statistic — over the synchronised scalars only, each
-        upload's compact values as they arrived, then added at those positions in one pass. A
-        scalar no client sent is not touched, so it stays bit-identical.
+        asks for a coordinate-wise robust statistic — computed over the uploads' compact values
+        (the synchronised scalars only) and added at those positions in one pass. A scalar that
+        is not synchronised is not touched, so it stays bit-identical (a frozen −0.0 included).
         """
         used = [u for u in uploads if u.values is not None]
         if not used:
