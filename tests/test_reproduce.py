@@ -8,6 +8,10 @@ Nothing here asserts a timing.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,7 @@ from apf_ray.stability_probe import StabilityProbe, read_probe
 from tests.helpers import Crash, CrashAfter, tiny_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_quick_reproduce_writes_the_report_plots_and_json_and_reuses_finished_runs(tmp_path: Path) -> None:
@@ -57,6 +62,34 @@ def test_quick_reproduce_writes_the_report_plots_and_json_and_reuses_finished_ru
     before = summary.stat().st_mtime_ns
     assert main(argv) == 0  # everything is cached: nothing retrains
     assert summary.stat().st_mtime_ns == before
+
+
+def test_a_stopped_reproduce_records_its_finished_runs_and_the_next_resumes_the_one_in_flight(tmp_path: Path) -> None:
+    out = tmp_path / "stopped"
+    argv = [sys.executable, "-m", "apf_ray.cli", "reproduce", "--quick", "--only", "strawmen", "--jobs", "1",
+            "--output", str(out), "--quiet"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:  # stop it once the first run finished and the second has checkpointed a round
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = [d.parent.name for d in (out / "runs").glob("*/summary.json")]
+            if len(done) >= 2 and any((out / "runs" / k / "checkpoints").glob("round-*") for k in done):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the invocation ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, err
+    [entry] = json.loads((out / "runs" / "invocations.json").read_text())
+    assert entry["interrupted"] and entry["wall_s"] > 0
+    assert entry["trained"] and set(entry["trained"]) < {"lenet5-fedavg", "lenet5-apf", "lenet5-partial-sync",
+                                                         "lenet5-permanent"}
+    assert main(argv[3:]) == 0  # the next invocation finishes the rest, resuming the run in flight
+    first, second = json.loads((out / "runs" / "invocations.json").read_text())
+    assert not second["interrupted"] and not set(first["trained"]) & set(second["trained"])
+    assert "stopped, its runs in flight resumed by the next" in (out / "report.md").read_text()
 
 
 def test_unknown_experiment_names_the_choices(capsys) -> None:

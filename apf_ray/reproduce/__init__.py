@@ -42,20 +42,23 @@ def reproduce(output: str | Path, *, quick: bool = False, only: list[str] | None
     overhead = _cached_overhead(overhead_file, plan.scale)
     start = time.perf_counter()
     statuses: dict[str, str] = {}
-    with LoadSampler() as load:
-        if not report_only:
-            if "overhead" in selected and overhead is None:
-                from apf_ray.reproduce.overhead import measure_overhead
+    load = LoadSampler()
+    try:
+        with load:
+            if not report_only:
+                if "overhead" in selected and overhead is None:
+                    from apf_ray.reproduce.overhead import measure_overhead
 
-                overhead = measure_overhead(plan, say)  # first, while no run of ours shares the cores
-                overhead_file.parent.mkdir(parents=True, exist_ok=True)
-                overhead_file.write_text(json.dumps({"scale": plan.scale, "models": overhead}, indent=2))
-            statuses = run_all(specs, out, jobs=jobs, say=say)
+                    overhead = measure_overhead(plan, say)  # first, while no run of ours shares the cores
+                    overhead_file.parent.mkdir(parents=True, exist_ok=True)
+                    overhead_file.write_text(json.dumps({"scale": plan.scale, "models": overhead}, indent=2))
+                run_all(specs, out, jobs=jobs, say=say, status=statuses)
+    except BaseException:  # Ctrl-C, SIGTERM: the runs that finished still count, and so does the time spent
+        if not report_only:
+            _record_invocation(out, command, time.perf_counter() - start, load.report(), statuses, True)
+        raise
     wall_s = time.perf_counter() - start
-    trained = sorted(k for k, v in statuses.items() if v != "cached")
-    invocations = _invocations(out / "runs" / "invocations.json", {
-        "command": command, "date": now(), "wall_s": wall_s, "load_average": load.report(), "trained": trained,
-    } if trained else None)
+    invocations = _record_invocation(out, command, wall_s, load.report(), statuses, False)
     meta = {"command": command, "date": now(), "machine": machine(), "wall_s": wall_s, "load_average": load.report(),
             "jobs": jobs, "selected": selected, "invocations": invocations,
             "total_wall_s": sum(i["wall_s"] for i in invocations)}
@@ -72,6 +75,15 @@ def _cached_overhead(path: Path, scale: str) -> dict[str, Any] | None:
         return None
     data = json.loads(path.read_text())
     return data["models"] if data.get("scale") == scale else None
+
+
+def _record_invocation(out: Path, command: str, wall_s: float, load: dict[str, Any], statuses: dict[str, str],
+                       interrupted: bool) -> list[dict[str, Any]]:
+    """Every invocation so far, this one added if it trained (or, interrupted, started) a run."""
+    trained = sorted(k for k, v in statuses.items() if v != "cached")
+    current = {"command": command, "date": now(), "wall_s": wall_s, "load_average": load, "trained": trained,
+               "interrupted": interrupted}
+    return _invocations(out / "runs" / "invocations.json", current if trained or interrupted else None)
 
 
 def _invocations(path: Path, current: dict[str, Any] | None) -> list[dict[str, Any]]:

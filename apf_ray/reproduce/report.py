@@ -809,7 +809,8 @@ def _invocation_text(meta: dict[str, Any], load: dict[str, Any]) -> str:
     if len(inv) <= 1:
         return (f"This invocation took {_duration(meta['wall_s'])} (mean 1-minute load average "
                 f"{load.get('mean_1min_during', '—')}). ")
-    parts = ", ".join(f"`{i['command']}` {_duration(i['wall_s'])} (load {i['load_average']['mean_1min_during']})"
+    parts = ", ".join(f"`{i['command']}` {_duration(i['wall_s'])} (load {i['load_average']['mean_1min_during']}"
+                      + ("; stopped, its runs in flight resumed by the next" if i.get("interrupted") else "") + ")"
                       for i in inv)
     return (f"The runs were trained by {len(inv)} invocations, {_duration(meta['total_wall_s'])} in all: {parts}. ")
 

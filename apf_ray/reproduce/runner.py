@@ -60,11 +60,16 @@ class _Running:
     started: float
 
 
-def run_all(specs: list[RunSpec], out: Path, *, jobs: int = 2, say: Callable[[str], None] = print) -> dict[str, str]:
-    """Train every spec that is not done yet; returns key → ``cached`` | ``done`` | ``failed: why``."""
+def run_all(specs: list[RunSpec], out: Path, *, jobs: int = 2, say: Callable[[str], None] = print,
+            status: dict[str, str] | None = None) -> dict[str, str]:
+    """Train every spec that is not done yet; returns key → ``cached`` | ``done`` | ``failed: why``.
+
+    ``status`` (the caller's, filled in place) keeps what finished when the call is interrupted.
+    """
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    status: dict[str, str] = {s.key: "cached" for s in specs if is_done(out, s)}
+    status = {} if status is None else status
+    status.update({s.key: "cached" for s in specs if is_done(out, s)})
     pending = [s for s in specs if s.key not in status]
     if status:
         say(f"{len(status)} run(s) already done in {out / 'runs'}: {', '.join(status)}")
