@@ -79,6 +79,20 @@ def _acc(x: float | None) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
+def render_install() -> str:
+    data = _load("fresh_install")
+    if data is None:
+        return "A fresh install's duration is not measured yet (`python3 scripts/deps.py fresh`)."
+    install, lane = data["install"], data["fast_lane"]
+    counts = ", ".join(f"{n} {kind}" for kind, n in lane["counts"].items())
+    return (f"Measured ({_link('fresh_install')}, `python3 scripts/deps.py fresh`): command 2's `pip install`, in a "
+            f"new virtualenv with an empty pip cache, took **{_duration(install['wall_s'])}** for "
+            f"{install['packages']} packages ({install['venv_mib'] / 1024:.1f} GiB on disk) on a "
+            f"{_machine({**data, 'load_average': install['load_average']})}; the fast lane then took "
+            f"**{_duration(lane['wall_s'])}** ({counts}), 1-minute load average "
+            f"{lane['load_average']['mean_1min_during']:.1f}. Downloading the wheels takes longer on a slower link.")
+
+
 def render_timings() -> str:
     quick, suite = _load("quickstart"), _load("test_suite")
     s = quick["summary"]
@@ -435,6 +449,7 @@ def _mb_text(nbytes: float) -> str:
 
 
 RENDERERS: dict[str, Callable[[], str]] = {
+    "install": render_install,
     "timings": render_timings,
     "default_compare": render_default_compare,
     "all_strategies": render_all_strategies,

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 from apf_ray.callbacks import Callback
 from apf_ray.config import ExperimentConfig, build_config
 from apf_ray.records import RoundEvent
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script of the repository's (``bench/``, ``scripts/``: not packages) imported as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(*overrides: str, rounds: int = 4) -> ExperimentConfig:

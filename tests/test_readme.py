@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
+
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 
 
 def _renderer():
-    spec = importlib.util.spec_from_file_location("readme_tables", REPO / "bench" / "readme_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "bench" / "readme_tables.py")
 
 
 def test_the_readme_tables_are_what_the_renderer_makes_of_the_committed_results():
