@@ -222,7 +222,7 @@ def refuse_for_run(folder: Path, overwrite: bool) -> None:
     if not overwrite:
         raise SetupError(f"{folder} already holds a run ({', '.join(found)}); continue it with "
                          f"--resume {folder}, or replace it with --overwrite")
-    if not (folder / FILE_LIST).is_file():
+    if not recorded(folder):
         raise SetupError(f"{folder} holds a run without a list of the files apf-ray wrote ({FILE_LIST}; an older "
                          "apf-ray wrote it): --overwrite removes only listed files; remove it yourself, or choose "
                          "another --output")
@@ -248,7 +248,16 @@ def refuse_for_search(folder: Path, resume: bool) -> None:
 def recorded(folder: Path) -> list[str]:
     """The paths (relative) apf-ray listed as written in ``folder``; empty if there is no list."""
     path = Path(folder) / FILE_LIST
-    return json.loads(path.read_text())["files"] if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        files = json.loads(path.read_text())["files"]
+        if isinstance(files, list) and all(isinstance(f, str) for f in files):
+            return files
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise SetupError(f"{path} is damaged (not a JSON list of the files apf-ray wrote); remove it, and the "
+                     "run's files yourself")
 
 
 def record(folder: Path, *paths: str | Path) -> None:
@@ -280,16 +289,21 @@ def record_tree(folder: Path, directory: Path) -> None:
 def clear_run(folder: Path) -> list[str]:
     """Remove what apf-ray listed as written in ``folder``, and nothing else; returns the top-level names removed.
 
-    Files (and links) go; listed folders go only once empty, so a file of the user's inside
-    one keeps it. The list itself goes last.
+    Files go; listed folders go only once empty, so a file of the user's inside one keeps it.
+    Entries that are links, or lead out of ``folder`` (``..``, a listed folder replaced by a
+    link), are skipped: apf-ray never writes those. The list itself goes last.
     """
     folder = Path(folder)
+    base = folder.resolve()
     entries = sorted(recorded(folder), key=lambda p: p.count("/"), reverse=True)
     removed: set[str] = set()
     for entry in entries:
         path = folder / entry
+        if Path(entry).is_absolute() or ".." in Path(entry).parts or path.is_symlink() \
+                or not path.parent.resolve().is_relative_to(base):
+            continue  # apf-ray writes no links and nothing outside the folder: a list that says so is not ours
         try:
-            if path.is_dir() and not path.is_symlink():
+            if path.is_dir():
                 path.rmdir()
             else:
                 path.unlink()

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from apf_ray.metrics import read_history
-from apf_ray.outputs import FILE_LIST, LOCK_FILE, OutputClaim, recorded
+from apf_ray.outputs import FILE_LIST, LOCK_FILE, OutputClaim, clear_run, recorded
 from apf_ray.run import run
 from tests.helpers import tiny_config
 
@@ -168,6 +168,32 @@ def test_overwrite_refuses_a_run_whose_files_are_not_listed(finished_run, tmp_pa
     cfg = _config_file(tmp_path, rounds=1)
     line = _error_line(_cli("train", "--inprocess", "--config", str(cfg), "--output", str(run_dir), "--overwrite"))
     assert f"{run_dir} holds a run without a list of the files apf-ray wrote" in line
+    assert _snapshot(run_dir) == before
+
+
+def test_a_list_that_points_out_of_the_folder_or_through_a_link_removes_nothing_there(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    (outside / "rounds.jsonl").write_text("keep")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "journal").symlink_to(outside)  # a listed folder replaced by a link
+    (folder / "config.yaml").write_text("written by apf-ray")
+    (folder / FILE_LIST).write_text(json.dumps({"files": ["../outside/keep.txt", str(outside / "keep.txt"),
+                                                          "journal", "journal/rounds.jsonl", "config.yaml"]}))
+    assert clear_run(folder) == ["config.yaml"]
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt", "rounds.jsonl"]
+    assert (folder / "journal").is_symlink() and not (folder / FILE_LIST).exists()
+
+
+def test_a_damaged_list_refuses_overwrite_naming_it(finished_run, tmp_path):
+    run_dir = _copy(finished_run, tmp_path / "run")
+    (run_dir / FILE_LIST).write_text("{not json")
+    before = _snapshot(run_dir)
+    cfg = _config_file(tmp_path, rounds=1)
+    line = _error_line(_cli("train", "--inprocess", "--config", str(cfg), "--output", str(run_dir), "--overwrite"))
+    assert f"{run_dir / FILE_LIST} is damaged" in line
     assert _snapshot(run_dir) == before
 
 
