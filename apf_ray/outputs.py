@@ -147,7 +147,7 @@ class OutputClaim:
                     break
                 missing.append(path)
             for path in reversed(missing):
-                path.mkdir()
+                path.mkdir(exist_ok=True)  # made meanwhile by someone else: fine; a file there: FileExistsError
                 self._created.append(path)
         except OSError as err:
             raise _unusable(self.folder, err) from None

@@ -246,6 +246,13 @@ def test_a_name_is_a_name_not_a_path(tmp_path, name, says):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_search_name_is_a_name_too(tmp_path):
+    line = _error_line(_cli("tune", "--config", str(REPO / "tune_configs" / "tiny.yaml"), "--set", "name=../x",
+                            cwd=tmp_path))
+    assert "name: not a name" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- tune and train keep to their own kind of folder -----------------------------------------------
 def _search_folder(tmp_path: Path, finished: bool) -> Path:
     """A folder as a search leaves it (what tells it apart: search.json, and summary.json once finished)."""
