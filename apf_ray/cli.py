@@ -236,10 +236,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     output = args.output or ("runs/reproduce-quick" if args.quick else "runs/reproduce")
     command = "apf-ray " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else "apf-ray reproduce"
-    _claim(args, output)  # each run's worker claims its own folder under OUTPUT/runs
     result = reproduce(output, quick=args.quick, only=args.only, jobs=args.jobs, cifar10=args.cifar10,
                        tuned=args.tuned, report_only=args.report_only, command=command,
-                       say=(lambda _: None) if args.quiet else console().print)
+                       say=(lambda _: None) if args.quiet else console().print,
+                       claim=functools.partial(_claim, args))  # each run's worker claims its own run folder
     return 1 if result["failed"] else 0
 
 
