@@ -40,10 +40,10 @@ def reproduce(output: str | Path, *, quick: bool = False, only: list[str] | None
                       tuned_file=Path(tuned) if tuned else None)
     selected = plan.select(only)
     specs = plan.runs_for(selected)
-    for note in plan.notes:
-        say(f"note: {note}")
     if claim is not None:
         claim(out)
+    for note in plan.notes:
+        say(f"note: {note}")
     out.mkdir(parents=True, exist_ok=True)
     overhead_file = out / "runs" / "overhead.json"
     overhead = _cached_overhead(overhead_file, plan.scale)
