@@ -53,6 +53,7 @@ from apf_ray.callbacks import Callback, RunContext
 from apf_ray.config import ExperimentConfig, build_config
 from apf_ray.data import load_dataset
 from apf_ray.metrics import JOURNAL, read_history, write_json, write_tables
+from apf_ray.outputs import SEARCH_FILE, refuse_for_search
 from apf_ray.placement import run_bundles
 from apf_ray.records import RoundEvent, RoundRecord
 from apf_ray.resume import read_resume_point
@@ -69,7 +70,6 @@ from apf_ray.tuning import (
     trial_config,
 )
 
-SEARCH_FILE = "search.json"
 ENCODED = "yaml:"
 """Prefix of a choice value that is not a scalar (e.g. an uplink chain), sent to searchers as text:
 Optuna's categorical values must be None, bool, int, float or str."""
@@ -193,7 +193,7 @@ def federated_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     # trial left there (a failure, a killed search) is replaced, not refused.
     run(cfg, run_dir, backend=RayBackend(dataset_ref=dataset_ref), callbacks=[TuneReporter(spec, baseline_bytes)],
         resume=resume, dataset=ray.get(dataset_ref), resume_may_change=("name", *spec.search_space),
-        overwrite=resume is None)
+        overwrite=resume is None, claim=False)  # the search's driver holds the folder
 
 
 # --------------------------------------------------------------------------- progress
@@ -494,6 +494,7 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
     console = console or Console()
     say = (lambda *_: None) if quiet else console.print
     output = Path(output).resolve()
+    refuse_for_search(output, resume)  # a run, or another search, is never mixed into (the caller claims it)
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / SEARCH_FILE, {"spec": spec.model_dump(mode="json"), "base": base.to_dict()})
     quiet_tune()

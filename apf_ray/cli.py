@@ -11,6 +11,7 @@ errors and the final summary table; ``--verbose`` adds Ray's own logs (start-up,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -69,6 +70,14 @@ def _report_ignored(args: argparse.Namespace, cfg: ExperimentConfig) -> None:
         _note(f"cluster.address {cfg.cluster.address} is ignored with --inprocess")
     if args.output and cfg.output.dir and Path(args.output) != Path(cfg.output.dir):
         _note(f"--output {args.output} replaces output.dir {cfg.output.dir} of the config")
+
+
+def _claim(args: argparse.Namespace, folder: str | Path) -> None:
+    """Hold ``folder`` (:class:`apf_ray.outputs.OutputClaim`: one writer at a time, checked writable) until
+    the command returns, however it returns; a run's own folder is claimed by the run itself."""
+    from apf_ray.outputs import OutputClaim
+
+    args.claims.enter_context(OutputClaim(folder))
 
 
 def _replaced_notice(run_dir: Path) -> Callback:
@@ -160,8 +169,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from apf_ray.backends import backend_class
     from apf_ray.config import build_config, load_config
     from apf_ray.metrics import plot_history, read_history, write_json
+    from apf_ray.outputs import record, refuse_search, run_files
     from apf_ray.report import comparison_rows, comparison_table
-    from apf_ray.run import default_run_dir, run_files
+    from apf_ray.run import default_run_dir
     from apf_ray.variants import variant_dirname, variant_overrides
 
     base = load_config(args.config, args.set or [])
@@ -171,6 +181,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         spec: build_config(base.to_dict(), variant_overrides(spec, base.strategy.name), source=f"variant {spec}")
         for spec in args.strategies
     }
+    _claim(args, out)  # one compare per folder; each variant's run claims its own sub-folder
+    refuse_search(out)
     taken = [out / variant_dirname(spec) for spec in variants if run_files(out / variant_dirname(spec))]
     if taken and not args.overwrite:
         raise SetupError(f"{', '.join(map(str, taken))} already hold(s) a run; replace with --overwrite "
@@ -187,6 +199,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = comparison_rows(results)
     console().print(comparison_table(rows, title=f"{base.name}: {base.train.rounds} rounds, "
                                                   f"{base.train.clients_per_round} clients/round"))
+    record(out, "compare.json", "compare.png", *(variant_dirname(spec) for spec in variants))
     write_json(out / "compare.json", {"rows": rows, "config": base.to_dict()})
     plot = plot_history(out / "compare.png", histories,
                         title=f"{out.name}: {base.name}, {base.train.rounds} rounds, strategies side by side")
@@ -203,6 +216,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.set:
             raise ValueError("--resume continues the search as it was saved; drop --config and --set")
+        _claim(args, args.resume)  # the driver holds the search folder; its trials write inside it
         resume_search = import_object(SEARCH_DRIVER["resume"], "search driver")  # the Ray layer, by path
         resume_search(Path(args.resume), address=args.address, verbose=args.verbose, quiet=args.quiet,
                       console=console())
@@ -211,6 +225,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ValueError("apf-ray tune needs --config tune_configs/NAME.yaml (or --resume DIR)")
     spec, base = load_tune_spec(args.config, args.set or [])
     output = Path(args.output) if args.output else Path("runs") / f"tune-{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    _claim(args, output)
     run_search = import_object(SEARCH_DRIVER["run"], "search driver")
     run_search(spec, base, output, address=args.address, verbose=args.verbose, quiet=args.quiet, console=console())
     return 0
@@ -223,7 +238,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     command = "apf-ray " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else "apf-ray reproduce"
     result = reproduce(output, quick=args.quick, only=args.only, jobs=args.jobs, cifar10=args.cifar10,
                        tuned=args.tuned, report_only=args.report_only, command=command,
-                       say=(lambda _: None) if args.quiet else console().print)
+                       say=(lambda _: None) if args.quiet else console().print,
+                       claim=functools.partial(_claim, args))  # each run's worker claims its own run folder
     return 1 if result["failed"] else 0
 
 
@@ -236,9 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "configs/digits-lenet5.yaml)")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, repeatable")
         sp.add_argument("--address", help="existing Ray cluster address (default: start a local one)")
-        sp.add_argument("--output", help="run directory (refused if it holds a run, unless --overwrite)")
+        sp.add_argument("--output", help="run directory (refused if it holds a run, unless --overwrite, or a "
+                                         "search, or another command is writing it)")
         sp.add_argument("--overwrite", action="store_true",
-                        help="replace the run already in --output (its outputs only; other files stay)")
+                        help="replace the run already in --output (the files it listed as its own; others stay)")
         sp.add_argument("--inprocess", action="store_true", help="reference loop in this process, no Ray")
         level = sp.add_mutually_exclusive_group()
         level.add_argument("--quiet", action="store_true", help="print only errors and the final summary")
@@ -305,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = logger.level
     logger.setLevel(_log_level(args))  # restored on return: main() also runs inside tests and notebooks
     try:
-        return args.func(args)
+        with contextlib.ExitStack() as claims:
+            args.claims = claims  # output folders the command claims (_claim), released when it returns
+            return args.func(args)
     except RunStopped as stop:
         from rich.markup import escape
 

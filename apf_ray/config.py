@@ -15,12 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from apf_ray.outputs import check_name
 from apf_ray.uplink import OptionsError, build_stages, validate_options
+
+Name = Annotated[str, AfterValidator(check_name)]
+"""A run's or a search's name: it becomes part of folder names, so a name, never a path."""
 
 
 class _Strict(BaseModel):
@@ -190,7 +194,7 @@ class OutputConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
-    name: str = "digits-lenet5"
+    name: Name = "digits-lenet5"
     seed: int = Field(0, ge=0)
     data: DataConfig = Field(default_factory=lambda: DataConfig(partition_options={"shards_per_client": 2}))
     model: ModelConfig = Field(default_factory=ModelConfig)

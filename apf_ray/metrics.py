@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from apf_ray.callbacks import Callback, RunContext
+from apf_ray.outputs import record
 from apf_ray.records import PHASES, ClientRecord, RoundEvent, RoundRecord
 
 JOURNAL = "journal"
@@ -102,6 +103,8 @@ class MetricsWriter(Callback):
     def on_start(self, ctx: RunContext) -> None:
         self.cfg, self.run_dir = ctx.cfg, ctx.run_dir
         journal = self.run_dir / JOURNAL
+        record(self.run_dir, JOURNAL, *(f"{JOURNAL}/{name}.jsonl" for name in ("rounds", "clients")),
+               *(f"{name}.parquet" for name in TABLES), "summary.json", "curves.png")
         journal.mkdir(parents=True, exist_ok=True)
         self._files = {}
         for name in ("rounds", "clients"):
@@ -117,8 +120,11 @@ class MetricsWriter(Callback):
             board = self.run_dir / "tensorboard"
             if ctx.start_round:
                 wait_until_new_event_files_sort_last(board)
+            earlier = set(board.glob("events.out.tfevents.*"))
             # purge_step drops events of rounds redone after a resume
             self.tb = SummaryWriter(str(board), purge_step=ctx.start_round + 1 if ctx.start_round else None)
+            opened = set(board.glob("events.out.tfevents.*")) - earlier
+            record(self.run_dir, "tensorboard", *(p.relative_to(self.run_dir) for p in opened))
 
     def on_round(self, event: RoundEvent) -> None:
         """Append the round to the journal and TensorBoard, timing this work into its ``phase_s``.

@@ -5,16 +5,18 @@ benchmarks): config → workload and resume point (built and checked here, befor
 starts) → backend (in-process or Ray) → run folder → rounds → callbacks (checkpointer,
 metrics writer, then the caller's: progress display, Tune reporter, ...) → summary.
 
-Nothing is written before the backend started: a run that cannot start (a bad model name,
-missing data, a checkpoint of another run, a pool no node can host) raises
+First the run folder is claimed (:mod:`apf_ray.outputs`: one writer at a time; a path that
+cannot be written fails here, before any data loads or cluster starts). Nothing else is
+written before the backend started: a run that cannot start (a bad model name, missing data,
+a checkpoint of another run, a pool no node can host) raises
 :class:`~apf_ray.errors.SetupError` and leaves no run folder. A folder that already holds a
-run is never replaced silently (``overwrite``), and SIGINT/SIGTERM stop the loop cleanly
-(:mod:`apf_ray.stops`).
+run (or a search) is never replaced silently (``overwrite`` removes only the files the earlier
+run listed as its own), and SIGINT/SIGTERM stop the loop cleanly (:mod:`apf_ray.stops`).
 """
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -28,13 +30,10 @@ from apf_ray.config import ConfigError, ExperimentConfig
 from apf_ray.data import Dataset
 from apf_ray.errors import RunStopped, SetupError, describe
 from apf_ray.metrics import MetricsWriter, summarize
+from apf_ray.outputs import OutputClaim, clear_run, record, record_tree, refuse_for_run
 from apf_ray.resume import ResumePoint, check_resume
 from apf_ray.stops import Abandon, StopSignals
 from apf_ray.workload import build_workload
-
-RUN_FILES = ("config.yaml", "summary.json", "rounds.parquet", "clients.parquet", "layers.parquet", "curves.png",
-             "compare.json", "compare.png", "journal", "checkpoints", "tensorboard")
-"""What a run (or a compare) writes into its folder; ``overwrite`` removes these and nothing else."""
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
@@ -43,37 +42,12 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
     return Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_files(run_dir: Path) -> list[str]:
-    """The run outputs present in ``run_dir`` (empty: no run there)."""
-    run_dir = Path(run_dir)
-    return [name for name in RUN_FILES if (run_dir / name).exists()] if run_dir.is_dir() else []
-
-
-def clear_run(run_dir: Path) -> list[str]:
-    """Remove a previous run's outputs from ``run_dir`` (other files stay); returns what was removed."""
-    removed = run_files(run_dir)
-    for name in removed:
-        path = Path(run_dir) / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return removed
-
-
-def _refuse_existing(run_dir: Path, overwrite: bool) -> None:
-    found = run_files(run_dir)
-    if found and not overwrite:
-        raise SetupError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
-                         f"--resume {run_dir}, or replace it with --overwrite")
-
-
 def _set_up(cfg: ExperimentConfig, run_dir: Path, backend: str | Backend, backend_options: dict[str, Any],
             resume: ResumePoint | None, dataset: Dataset | None, overwrite: bool,
             resume_may_change: Sequence[str]) -> tuple[Backend, dict[str, Any]]:
     """Check everything that can be checked, then start the backend; SetupError on any failure."""
     if resume is None:
-        _refuse_existing(run_dir, overwrite)
+        refuse_for_run(run_dir, overwrite)
     be = None
     try:
         be = make_backend(backend, **backend_options)
@@ -101,6 +75,7 @@ def run(
     dataset: Dataset | None = None,
     overwrite: bool = False,
     resume_may_change: Sequence[str] = (),
+    claim: bool = True,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` and return its summary (also in ``summary.json``).
 
@@ -110,14 +85,19 @@ def run(
     :func:`apf_ray.resume.check_resume_config` allows, and the dotted fields in
     ``resume_may_change``). ``dataset`` skips loading it (Tune
     shares one copy among trials). ``overwrite`` replaces a run already in ``run_dir``
-    (otherwise that is a SetupError); ``RunContext.info["replaced"]`` lists what was removed.
+    (otherwise that is a SetupError): it removes what the earlier run listed as its own
+    (:func:`apf_ray.outputs.clear_run`), and ``RunContext.info["replaced"]`` says what.
+    ``claim`` holds the folder for the run's life (:class:`apf_ray.outputs.OutputClaim`: a
+    second writer is refused, an unusable path is a SetupError before anything starts); False
+    where the caller already owns it (a Tune trial inside the search its driver claimed: Tune
+    may restart a trial while the previous attempt is still shutting down).
 
     Raises SetupError (or ConfigError) if the run cannot start, and RunStopped after a
     SIGINT/SIGTERM (in the main thread).
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     start_round = resume.round if resume else 0
-    with StopSignals() as stops:
+    with StopSignals() as stops, OutputClaim(run_dir) if claim else contextlib.nullcontext():
         try:
             be, info = _set_up(cfg, run_dir, backend, backend_options or {}, resume, dataset, overwrite,
                                resume_may_change)
@@ -132,6 +112,7 @@ def run(
             if overwrite and resume is None:
                 info["replaced"] = clear_run(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
+            record(run_dir, "config.yaml")
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             ctx = RunContext(cfg, run_dir, be, start_round, info)
             for cb in chain:
@@ -144,9 +125,10 @@ def run(
                 done = event.record.round
                 if event.checkpoint is not None:
                     last_checkpoint = done
+                    record_tree(run_dir, event.checkpoint)
             stopped = stops.requested and done < cfg.train.rounds
             if stopped and last_checkpoint != done:
-                be.save_checkpoint()  # the round that was in flight when the signal came
+                record_tree(run_dir, be.save_checkpoint())  # the round that was in flight when the signal came
                 last_checkpoint = done
             summary = summarize(cfg.to_dict(), metrics.history)
             summary["run_dir"] = str(run_dir)

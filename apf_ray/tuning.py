@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from apf_ray.config import (
     ConfigError,
     ExperimentConfig,
+    Name,
     Overrides,
     _format_validation,
     apply_overrides,
@@ -127,7 +128,7 @@ class SchedulerSpec(_Strict):
 class TuneSpec(_Strict):
     """A search file (``tune_configs/*.yaml``)."""
 
-    name: str = "tune"
+    name: Name = "tune"
     base: str | dict[str, Any] = Field(..., description="train config: a path relative to this file, or inline")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys applied to the base")
     search_space: dict[str, Domain] = Field(..., min_length=1)

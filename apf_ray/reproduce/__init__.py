@@ -23,8 +23,13 @@ __all__ = ["Plan", "build_plan", "reproduce"]
 
 def reproduce(output: str | Path, *, quick: bool = False, only: list[str] | None = None, jobs: int = 2,
               cifar10: str | Path | None = None, tuned: str | Path | None = None, report_only: bool = False,
-              command: str = "apf-ray reproduce", say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the selected experiments into ``output`` and write the report; returns ``reproduce.json``'s content."""
+              command: str = "apf-ray reproduce", say: Callable[[str], None] = print,
+              claim: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Run the selected experiments into ``output`` and write the report; returns ``reproduce.json``'s content.
+
+    ``claim`` takes the output folder once the arguments are checked, before anything is written
+    (the CLI holds it for the command's life: :class:`apf_ray.outputs.OutputClaim`).
+    """
     from apf_ray.reproduce.report import write_report
     from apf_ray.reproduce.runner import run_all
 
@@ -35,6 +40,8 @@ def reproduce(output: str | Path, *, quick: bool = False, only: list[str] | None
                       tuned_file=Path(tuned) if tuned else None)
     selected = plan.select(only)
     specs = plan.runs_for(selected)
+    if claim is not None:
+        claim(out)
     for note in plan.notes:
         say(f"note: {note}")
     out.mkdir(parents=True, exist_ok=True)
