@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -130,12 +131,111 @@ def _restore_sigterm(previous: Any) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+ADDRESS_ORIGINS = ("--address", "cluster.address", "RAY_ADDRESS")
+"""Where the address of a cluster to join comes from, first found first: the ``address`` argument
+(the ``--address`` option), the config, then the environment (``ray job submit`` sets it)."""
+
+_HINTS = {
+    "--address": "check the address (HOST:PORT of the head's GCS, as `ray start --head` prints it), or leave "
+                 "out --address to start a local cluster",
+    "cluster.address": "check cluster.address (HOST:PORT of the head's GCS), or set it to null for a local "
+                       "cluster",
+    "RAY_ADDRESS": "a stale RAY_ADDRESS in the environment? unset it to start a local cluster",
+}
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+"""What a gRPC (HTTP/2) client sends first: the connection preface and an empty SETTINGS frame.
+A gRPC server, as a Ray head's GCS is, answers with a SETTINGS frame (type 0x04, in the 4th byte)."""
+
+
+def address_to_join(cfg: ExperimentConfig, address: str | None) -> tuple[str | None, str]:
+    """The cluster address to join and where it came from (:data:`ADDRESS_ORIGINS`); (None, "") for a local one."""
+    values = (address, cfg.cluster.address, os.environ.get("RAY_ADDRESS"))
+    for value, origin in zip(values, ADDRESS_ORIGINS, strict=True):
+        if value:
+            return value, origin
+    return None, ""
+
+
+def _dialled_endpoint(address: str) -> str | None:
+    """``HOST:PORT`` that ``ray.init(address)`` will connect to, or None if Ray finds none itself.
+
+    Ray replaces a loopback host by this machine's address unless
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` and looks ``auto`` up in its session files; its own
+    function (private) does both, so the probe dials what Ray will. A Ray Client address
+    (``ray://HOST:PORT``) is dialled as written.
+    """
+    if address.startswith("ray://"):
+        return address.removeprefix("ray://").split("/", 1)[0]
+    from ray._private.services import canonicalize_bootstrap_address  # private: Ray's reading of an address
+
+    return canonicalize_bootstrap_address(address)
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int]:
+    """(host, port) of ``HOST:PORT`` or ``[IPv6]:PORT``; ValueError if it is not that."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def gcs_unreachable(host: str, port: int, timeout_s: float) -> str | None:
+    """Why no Ray cluster answers at ``host:port`` (one phrase), or None if one (a gRPC server) does.
+
+    A TCP connect, then the HTTP/2 preface (:data:`HTTP2_PREFACE`): seconds at most, where
+    ``ray.init`` retries a dead address for minutes. Only a cluster that speaks TLS
+    (``RAY_USE_TLS``) skips the second step. A signal (Ctrl-C) interrupts either step at once.
+    """
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except socket.gaierror as err:
+        return f"cannot resolve the host name {host} ({err.strerror})"
+    except TimeoutError:
+        return f"no answer to a connection within {timeout_s:g} s (cluster.connect_timeout_s)"
+    except OSError as err:
+        return (err.strerror or str(err)).lower()
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        sock.close()
+        return None
+    with sock:
+        try:
+            sock.sendall(HTTP2_PREFACE)
+            head = sock.recv(9)
+        except OSError:  # a timeout too: it took the connection and said nothing
+            head = b""
+    if len(head) >= 4 and head[3] == 0x04:
+        return None
+    return ("something listens there but it is not a Ray cluster's GCS (the GCS port is the one `ray start "
+            "--head` prints, 6379 by default; not the dashboard's 8265)")
+
+
+def check_reachable(address: str, origin: str, timeout_s: float) -> None:
+    """SetupError naming ``address`` and its origin when no Ray cluster answers there (:func:`gcs_unreachable`)."""
+    where = f"the Ray cluster at {address} (from {origin})"
+    try:
+        endpoint = _dialled_endpoint(address)
+        if endpoint is None:
+            return  # "auto" that Ray cannot resolve: ray.init says so at once
+        host, port = _split_endpoint(endpoint)
+    except (ValueError, ConnectionError) as err:
+        raise SetupError(f"cannot join {where}: {describe(err)} — {_HINTS[origin]}") from None
+    why = gcs_unreachable(host, port, timeout_s)
+    if why is None:
+        return
+    dialled = (f"; Ray dials it as {endpoint} (a loopback address becomes this machine's unless "
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)" if endpoint not in address else "")
+    raise SetupError(f"cannot reach {where}: {why}{dialled} — {_HINTS[origin]}")
+
+
 @contextlib.contextmanager
 def ray_session(cfg: ExperimentConfig, address: str | None = None, verbose: bool = False) -> Iterator[bool]:
     """Join ``address`` (or the running Ray in this process) or start a local cluster for the block.
 
     Without an address, ``cluster.address`` and then ``RAY_ADDRESS`` (which ``ray job submit``
-    sets for the jobs it runs) name the cluster to join. Yields True when this call started or
+    sets for the jobs it runs) name the cluster to join; it is probed first
+    (:func:`check_reachable`), so a dead address is a SetupError naming it within seconds.
+    Yields True when this call started or
     joined Ray (and will disconnect on exit). A local cluster is checked first (a pool that no
     actor of could fit is a SetupError before anything starts) and listens on 127.0.0.1 only,
     with token auth and no metrics exporter, unless ``cluster.expose`` /
@@ -147,11 +247,12 @@ def ray_session(cfg: ExperimentConfig, address: str | None = None, verbose: bool
     if ray.is_initialized():
         yield False
         return
-    address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    address, origin = address_to_join(cfg, address)
     logs = {"logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose}
     previous = signal.getsignal(signal.SIGTERM)
     try:
         if address:
+            check_reachable(address, origin, cfg.cluster.connect_timeout_s)
             enable_token_auth()
             ray.init(address=address, **logs)
         else:
@@ -168,7 +269,7 @@ def ray_session(cfg: ExperimentConfig, address: str | None = None, verbose: bool
     except SetupError:
         raise
     except Exception as err:
-        where = f"join the Ray cluster at {address}" if address else "start a local Ray cluster"
+        where = f"join the Ray cluster at {address} (from {origin})" if address else "start a local Ray cluster"
         if ray.is_initialized():
             ray.shutdown()
         raise SetupError(f"could not {where}: {describe(err)}") from None
@@ -227,8 +328,14 @@ class RayBackend(Backend):
         self._session = contextlib.ExitStack()
 
     def check(self, cfg: ExperimentConfig) -> None:
-        """A local cluster about to be started must be able to host one actor of every pool."""
-        if not ray.is_initialized() and not (self.address or cfg.cluster.address):
+        """Before the data loads: a cluster to join must answer at its address; a local cluster
+        about to be started must be able to host every pool."""
+        if ray.is_initialized():
+            return
+        address, origin = address_to_join(cfg, self.address)
+        if address:
+            check_reachable(address, origin, cfg.cluster.connect_timeout_s)
+        else:
             check_local_fit(cfg)
 
     def start(self, cfg: ExperimentConfig, run_dir: Path, workload: Workload,

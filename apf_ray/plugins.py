@@ -12,19 +12,21 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from apf_ray.errors import excerpt
+
 
 def import_object(path: str, kind: str) -> Any:
     """The object named by ``package.module:Attribute`` (or ``package.module.Attribute``)."""
     module_name, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
     if not (module_name and sep and attr):
-        raise ValueError(f"{kind} {path!r}: an import path must look like 'package.module:Name'")
+        raise ValueError(f"{kind} {excerpt(path)}: an import path must look like 'package.module:Name'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"{kind} {path!r}: cannot import module {module_name!r} ({err})") from err
+        raise ValueError(f"{kind} {excerpt(path)}: cannot import module {excerpt(module_name)} ({err})") from err
     obj = getattr(module, attr, None)
     if obj is None:
-        raise ValueError(f"{kind} {path!r}: module {module_name!r} has no attribute {attr!r}")
+        raise ValueError(f"{kind} {excerpt(path)}: module {excerpt(module_name)} has no attribute {excerpt(attr)}")
     return obj
 
 
@@ -43,7 +45,7 @@ def resolve(
     the resolved object; ``expected`` says what it should have been, for the error.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{kind} must be a non-empty name, got {name!r}")
+        raise ValueError(f"{kind} must be a non-empty name, got {excerpt(name)}")
     if name in registry:
         obj = registry[name]
         if isinstance(obj, str):
@@ -52,11 +54,11 @@ def resolve(
         obj = import_object(name, kind)
     else:
         raise ValueError(
-            f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}, "
+            f"unknown {kind} {excerpt(name)}; known: {', '.join(sorted(registry))}, "
             "or an import path 'package.module:Name'"
         )
     if check is not None and not check(obj):
-        raise ValueError(f"{kind} {name!r} is {obj!r}, not {expected}")
+        raise ValueError(f"{kind} {excerpt(name)} is {excerpt(obj)}, not {expected}")
     return obj
 
 
