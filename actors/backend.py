@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,17 @@ from actors.server import ServerActor
 from apf_ray.backends import Backend
 from apf_ray.config import ExperimentConfig
 from apf_ray.errors import SetupError, describe
-from apf_ray.placement import fits, pool_request
+from apf_ray.placement import (
+    demand_text,
+    fits,
+    least_actors,
+    most_actors,
+    pool_request,
+    pools_demand,
+    run_bundles,
+    times_it_fits,
+    total,
+)
 from apf_ray.records import RoundEvent
 from apf_ray.resume import ResumePoint
 from apf_ray.workload import Workload
@@ -91,11 +102,11 @@ def local_cluster_env(cfg: ExperimentConfig) -> Iterator[None]:
 
 
 def local_resources(cfg: ExperimentConfig) -> dict[str, float]:
-    """Custom resources a local cluster needs so every pool of ``cfg`` can place an actor."""
+    """Custom resources a local cluster needs so every pool of ``cfg`` can place all its actors."""
     out: dict[str, float] = {}
     for pool in cfg.cluster.pools:
         for key, amount in pool.resources.items():
-            out[key] = max(out.get(key, 0.0), amount * pool.max_actors)
+            out[key] = max(out.get(key, 0.0), amount * most_actors(pool))
     return out
 
 
@@ -111,18 +122,54 @@ def local_node_resources(cfg: ExperimentConfig) -> dict[str, float]:
     return {"CPU": float(get_num_cpus()), "GPU": gpus, **local_resources(cfg)}
 
 
+def _offered(node: dict[str, float], demand: dict[str, float]) -> dict[str, float]:
+    """What ``node`` has of each resource ``demand`` names."""
+    return {k: node.get(k, 0.0) for k in demand}
+
+
 def check_local_fit(cfg: ExperimentConfig) -> None:
-    """SetupError naming the pool when no actor of it fits the local node: it could never run."""
+    """SetupError naming the pool(s) when a local cluster could never start the run.
+
+    Each pool must fit one actor on the machine, and all of them together the actors a run
+    starts with (:func:`~apf_ray.placement.least_actors`: ``num_actors``, one for ``auto``):
+    otherwise actors would wait for resources that never free up.
+    """
     node = local_node_resources(cfg)
     for pool in cfg.cluster.pools:
         request = pool_request(pool)
         if not fits(node, request):
             short = {k: v for k, v in request.items() if node.get(k, 0.0) + 1e-9 < v}
-            offered = {k: node.get(k, 0.0) for k in short}
             raise SetupError(
                 f"cluster.pools[{pool.name}] asks for {short} per actor; a local cluster on this machine "
-                f"offers {offered} — lower the pool's num_cpus/num_gpus, or join a cluster with --address"
+                f"offers {_offered(node, short)} — lower the pool's num_cpus/num_gpus, or join a cluster with --address"
             )
+    demand = total(pools_demand(cfg.cluster.pools, least_actors))
+    if times_it_fits(node, demand) < 1:
+        raise SetupError(
+            f"the pools ask for {demand} in all ({demand_text(cfg.cluster.pools, least_actors)}); a local cluster "
+            f"on this machine offers {_offered(node, demand)} — lower num_actors (or use num_actors: auto) or "
+            "num_cpus/num_gpus, or join a cluster with --address"
+        )
+
+
+def trials_at_a_time(cfg: ExperimentConfig, address: str | None, wanted: int) -> str | None:
+    """For a search on a local cluster: SetupError if not even one trial of ``cfg`` fits the
+    machine (a trial reserves every client actor it may start, :func:`~apf_ray.placement.run_bundles`);
+    a note if fewer than ``wanted`` trials fit at once; None if they do, or on a joined cluster.
+    """
+    if ray.is_initialized() or address_to_join(cfg, address)[0]:
+        return None
+    node = local_node_resources(cfg)
+    demand = total(run_bundles(cfg))
+    fit = times_it_fits(node, demand)
+    asked = f"each trial reserves {demand} ({demand_text(cfg.cluster.pools, most_actors)})"
+    if fit < 1:
+        raise SetupError(f"{asked}; a local cluster on this machine offers {_offered(node, demand)} — lower "
+                         "max_actors (num_actors: auto) or num_actors, or num_cpus/num_gpus, or join a cluster "
+                         "with --address")
+    if fit < wanted:
+        return f"{fit} trial(s) at a time, not {wanted}: {asked}; this machine has {_offered(node, demand)}"
+    return None
 
 
 def _restore_sigterm(previous: Any) -> None:
@@ -297,6 +344,24 @@ def check_placeable(cfg: ExperimentConfig) -> None:
             )
 
 
+AWAIT_POLL_S = 1.0
+"""Seconds the server waits for actors per call while the driver watches the start-up."""
+RESOURCE_NOTICE_S = 3.0
+"""Seconds of waiting for resources before the driver says what it waits for."""
+
+
+def _waiting_text(status: dict[str, dict], names: list[str]) -> str:
+    """``cluster.pools[cpu] has 2 of 4 actor(s) started, each asks {'CPU': 1.0}`` for the named pools."""
+    return "; ".join(f"cluster.pools[{n}] has {status[n]['ready']} of {status[n]['actors']} actor(s) started, "
+                     f"each asks {status[n]['request']}" for n in names)
+
+
+def _free_text(free: dict[str, float], status: dict[str, dict]) -> str:
+    """What the cluster has free of the resources the pools in ``status`` ask for."""
+    keys = sorted({k for s in status.values() for k in s["request"]})
+    return str({k: round(free.get(k, 0.0), 3) for k in keys})
+
+
 def _unwrap(err: BaseException) -> BaseException:
     """The user's exception inside a Ray error (a task's cause), else the error itself."""
     while isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None and err.cause is not err:
@@ -356,7 +421,10 @@ class RayBackend(Backend):
             replace(workload, dataset=None), resume)
         timeout = cfg.cluster.startup_timeout_s + cfg.cluster.control_timeout_s
         try:
-            return ray.get(self.server.start.remote(), timeout=timeout)
+            info = ray.get(self.server.start.remote(), timeout=timeout)
+            self._await_actors(cfg)
+            info["pools"] = ray.get(self.server.describe.remote(), timeout=cfg.cluster.control_timeout_s)
+            return info
         except ray.exceptions.GetTimeoutError:
             raise SetupError(f"the server actor did not start within {timeout:.0f} s "
                              "(cluster.startup_timeout_s + cluster.control_timeout_s)") from None
@@ -365,6 +433,37 @@ class RayBackend(Backend):
         except ray.exceptions.RayActorError as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise SetupError(f"the server actor died during set-up: {first}") from None
+
+    def _await_actors(self, cfg: ExperimentConfig) -> None:
+        """Wait for the pools' actors: say within seconds what resources they wait for, and give up
+        after ``cluster.startup_timeout_s`` if a pool has fewer than it needs to start
+        (``num_actors``; one for ``auto``). A pool that has them starts; the rest join when placed.
+        """
+        started, warned = time.monotonic(), False
+        while True:
+            status = ray.get(self.server.await_actors.remote(AWAIT_POLL_S),
+                             timeout=AWAIT_POLL_S + cfg.cluster.control_timeout_s)
+            pools = {p.name: p for p in cfg.cluster.pools}
+            missing = {name: s for name, s in status.items() if s["ready"] < s["actors"]}
+            if not missing:
+                return
+            waited = time.monotonic() - started
+            free = ray.available_resources()
+            starved = {name: s for name, s in missing.items() if not fits(free, s["request"])}
+            if waited >= cfg.cluster.startup_timeout_s:
+                short = [name for name, s in missing.items() if s["ready"] < least_actors(pools[name])]
+                if short:
+                    raise SetupError(f"gave up after {waited:.0f} s (cluster.startup_timeout_s): "
+                                     f"{_waiting_text(missing, short)}; the cluster has "
+                                     f"{_free_text(free, missing)} free")
+                log.warning("starting without the actors still missing (they join once placed): %s",
+                            _waiting_text(missing, list(missing)))
+                return
+            if starved and not warned and waited >= RESOURCE_NOTICE_S:
+                log.warning("waiting for resources: %s; the cluster has %s free; giving up after %.0f s "
+                            "(cluster.startup_timeout_s)", _waiting_text(starved, list(starved)),
+                            _free_text(free, starved), cfg.cluster.startup_timeout_s)
+                warned = True
 
     def run_round(self) -> RoundEvent:
         c = self.cfg.cluster

@@ -48,7 +48,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from actors.backend import RayBackend, ray_session
+from actors.backend import RayBackend, ray_session, trials_at_a_time
 from apf_ray.callbacks import Callback, RunContext
 from apf_ray.config import ExperimentConfig, build_config
 from apf_ray.data import load_dataset
@@ -493,6 +493,9 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
     """
     console = console or Console()
     say = (lambda *_: None) if quiet else console.print
+    limited = trials_at_a_time(base, address, spec.max_concurrent_trials or spec.num_samples)  # before any cluster
+    if limited:
+        say(f"[yellow]note:[/yellow] {limited}")
     output = Path(output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / SEARCH_FILE, {"spec": spec.model_dump(mode="json"), "base": base.to_dict()})
