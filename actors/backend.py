@@ -33,6 +33,7 @@ from apf_ray.placement import (
     times_it_fits,
     total,
 )
+from apf_ray.plugins import local_modules
 from apf_ray.records import RoundEvent
 from apf_ray.resume import ResumePoint
 from apf_ray.workload import Workload
@@ -172,6 +173,27 @@ def trials_at_a_time(cfg: ExperimentConfig, address: str | None, wanted: int) ->
     return None
 
 
+PLUGIN_EXCLUDES = ["__pycache__", "*.pyc", ".git"]
+"""What of a user's plug-in package never travels to the cluster (Ray also skips what .gitignore lists)."""
+
+
+def plugin_runtime_env(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The runtime environment that ships the user's own plug-in modules to every actor, or None.
+
+    A plug-in named by import path (``strategy.name: my_strategies:Median``) whose module lives
+    in the working directory, not installed, travels as ``py_modules``: that file or package
+    folder only, not the whole directory (Ray refuses packages over its size limit, 512 MiB by
+    default, naming it). A driver started by ``ray job submit`` gets its code from the job's own
+    runtime environment (``--working-dir``) instead.
+    """
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return None
+    modules = local_modules(cfg.plugin_names(), Path.cwd())
+    if not modules:
+        return None
+    return {"py_modules": [str(m) for m in modules], "excludes": list(PLUGIN_EXCLUDES)}
+
+
 def _restore_sigterm(previous: Any) -> None:
     """``ray.init`` installs a SIGTERM handler that calls ``sys.exit``; put the run's clean stop back."""
     if callable(previous) and threading.current_thread() is threading.main_thread():
@@ -301,7 +323,7 @@ def ray_session(cfg: ExperimentConfig, address: str | None = None, verbose: bool
         if address:
             check_reachable(address, origin, cfg.cluster.connect_timeout_s)
             enable_token_auth()
-            ray.init(address=address, **logs)
+            ray.init(address=address, runtime_env=plugin_runtime_env(cfg), **logs)
         else:
             check_local_fit(cfg)
             enable_token_auth()  # explicit: auth stays on, and Ray prints no warning about it
@@ -311,6 +333,7 @@ def ray_session(cfg: ExperimentConfig, address: str | None = None, verbose: bool
                     object_store_memory=cfg.cluster.object_store_mb * 2**20,
                     resources=local_resources(cfg) or None,
                     include_dashboard=False,
+                    runtime_env=plugin_runtime_env(cfg),
                     **logs,
                 )
     except SetupError:

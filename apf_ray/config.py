@@ -221,6 +221,14 @@ class ExperimentConfig(_Strict):
             )
         return self
 
+    def plugin_names(self) -> list[str]:
+        """Every plug-in the config names (strategy, uplink stages, model, dataset, partitioner):
+        registered names and import paths alike."""
+        from apf_ray.compression import stage_spec
+
+        stages = [stage_spec(item)[0] for item in self.strategy.uplink]
+        return [self.strategy.name, *stages, self.model.name, self.data.dataset, self.data.partitioner]
+
     def quorum(self) -> int:
         """Clients that must report for a round to count."""
         if self.cluster.min_clients is not None:
