@@ -355,15 +355,17 @@ def check_placeable(cfg: ExperimentConfig) -> None:
     """Warn early, naming the pool, when no node of the cluster can host one of its actors.
 
     A joined cluster may still gain such a node (autoscaling, ``ray start``), so this is a
-    warning; a local cluster was checked before it started (:func:`check_local_fit`).
+    warning; the start-up waits for it up to ``cluster.startup_timeout_s``. A local cluster was
+    checked before it started (:func:`check_local_fit`).
     """
     nodes = alive_node_resources()
     for pool in cfg.cluster.pools:
         request = pool_request(pool)
         if not any(fits(node, request) for node in nodes):
             log.warning(
-                "cluster.pools[%s] asks for %s per actor and no node has that; its clients are dropped "
-                "until such a node joins", pool.name, request,
+                "cluster.pools[%s] asks for %s per actor and no node has that; waiting up to %.0f s "
+                "(cluster.startup_timeout_s) for such a node to join", pool.name, request,
+                cfg.cluster.startup_timeout_s,
             )
 
 

@@ -127,7 +127,8 @@ class ClusterConfig(_Strict):
     quorum_fraction: float = Field(0.5, gt=0, le=1)
     torch_threads: int = Field(1, ge=1, description="torch threads per client actor")
     object_store_mb: int = Field(512, ge=64, description="object store of a local cluster, MiB")
-    startup_timeout_s: float = Field(180.0, gt=0, description="wait for client actors to start, seconds")
+    startup_timeout_s: float = Field(180.0, gt=0, description="wait for client actors to get resources and "
+                                     "start, seconds; then a pool short of num_actors (auto: 1) ends the run")
     control_timeout_s: float = Field(120.0, gt=0, description="bound on a control call to the server actor, s")
     result_timeout_s: float = Field(30.0, gt=0, description="fetch a finished client's result, seconds")
     max_error_chars: int = Field(500, ge=20, description="error text kept per failed client, characters")
