@@ -194,6 +194,27 @@ def plugin_runtime_env(cfg: ExperimentConfig) -> dict[str, Any] | None:
     return {"py_modules": [str(m) for m in modules], "excludes": list(PLUGIN_EXCLUDES)}
 
 
+def await_trial_capacity(cfg: ExperimentConfig) -> None:
+    """On a joined cluster, before a search: one trial's reservation must fit the cluster's total.
+
+    If it does not, say so at once and wait for nodes to join (autoscaling, ``ray start``) up
+    to ``cluster.startup_timeout_s``, then SetupError: Tune itself would wait for ever.
+    """
+    demand = total(run_bundles(cfg))
+    asked = f"each trial reserves {demand} ({demand_text(cfg.cluster.pools, most_actors)})"
+    deadline = time.monotonic() + cfg.cluster.startup_timeout_s
+    warned = False
+    while times_it_fits(have := ray.cluster_resources(), demand) < 1:
+        if time.monotonic() >= deadline:
+            raise SetupError(f"gave up after {cfg.cluster.startup_timeout_s:.0f} s (cluster.startup_timeout_s): "
+                             f"{asked}; the cluster has {_offered(have, demand)} in all")
+        if not warned:
+            log.warning("waiting for nodes: %s; the cluster has %s in all; giving up after %.0f s "
+                        "(cluster.startup_timeout_s)", asked, _offered(have, demand), cfg.cluster.startup_timeout_s)
+            warned = True
+        time.sleep(AWAIT_POLL_S)
+
+
 def _restore_sigterm(previous: Any) -> None:
     """``ray.init`` installs a SIGTERM handler that calls ``sys.exit``; put the run's clean stop back."""
     if callable(previous) and threading.current_thread() is threading.main_thread():

@@ -66,3 +66,17 @@ def test_on_a_joined_cluster_a_wait_for_resources_is_said_then_given_up_with_an_
     assert re.search(r"\(cluster\.startup_timeout_s\): cluster\.pools\[cpu\] has [0-2] of 3 actor\(s\) started, "
                      r"each asks \{'CPU': 1\.0\}", lines[-1]), lines[-1]  # two fit (1 CPU per node), if started
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+def test_on_a_joined_cluster_a_search_whose_trial_exceeds_the_cluster_says_so_then_gives_up(two_node_cluster,
+                                                                                           tmp_path):
+    proc = apf_ray("tune", "--address", two_node_cluster.address, "--config", "tune_configs/tiny.yaml",
+                   "--set", "overrides.cluster.pools=[{name: cpu, num_actors: 3, num_cpus: 1}]",
+                   "--set", "overrides.cluster.startup_timeout_s=5", "--output", str(tmp_path / "search"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    asked = "each trial reserves {'CPU': 3.0} (cluster.pools[cpu]: 3 × {'CPU': 1.0}); the cluster has {'CPU': 2.0}"
+    assert any(line.startswith(f"waiting for nodes: {asked} in all; giving up after 5 s") for line in lines), lines
+    assert lines[-1] == f"error: gave up after 5 s (cluster.startup_timeout_s): {asked} in all", lines
