@@ -52,31 +52,36 @@ def test_a_search_says_when_the_machine_limits_how_many_trials_run_at_once():
     assert trials_at_a_time(whole_machine, "127.0.0.1:1", 3) is None  # a joined cluster sizes itself
 
 
-@pytest.mark.ray
-def test_on_a_joined_cluster_a_wait_for_resources_is_said_then_given_up_with_an_error(two_node_cluster, tmp_path):
-    proc = apf_ray("train", "--address", two_node_cluster.address, "--set", "train.rounds=1",
-                   "--set", "cluster.pools=[{name: cpu, num_actors: 3, num_cpus: 1}]",
-                   "--set", "cluster.startup_timeout_s=15", "--output", str(tmp_path / "run"))
+THREE_ACTORS = "cluster.pools=[{name: cpu, num_actors: 3, num_cpus: 1}]"
+"""Two fit the two-node cluster (1 CPU per node), the third never does."""
+
+
+def joined_and_refused(command: str, address: str, *args: str) -> list[str]:
+    """The stderr lines of ``apf-ray COMMAND --address ADDRESS ...``, which must end with exit status 2."""
+    proc = apf_ray(command, "--address", address, *args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
-    lines = proc.stderr.splitlines()
+    return proc.stderr.splitlines()
+
+
+@pytest.mark.ray
+def test_on_a_joined_cluster_a_wait_for_resources_is_said_then_given_up_with_an_error(two_node_cluster, tmp_path):
+    lines = joined_and_refused("train", two_node_cluster.address, "--set", "train.rounds=1", "--set", THREE_ACTORS,
+                               "--set", "cluster.startup_timeout_s=15", "--output", str(tmp_path / "run"))
     [waiting] = [line for line in lines if line.startswith("waiting for resources: cluster.pools[cpu] has ")]
     assert "each asks {'CPU': 1.0}; the cluster has {'CPU': 0.0} free; giving up after 15 s" in waiting
     assert lines[-1].startswith("error: gave up after "), lines
     assert re.search(r"\(cluster\.startup_timeout_s\): cluster\.pools\[cpu\] has [0-2] of 3 actor\(s\) started, "
-                     r"each asks \{'CPU': 1\.0\}", lines[-1]), lines[-1]  # two fit (1 CPU per node), if started
+                     r"each asks \{'CPU': 1\.0\}", lines[-1]), lines[-1]  # [0-2]: two fit, if they started in time
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.ray
 def test_on_a_joined_cluster_a_search_whose_trial_exceeds_the_cluster_says_so_then_gives_up(two_node_cluster,
                                                                                            tmp_path):
-    proc = apf_ray("tune", "--address", two_node_cluster.address, "--config", "tune_configs/tiny.yaml",
-                   "--set", "overrides.cluster.pools=[{name: cpu, num_actors: 3, num_cpus: 1}]",
-                   "--set", "overrides.cluster.startup_timeout_s=5", "--output", str(tmp_path / "search"))
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
-    lines = proc.stderr.splitlines()
+    lines = joined_and_refused("tune", two_node_cluster.address, "--config", "tune_configs/tiny.yaml",
+                               "--set", f"overrides.{THREE_ACTORS}", "--set", "overrides.cluster.startup_timeout_s=5",
+                               "--output", str(tmp_path / "search"))
     asked = "each trial reserves {'CPU': 3.0} (cluster.pools[cpu]: 3 × {'CPU': 1.0}); the cluster has {'CPU': 2.0}"
     assert any(line.startswith(f"waiting for nodes: {asked} in all; giving up after 5 s") for line in lines), lines
     assert lines[-1] == f"error: gave up after 5 s (cluster.startup_timeout_s): {asked} in all", lines
