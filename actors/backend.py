@@ -489,7 +489,9 @@ class RayBackend(Backend):
         while True:
             status = ray.get(self.server.await_actors.remote(AWAIT_POLL_S),
                              timeout=AWAIT_POLL_S + cfg.cluster.control_timeout_s)
-            pools = {p.name: p for p in cfg.cluster.pools}
+            least = {p.name: least_actors(p) for p in cfg.cluster.pools}
+            for name, s in status.items():  # an auto pool no node can host has no actor yet, and needs one
+                s["actors"] = max(s["actors"], least[name])
             missing = {name: s for name, s in status.items() if s["ready"] < s["actors"]}
             if not missing:
                 return
@@ -497,7 +499,7 @@ class RayBackend(Backend):
             free = ray.available_resources()
             starved = {name: s for name, s in missing.items() if not fits(free, s["request"])}
             if waited >= cfg.cluster.startup_timeout_s:
-                short = [name for name, s in missing.items() if s["ready"] < least_actors(pools[name])]
+                short = [name for name, s in missing.items() if s["ready"] < least[name]]
                 if short:
                     raise SetupError(f"gave up after {waited:.0f} s (cluster.startup_timeout_s): "
                                      f"{_waiting_text(missing, short)}; the cluster has "

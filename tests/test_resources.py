@@ -77,6 +77,20 @@ def test_on_a_joined_cluster_a_wait_for_resources_is_said_then_given_up_with_an_
 
 
 @pytest.mark.ray
+def test_on_a_joined_cluster_a_pool_no_node_can_host_is_waited_for_then_given_up(two_node_cluster, tmp_path):
+    lines = joined_and_refused("train", two_node_cluster.address, "--set", "train.rounds=1",
+                               "--set", "cluster.pools=[{name: gpu, resources: {edge_gpu: 1}}]",
+                               "--set", "cluster.startup_timeout_s=5", "--output", str(tmp_path / "run"))
+    request = "{'CPU': 1.0, 'edge_gpu': 1.0}"
+    assert f"cluster.pools[gpu] asks for {request} per actor and no node has that; waiting up to 5 s " \
+           "(cluster.startup_timeout_s) for such a node to join" in lines, lines
+    assert lines[-1].startswith("error: gave up after "), lines
+    assert f"(cluster.startup_timeout_s): cluster.pools[gpu] has 0 of 1 actor(s) started, each asks {request}; " \
+           "the cluster has {'CPU': " in lines[-1] and lines[-1].endswith("'edge_gpu': 0.0} free"), lines
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
 def test_on_a_joined_cluster_a_search_whose_trial_exceeds_the_cluster_says_so_then_gives_up(two_node_cluster,
                                                                                            tmp_path):
     lines = joined_and_refused("tune", two_node_cluster.address, "--config", "tune_configs/tiny.yaml",
