@@ -6,7 +6,9 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +22,18 @@ from actors.server import ServerActor
 from apf_ray.backends import Backend
 from apf_ray.config import ExperimentConfig
 from apf_ray.errors import SetupError, describe
-from apf_ray.placement import fits, pool_request
+from apf_ray.placement import (
+    demand_text,
+    fits,
+    least_actors,
+    most_actors,
+    pool_request,
+    pools_demand,
+    run_bundles,
+    times_it_fits,
+    total,
+)
+from apf_ray.plugins import local_modules
 from apf_ray.records import RoundEvent
 from apf_ray.resume import ResumePoint
 from apf_ray.workload import Workload
@@ -90,11 +103,11 @@ def local_cluster_env(cfg: ExperimentConfig) -> Iterator[None]:
 
 
 def local_resources(cfg: ExperimentConfig) -> dict[str, float]:
-    """Custom resources a local cluster needs so every pool of ``cfg`` can place an actor."""
+    """Custom resources a local cluster needs so every pool of ``cfg`` can place all its actors."""
     out: dict[str, float] = {}
     for pool in cfg.cluster.pools:
         for key, amount in pool.resources.items():
-            out[key] = max(out.get(key, 0.0), amount * pool.max_actors)
+            out[key] = max(out.get(key, 0.0), amount * most_actors(pool))
     return out
 
 
@@ -110,18 +123,96 @@ def local_node_resources(cfg: ExperimentConfig) -> dict[str, float]:
     return {"CPU": float(get_num_cpus()), "GPU": gpus, **local_resources(cfg)}
 
 
+def _offered(node: dict[str, float], demand: dict[str, float]) -> dict[str, float]:
+    """What ``node`` has of each resource ``demand`` names."""
+    return {k: node.get(k, 0.0) for k in demand}
+
+
 def check_local_fit(cfg: ExperimentConfig) -> None:
-    """SetupError naming the pool when no actor of it fits the local node: it could never run."""
+    """SetupError naming the pool(s) when a local cluster could never start the run.
+
+    Each pool must fit one actor on the machine, and all of them together the actors a run
+    starts with (:func:`~apf_ray.placement.least_actors`: ``num_actors``, one for ``auto``):
+    otherwise actors would wait for resources that never free up.
+    """
     node = local_node_resources(cfg)
     for pool in cfg.cluster.pools:
         request = pool_request(pool)
         if not fits(node, request):
             short = {k: v for k, v in request.items() if node.get(k, 0.0) + 1e-9 < v}
-            offered = {k: node.get(k, 0.0) for k in short}
             raise SetupError(
                 f"cluster.pools[{pool.name}] asks for {short} per actor; a local cluster on this machine "
-                f"offers {offered} — lower the pool's num_cpus/num_gpus, or join a cluster with --address"
+                f"offers {_offered(node, short)} — lower the pool's num_cpus/num_gpus, or join a cluster with --address"
             )
+    demand = total(pools_demand(cfg.cluster.pools, least_actors))
+    if times_it_fits(node, demand) < 1:
+        raise SetupError(
+            f"the pools ask for {demand} in all ({demand_text(cfg.cluster.pools, least_actors)}); a local cluster "
+            f"on this machine offers {_offered(node, demand)} — lower num_actors (or use num_actors: auto) or "
+            "num_cpus/num_gpus, or join a cluster with --address"
+        )
+
+
+def trials_at_a_time(cfg: ExperimentConfig, address: str | None, wanted: int) -> str | None:
+    """For a search on a local cluster: SetupError if not even one trial of ``cfg`` fits the
+    machine (a trial reserves every client actor it may start, :func:`~apf_ray.placement.run_bundles`);
+    a note if fewer than ``wanted`` trials fit at once; None if they do, or on a joined cluster.
+    """
+    if ray.is_initialized() or address_to_join(cfg, address)[0]:
+        return None
+    node = local_node_resources(cfg)
+    demand = total(run_bundles(cfg))
+    fit = times_it_fits(node, demand)
+    asked = f"each trial reserves {demand} ({demand_text(cfg.cluster.pools, most_actors)})"
+    if fit < 1:
+        raise SetupError(f"{asked}; a local cluster on this machine offers {_offered(node, demand)} — lower "
+                         "max_actors (num_actors: auto) or num_actors, or num_cpus/num_gpus, or join a cluster "
+                         "with --address")
+    if fit < wanted:
+        return f"{fit} trial(s) at a time, not {wanted}: {asked}; this machine has {_offered(node, demand)}"
+    return None
+
+
+PLUGIN_EXCLUDES = ["__pycache__", "*.pyc", ".git"]
+"""What of a user's plug-in package never travels to the cluster (Ray also skips what .gitignore lists)."""
+
+
+def plugin_runtime_env(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The runtime environment that ships the user's own plug-in modules to every actor, or None.
+
+    A plug-in named by import path (``strategy.name: my_strategies:Median``) whose module lives
+    in the working directory, not installed, travels as ``py_modules``: that file or package
+    folder only, not the whole directory (Ray refuses packages over its size limit, 512 MiB by
+    default, naming it). A driver started by ``ray job submit`` gets its code from the job's own
+    runtime environment (``--working-dir``) instead.
+    """
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return None
+    modules = local_modules(cfg.plugin_names(), Path.cwd())
+    if not modules:
+        return None
+    return {"py_modules": [str(m) for m in modules], "excludes": list(PLUGIN_EXCLUDES)}
+
+
+def await_trial_capacity(cfg: ExperimentConfig) -> None:
+    """On a joined cluster, before a search: one trial's reservation must fit the cluster's total.
+
+    If it does not, say so at once and wait for nodes to join (autoscaling, ``ray start``) up
+    to ``cluster.startup_timeout_s``, then SetupError: Tune itself would wait for ever.
+    """
+    demand = total(run_bundles(cfg))
+    asked = f"each trial reserves {demand} ({demand_text(cfg.cluster.pools, most_actors)})"
+    deadline = time.monotonic() + cfg.cluster.startup_timeout_s
+    warned = False
+    while times_it_fits(have := ray.cluster_resources(), demand) < 1:
+        if time.monotonic() >= deadline:
+            raise SetupError(f"gave up after {cfg.cluster.startup_timeout_s:.0f} s (cluster.startup_timeout_s): "
+                             f"{asked}; the cluster has {_offered(have, demand)} in all")
+        if not warned:
+            log.warning("waiting for nodes: %s; the cluster has %s in all; giving up after %.0f s "
+                        "(cluster.startup_timeout_s)", asked, _offered(have, demand), cfg.cluster.startup_timeout_s)
+            warned = True
+        time.sleep(AWAIT_POLL_S)
 
 
 def _restore_sigterm(previous: Any) -> None:
@@ -130,12 +221,111 @@ def _restore_sigterm(previous: Any) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+ADDRESS_ORIGINS = ("--address", "cluster.address", "RAY_ADDRESS")
+"""Where the address of a cluster to join comes from, first found first: the ``address`` argument
+(the ``--address`` option), the config, then the environment (``ray job submit`` sets it)."""
+
+_HINTS = {
+    "--address": "check the address (HOST:PORT of the head's GCS, as `ray start --head` prints it), or leave "
+                 "out --address to start a local cluster",
+    "cluster.address": "check cluster.address (HOST:PORT of the head's GCS), or set it to null for a local "
+                       "cluster",
+    "RAY_ADDRESS": "a stale RAY_ADDRESS in the environment? unset it to start a local cluster",
+}
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+"""What a gRPC (HTTP/2) client sends first: the connection preface and an empty SETTINGS frame.
+A gRPC server, as a Ray head's GCS is, answers with a SETTINGS frame (type 0x04, in the 4th byte)."""
+
+
+def address_to_join(cfg: ExperimentConfig, address: str | None) -> tuple[str | None, str]:
+    """The cluster address to join and where it came from (:data:`ADDRESS_ORIGINS`); (None, "") for a local one."""
+    values = (address, cfg.cluster.address, os.environ.get("RAY_ADDRESS"))
+    for value, origin in zip(values, ADDRESS_ORIGINS, strict=True):
+        if value:
+            return value, origin
+    return None, ""
+
+
+def _dialled_endpoint(address: str) -> str | None:
+    """``HOST:PORT`` that ``ray.init(address)`` will connect to, or None if Ray finds none itself.
+
+    Ray replaces a loopback host by this machine's address unless
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` and looks ``auto`` up in its session files; its own
+    function (private) does both, so the probe dials what Ray will. A Ray Client address
+    (``ray://HOST:PORT``) is dialled as written.
+    """
+    if address.startswith("ray://"):
+        return address.removeprefix("ray://").split("/", 1)[0]
+    from ray._private.services import canonicalize_bootstrap_address  # private: Ray's reading of an address
+
+    return canonicalize_bootstrap_address(address)
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int]:
+    """(host, port) of ``HOST:PORT`` or ``[IPv6]:PORT``; ValueError if it is not that."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def gcs_unreachable(host: str, port: int, timeout_s: float) -> str | None:
+    """Why no Ray cluster answers at ``host:port`` (one phrase), or None if one (a gRPC server) does.
+
+    A TCP connect, then the HTTP/2 preface (:data:`HTTP2_PREFACE`): seconds at most, where
+    ``ray.init`` retries a dead address for minutes. Only a cluster that speaks TLS
+    (``RAY_USE_TLS``) skips the second step. A signal (Ctrl-C) interrupts either step at once.
+    """
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except socket.gaierror as err:
+        return f"cannot resolve the host name {host} ({err.strerror})"
+    except TimeoutError:
+        return f"no answer to a connection within {timeout_s:g} s (cluster.connect_timeout_s)"
+    except OSError as err:
+        return (err.strerror or str(err)).lower()
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        sock.close()
+        return None
+    with sock:
+        try:
+            sock.sendall(HTTP2_PREFACE)
+            head = sock.recv(9)
+        except OSError:  # a timeout too: it took the connection and said nothing
+            head = b""
+    if len(head) >= 4 and head[3] == 0x04:
+        return None
+    return ("something listens there but it is not a Ray cluster's GCS (the GCS port is the one `ray start "
+            "--head` prints, 6379 by default; not the dashboard's 8265)")
+
+
+def check_reachable(address: str, origin: str, timeout_s: float) -> None:
+    """SetupError naming ``address`` and its origin when no Ray cluster answers there (:func:`gcs_unreachable`)."""
+    where = f"the Ray cluster at {address} (from {origin})"
+    try:
+        endpoint = _dialled_endpoint(address)
+        if endpoint is None:
+            return  # "auto" that Ray cannot resolve: ray.init says so at once
+        host, port = _split_endpoint(endpoint)
+    except (ValueError, ConnectionError) as err:
+        raise SetupError(f"cannot join {where}: {describe(err)} — {_HINTS[origin]}") from None
+    why = gcs_unreachable(host, port, timeout_s)
+    if why is None:
+        return
+    dialled = (f"; Ray dials it as {endpoint} (a loopback address becomes this machine's unless "
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)" if endpoint not in address else "")
+    raise SetupError(f"cannot reach {where}: {why}{dialled} — {_HINTS[origin]}")
+
+
 @contextlib.contextmanager
 def ray_session(cfg: ExperimentConfig, address: str | None = None, verbose: bool = False) -> Iterator[bool]:
     """Join ``address`` (or the running Ray in this process) or start a local cluster for the block.
 
     Without an address, ``cluster.address`` and then ``RAY_ADDRESS`` (which ``ray job submit``
-    sets for the jobs it runs) name the cluster to join. Yields True when this call started or
+    sets for the jobs it runs) name the cluster to join; it is probed first
+    (:func:`check_reachable`), so a dead address is a SetupError naming it within seconds.
+    Yields True when this call started or
     joined Ray (and will disconnect on exit). A local cluster is checked first (a pool that no
     actor of could fit is a SetupError before anything starts) and listens on 127.0.0.1 only,
     with token auth and no metrics exporter, unless ``cluster.expose`` /
@@ -147,13 +337,14 @@ def ray_session(cfg: ExperimentConfig, address: str | None = None, verbose: bool
     if ray.is_initialized():
         yield False
         return
-    address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    address, origin = address_to_join(cfg, address)
     logs = {"logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose}
     previous = signal.getsignal(signal.SIGTERM)
     try:
         if address:
+            check_reachable(address, origin, cfg.cluster.connect_timeout_s)
             enable_token_auth()
-            ray.init(address=address, **logs)
+            ray.init(address=address, runtime_env=plugin_runtime_env(cfg), **logs)
         else:
             check_local_fit(cfg)
             enable_token_auth()  # explicit: auth stays on, and Ray prints no warning about it
@@ -163,12 +354,13 @@ def ray_session(cfg: ExperimentConfig, address: str | None = None, verbose: bool
                     object_store_memory=cfg.cluster.object_store_mb * 2**20,
                     resources=local_resources(cfg) or None,
                     include_dashboard=False,
+                    runtime_env=plugin_runtime_env(cfg),
                     **logs,
                 )
     except SetupError:
         raise
     except Exception as err:
-        where = f"join the Ray cluster at {address}" if address else "start a local Ray cluster"
+        where = f"join the Ray cluster at {address} (from {origin})" if address else "start a local Ray cluster"
         if ray.is_initialized():
             ray.shutdown()
         raise SetupError(f"could not {where}: {describe(err)}") from None
@@ -184,16 +376,36 @@ def check_placeable(cfg: ExperimentConfig) -> None:
     """Warn early, naming the pool, when no node of the cluster can host one of its actors.
 
     A joined cluster may still gain such a node (autoscaling, ``ray start``), so this is a
-    warning; a local cluster was checked before it started (:func:`check_local_fit`).
+    warning; the start-up waits for it up to ``cluster.startup_timeout_s``. A local cluster was
+    checked before it started (:func:`check_local_fit`).
     """
     nodes = alive_node_resources()
     for pool in cfg.cluster.pools:
         request = pool_request(pool)
         if not any(fits(node, request) for node in nodes):
             log.warning(
-                "cluster.pools[%s] asks for %s per actor and no node has that; its clients are dropped "
-                "until such a node joins", pool.name, request,
+                "cluster.pools[%s] asks for %s per actor and no node has that; waiting up to %.0f s "
+                "(cluster.startup_timeout_s) for such a node to join", pool.name, request,
+                cfg.cluster.startup_timeout_s,
             )
+
+
+AWAIT_POLL_S = 1.0
+"""Seconds the server waits for actors per call while the driver watches the start-up."""
+RESOURCE_NOTICE_S = 3.0
+"""Seconds of waiting for resources before the driver says what it waits for."""
+
+
+def _waiting_text(status: dict[str, dict], names: list[str]) -> str:
+    """``cluster.pools[cpu] has 2 of 4 actor(s) started, each asks {'CPU': 1.0}`` for the named pools."""
+    return "; ".join(f"cluster.pools[{n}] has {status[n]['ready']} of {status[n]['actors']} actor(s) started, "
+                     f"each asks {status[n]['request']}" for n in names)
+
+
+def _free_text(free: dict[str, float], status: dict[str, dict]) -> str:
+    """What the cluster has free of the resources the pools in ``status`` ask for."""
+    keys = sorted({k for s in status.values() for k in s["request"]})
+    return str({k: round(free.get(k, 0.0), 3) for k in keys})
 
 
 def _unwrap(err: BaseException) -> BaseException:
@@ -227,8 +439,14 @@ class RayBackend(Backend):
         self._session = contextlib.ExitStack()
 
     def check(self, cfg: ExperimentConfig) -> None:
-        """A local cluster about to be started must be able to host one actor of every pool."""
-        if not ray.is_initialized() and not (self.address or cfg.cluster.address):
+        """Before the data loads: a cluster to join must answer at its address; a local cluster
+        about to be started must be able to host every pool."""
+        if ray.is_initialized():
+            return
+        address, origin = address_to_join(cfg, self.address)
+        if address:
+            check_reachable(address, origin, cfg.cluster.connect_timeout_s)
+        else:
             check_local_fit(cfg)
 
     def start(self, cfg: ExperimentConfig, run_dir: Path, workload: Workload,
@@ -249,7 +467,10 @@ class RayBackend(Backend):
             replace(workload, dataset=None), resume)
         timeout = cfg.cluster.startup_timeout_s + cfg.cluster.control_timeout_s
         try:
-            return ray.get(self.server.start.remote(), timeout=timeout)
+            info = ray.get(self.server.start.remote(), timeout=timeout)
+            self._await_actors(cfg)
+            info["pools"] = ray.get(self.server.describe.remote(), timeout=cfg.cluster.control_timeout_s)
+            return info
         except ray.exceptions.GetTimeoutError:
             raise SetupError(f"the server actor did not start within {timeout:.0f} s "
                              "(cluster.startup_timeout_s + cluster.control_timeout_s)") from None
@@ -258,6 +479,39 @@ class RayBackend(Backend):
         except ray.exceptions.RayActorError as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise SetupError(f"the server actor died during set-up: {first}") from None
+
+    def _await_actors(self, cfg: ExperimentConfig) -> None:
+        """Wait for the pools' actors: say within seconds what resources they wait for, and give up
+        after ``cluster.startup_timeout_s`` if a pool has fewer than it needs to start
+        (``num_actors``; one for ``auto``). A pool that has them starts; the rest join when placed.
+        """
+        started, warned = time.monotonic(), False
+        while True:
+            status = ray.get(self.server.await_actors.remote(AWAIT_POLL_S),
+                             timeout=AWAIT_POLL_S + cfg.cluster.control_timeout_s)
+            least = {p.name: least_actors(p) for p in cfg.cluster.pools}
+            for name, s in status.items():  # an auto pool no node can host has no actor yet, and needs one
+                s["actors"] = max(s["actors"], least[name])
+            missing = {name: s for name, s in status.items() if s["ready"] < s["actors"]}
+            if not missing:
+                return
+            waited = time.monotonic() - started
+            free = ray.available_resources()
+            starved = {name: s for name, s in missing.items() if not fits(free, s["request"])}
+            if waited >= cfg.cluster.startup_timeout_s:
+                short = [name for name, s in missing.items() if s["ready"] < least[name]]
+                if short:
+                    raise SetupError(f"gave up after {waited:.0f} s (cluster.startup_timeout_s): "
+                                     f"{_waiting_text(missing, short)}; the cluster has "
+                                     f"{_free_text(free, missing)} free")
+                log.warning("starting without the actors still missing (they join once placed): %s",
+                            _waiting_text(missing, list(missing)))
+                return
+            if starved and not warned and waited >= RESOURCE_NOTICE_S:
+                log.warning("waiting for resources: %s; the cluster has %s free; giving up after %.0f s "
+                            "(cluster.startup_timeout_s)", _waiting_text(starved, list(starved)),
+                            _free_text(free, starved), cfg.cluster.startup_timeout_s)
+                warned = True
 
     def run_round(self) -> RoundEvent:
         c = self.cfg.cluster

@@ -13,7 +13,7 @@ from ray.exceptions import RayActorError, RayError
 
 from actors.client import ClientPoolActor
 from apf_ray.config import ExperimentConfig, PoolConfig
-from apf_ray.placement import plan_pool_sizes
+from apf_ray.placement import plan_pool_sizes, pool_request
 from apf_ray.records import Broadcast, ClientResult
 
 
@@ -114,14 +114,16 @@ class ClientPools:
     def ready_members(self, pool: str) -> list[_Member]:
         return [m for m in self.members[pool] if m.ready]
 
-    def wait_ready(self, pools: set[str], timeout_s: float, *, every_actor: bool = False) -> None:
+    def wait_ready(self, pools: set[str], timeout_s: float, *, every_actor: bool = False,
+                   limit_s: float | None = None) -> None:
         """Block (bounded) until each named pool has a ready actor (all of them: ``every_actor``).
 
         Only actors still inside their start-up window (``timeout_s`` since spawn) are waited
         for, so a pool whose actors cannot be placed (no node with its resources) costs a
-        round nothing; its clients are dropped as ``no_actor`` until such a node joins.
+        round nothing; its clients are dropped as ``no_actor`` until such a node joins. The
+        whole wait lasts at most ``limit_s`` seconds (default ``cluster.round_timeout_s``).
         """
-        deadline = time.monotonic() + self.cfg.cluster.round_timeout_s
+        deadline = time.monotonic() + (self.cfg.cluster.round_timeout_s if limit_s is None else limit_s)
         while True:
             self.refresh()
             now = time.monotonic()
@@ -135,6 +137,12 @@ class ClientPools:
             if not refs or now >= deadline:
                 return
             ray.wait(refs, num_returns=1, timeout=min(1.0, deadline - now))
+
+    def startup_status(self) -> dict[str, dict]:
+        """Per pool: its actors ``ready``, all its ``actors`` (ready, starting or waiting for
+        resources), and the ``request`` of one, for the driver's start-up wait."""
+        return {name: {"ready": len(self.ready_members(name)), "actors": len(self.members[name]),
+                       "request": pool_request(pool)} for name, pool in self.pools.items()}
 
     def describe(self) -> dict[str, list[dict]]:
         out = {}

@@ -47,11 +47,19 @@ class ServerActor:
         del self._args
 
     def start(self) -> dict[str, Any]:
-        """Build the server and the pools, and wait (bounded) until every pool's actors started."""
+        """Build the server and the pools and start the pools' actors; :meth:`await_actors` waits for them."""
         self._setup()
-        self.pools.wait_ready(set(self.pools.pools), self.cfg.cluster.startup_timeout_s, every_actor=True)
-        return {"backend": "ray", "round": self.server.round, "num_params": self.server.num_params,
-                "pools": self.pools.describe()}
+        self.pools.refresh()
+        return {"backend": "ray", "round": self.server.round, "num_params": self.server.num_params}
+
+    def await_actors(self, wait_s: float) -> dict[str, dict]:
+        """Wait up to ``wait_s`` seconds for every pool's actors to start; how far each pool got.
+
+        Short, so the driver can say what it waits for while it waits (``RayBackend.start``).
+        """
+        self.pools.wait_ready(set(self.pools.pools), self.cfg.cluster.startup_timeout_s, every_actor=True,
+                              limit_s=wait_s)
+        return self.pools.startup_status()
 
     def run_round(self) -> RoundEvent:
         """One round; its event carries the pool events (actors added or dropped)."""

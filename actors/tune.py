@@ -48,7 +48,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from actors.backend import RayBackend, ray_session
+from actors.backend import RayBackend, await_trial_capacity, ray_session, trials_at_a_time
 from apf_ray.callbacks import Callback, RunContext
 from apf_ray.config import ExperimentConfig, build_config
 from apf_ray.data import load_dataset
@@ -493,6 +493,9 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
     """
     console = console or Console()
     say = (lambda *_: None) if quiet else console.print
+    limited = trials_at_a_time(base, address, spec.max_concurrent_trials or spec.num_samples)  # before any cluster
+    if limited:
+        say(f"[yellow]note:[/yellow] {limited}")
     output = Path(output).resolve()
     refuse_for_search(output, resume)  # a run, or another search, is never mixed into (the caller claims it)
     output.mkdir(parents=True, exist_ok=True)
@@ -501,6 +504,7 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
     dataset = load_dataset(base.data.dataset, **base.data.options)  # once, before any cluster starts
     started = time.perf_counter()
     with ray_session(base, address, verbose):
+        await_trial_capacity(base)  # a joined cluster: says what a trial waits for, gives up after a while
         dataset_ref = ray.put(dataset)
         shared: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "base": base.to_dict(),
                                   "output": str(output), "dataset_ref": [dataset_ref], "baseline_bytes": None}

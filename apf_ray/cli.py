@@ -40,6 +40,14 @@ def console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 140)
 
 
+@functools.cache
+def error_console() -> Console:
+    """Standard error, where errors go (so ``apf-ray ... > out.txt`` still shows them)."""
+    from rich.console import Console
+
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+
+
 def _say(args: argparse.Namespace, message: str) -> None:
     """An informational line, left out by ``--quiet``."""
     if not args.quiet:
@@ -107,6 +115,17 @@ def _train(cfg: ExperimentConfig, run_dir: Path, args: argparse.Namespace, label
             display.close()
 
 
+def _no_aggregation(summary: dict, label: str) -> str | None:
+    """The error line for a run in which no round aggregated (the model never moved), else None."""
+    rounds = summary.get("rounds", 0)
+    if rounds == 0 or summary.get("rounds_not_aggregated", 0) < rounds:
+        return None
+    return (f"{label}: none of its {rounds} round(s) aggregated — every round missed its quorum or was "
+            f"discarded ({summary.get('clients_rejected', 0)} upload(s) rejected, "
+            f"{summary.get('clients_dropped', 0)} client(s) dropped); the model is the initial one. "
+            f"Why, per round and client: {summary.get('run_dir', 'the run folder')}/rounds.parquet, clients.parquet")
+
+
 def _finished_summary(run_dir: Path, rounds_done: int, rounds: int) -> dict | None:
     """The summary of a run that already did its ``rounds`` (None if it must train further)."""
     path = run_dir / "summary.json"
@@ -162,7 +181,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     console().print(summary_table(summary, title=f"{cfg.name} · {cfg.strategy.name}"))
     if cfg.output.tensorboard:
         _say(args, f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
-    return 0
+    failed = _no_aggregation(summary, f"the run in {run_dir}")
+    return _failure(failed) if failed else 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -204,7 +224,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     plot = plot_history(out / "compare.png", histories,
                         title=f"{out.name}: {base.name}, {base.train.rounds} rounds, strategies side by side")
     _say(args, f"wrote {out / 'compare.json'} and {plot}")
-    return 0
+    failed = [line for spec in results if (line := _no_aggregation(results[spec], f"variant {spec}"))]
+    return _failure(*failed) if failed else 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -305,16 +326,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _error(err: BaseException) -> int:
+def _print_errors(*lines: str) -> None:
+    """``error: ...`` per line, on standard error."""
     from rich.markup import escape
 
-    console().print(f"[red]error:[/red] {escape(describe(err))}", soft_wrap=True, highlight=False)
+    for line in lines:
+        error_console().print(f"[red]error:[/red] {escape(line)}", soft_wrap=True, highlight=False)
+
+
+def _failure(*lines: str) -> int:
+    """A run that finished without a result: its error lines, exit status 1."""
+    _print_errors(*lines)
+    return 1
+
+
+def _error(err: BaseException) -> int:
+    """Exit status 2 with one ``error:`` line per problem (a config error lists each field's)."""
+    from apf_ray.config import ConfigError
+
+    lines = [line for line in str(err).splitlines() if line.strip()] if isinstance(err, ConfigError) else []
+    _print_errors(*(lines or [describe(err)]))
     return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 2 a usage, config, data or checkpoint error (one ``error:`` line),
-    130 / 143 stopped by SIGINT / SIGTERM (resumable from the printed folder)."""
+    """Exit status: 0 done, 1 a run finished in which no round aggregated (its summary is written),
+    2 a usage, config, data, checkpoint or cluster error (one ``error:`` line per problem, on
+    standard error), 130 / 143 stopped by SIGINT / SIGTERM (resumable from the printed folder)."""
     args = build_parser().parse_args(argv)
     from apf_ray.config import ConfigError
 

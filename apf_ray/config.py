@@ -20,8 +20,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from apf_ray.errors import clip, did_you_mean, excerpt
 from apf_ray.outputs import check_name
-from apf_ray.uplink import OptionsError, build_stages, validate_options
+from apf_ray.uplink import OptionsError, build_stages, known_keys, validate_options
 
 Name = Annotated[str, AfterValidator(check_name)]
 """A run's or a search's name: it becomes part of folder names, so a name, never a path."""
@@ -122,13 +123,16 @@ class PoolConfig(_Strict):
 
 class ClusterConfig(_Strict):
     address: str | None = Field(None, description="existing Ray cluster; None starts a local one")
+    connect_timeout_s: float = Field(5.0, gt=0, le=300, description="bound on each step of reaching a "
+                                     "cluster's address (TCP connect, then its answer), seconds")
     pools: list[PoolConfig] = Field(default_factory=lambda: [PoolConfig(max_actors=2)])
     round_timeout_s: float = Field(120.0, gt=0, description="per-round deadline for client work, seconds")
     min_clients: int | None = Field(None, ge=1, description="quorum; None = quorum_fraction")
     quorum_fraction: float = Field(0.5, gt=0, le=1)
     torch_threads: int = Field(1, ge=1, description="torch threads per client actor")
     object_store_mb: int = Field(512, ge=64, description="object store of a local cluster, MiB")
-    startup_timeout_s: float = Field(180.0, gt=0, description="wait for client actors to start, seconds")
+    startup_timeout_s: float = Field(180.0, gt=0, description="wait for client actors to get resources and "
+                                     "start, seconds; then a pool short of num_actors (auto: 1) ends the run")
     control_timeout_s: float = Field(120.0, gt=0, description="bound on a control call to the server actor, s")
     result_timeout_s: float = Field(30.0, gt=0, description="fetch a finished client's result, seconds")
     max_error_chars: int = Field(500, ge=20, description="error text kept per failed client, characters")
@@ -222,6 +226,14 @@ class ExperimentConfig(_Strict):
             )
         return self
 
+    def plugin_names(self) -> list[str]:
+        """Every plug-in the config names (strategy, uplink stages, model, dataset, partitioner):
+        registered names and import paths alike."""
+        from apf_ray.compression import stage_spec
+
+        stages = [stage_spec(item)[0] for item in self.strategy.uplink]
+        return [self.strategy.name, *stages, self.model.name, self.data.dataset, self.data.partitioner]
+
     def quorum(self) -> int:
         """Clients that must report for a round to count."""
         if self.cluster.min_clients is not None:
@@ -260,17 +272,17 @@ def _override_items(overrides: Overrides) -> list[tuple[str, list[str], Any]]:
     items = []
     if isinstance(overrides, Mapping):
         for key, value in overrides.items():
-            items.append((f"{key}={value!r}", _split_key(str(key), f"override {key!r}"), value))
+            items.append((f"{key}={excerpt(value)}", _split_key(str(key), f"override {excerpt(key)}"), value))
         return items
     for item in overrides:
+        label = f"--set {clip(item)}"
         if "=" not in item:
-            raise ConfigError(f"--set {item}: expected key=value")
+            raise ConfigError(f"{label}: expected key=value")
         key, raw = item.split("=", 1)
-        label = f"--set {item}"
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{label}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+            raise ConfigError(f"{label}: the value is not valid YAML ({yaml_problem(err)})") from None
         items.append((label, _split_key(key, label), value))
     return items
 
@@ -286,11 +298,11 @@ def _set_path(root: dict[str, Any], path: list[str], value: Any, label: str) -> 
     node: Any = root
     for depth, part in enumerate(path):
         last = depth == len(path) - 1
-        where = ".".join(path[:depth]) or "the config"
+        where = clip(".".join(path[:depth])) or "the config"
         if isinstance(node, list):
             if not part.isdigit():
-                raise ConfigError(f"{label}: {where} is a list; {part!r} is not an index "
-                                  f"(e.g. {'.'.join([*path[:depth], '0', *path[depth:]])})")
+                raise ConfigError(f"{label}: {where} is a list; {excerpt(part)} is not an index "
+                                  f"(e.g. {clip('.'.join([*path[:depth], '0', *path[depth:]]))})")
             index = int(part)
             if index >= len(node):
                 raise ConfigError(f"{label}: {where} has {len(node)} item(s); index {index} is out of range")
@@ -309,7 +321,7 @@ def _set_path(root: dict[str, Any], path: list[str], value: Any, label: str) -> 
                 node[part] = {}
             node = node[part]
         else:
-            raise ConfigError(f"{label}: {where} is a value ({node!r}), not a section")
+            raise ConfigError(f"{label}: {where} is a value ({excerpt(node)}), not a section")
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Overrides) -> tuple[dict[str, Any], list[tuple[str, list[str]]]]:
@@ -323,12 +335,19 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Overrides) -> tuple[dict[
 
 
 def _error_lines(err: ValidationError) -> list[tuple[tuple, str, Any]]:
-    """(location, message, input) per error, with plug-in option errors at their own path."""
+    """(location, message, input) per error, with plug-in option errors at their own path.
+
+    An unknown key says so and suggests the closest known one (``train.lrr: unknown key; did
+    you mean 'lr'?``).
+    """
     out = []
     for e in err.errors():
         cause = (e.get("ctx") or {}).get("error")
         if isinstance(cause, OptionsError):
             out += [((*e["loc"], *loc), msg, value) for loc, msg, value in cause.errors]
+        elif e["type"] == "extra_forbidden":
+            known = known_keys(ExperimentConfig, e["loc"][:-1])
+            out.append((e["loc"], "unknown key" + did_you_mean(e["loc"][-1], known), None))
         else:
             msg = e["msg"].removeprefix("Value error, ")
             out.append((e["loc"], msg, e.get("input")))
@@ -336,12 +355,9 @@ def _error_lines(err: ValidationError) -> list[tuple[tuple, str, Any]]:
 
 
 def _format_validation(err: ValidationError, source: str, applied: list[tuple[str, list[str]]]) -> str:
-    """One line per error: the field, the message, the value, and the override it came from.
-
-    The header names ``source`` (the config file) only when some error is not explained by an
-    override, so a bad ``--set`` never blames the file.
-    """
-    lines, from_file = [], False
+    """One line per error: the file (unless an override explains it), the field, the message,
+    an excerpt of the value (:func:`~apf_ray.errors.excerpt`), and the override it came from."""
+    lines = []
     for loc, msg, value in _error_lines(err):
         if loc:
             field = ".".join(str(p) for p in loc) + ": "
@@ -351,10 +367,10 @@ def _format_validation(err: ValidationError, source: str, applied: list[tuple[st
         else:  # a rule across fields names them in its message: blame the overrides of those fields
             field = ""
             origin = ", ".join(label for label, path in applied if ".".join(path) in msg) or None
-        from_file = from_file or origin is None
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {field}{msg}{shown}" + (f" — from {origin}" if origin else ""))
-    return "\n".join([f"invalid config ({source}):" if from_file else "invalid config:", *lines])
+        shown = "" if value is None or isinstance(value, dict) else f" (got {excerpt(value)})"
+        where = f" — from {origin}" if origin else ""
+        lines.append(f"{'' if origin else source + ': '}{field}{msg}{shown}{where}")
+    return "\n".join(lines)
 
 
 def build_config(raw: Mapping[str, Any], overrides: Overrides = (), source: str = "<dict>") -> ExperimentConfig:
@@ -366,17 +382,103 @@ def build_config(raw: Mapping[str, Any], overrides: Overrides = (), source: str 
         raise ConfigError(_format_validation(err, source, applied)) from None
 
 
+MAX_YAML_NODES = 100_000
+"""The most values (scalars, lists, mappings) a YAML text may stand for once its aliases are expanded.
+
+An alias reuses a value without copying it, so a few hundred bytes of nested aliases (``b:
+[*a, *a, ...]``, ``c: [*b, *b, ...]``) stand for billions of values: every later step that
+walks them (validation, an error message, ``config.yaml``) would run out of memory. A real
+config has a few hundred values.
+"""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses alias expansion beyond :data:`MAX_YAML_NODES` values."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None and _expanded_size(node, {}, set()) > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?)")
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Values ``node`` stands for with every alias expanded; stops counting past the bound.
+
+    ``sizes`` memoises shared nodes (each is counted once per use, walked once); a node that
+    contains itself (``&a [*a]``) expands without end.
+    """
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        return MAX_YAML_NODES + 1
+    open_nodes.add(key)
+    children = (node.value if isinstance(node, yaml.SequenceNode)
+                else [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes, open_nodes)
+        if total > MAX_YAML_NODES:
+            break
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with alias expansion bounded (:data:`MAX_YAML_NODES`)."""
+    return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: builds only plain data
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where (line and column, counted from 1)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+SEARCH_FILE_KEYS = ("search_space", "objective")
+"""Top-level keys of a search file (``apf-ray tune``) that no train config has."""
+
+
+def is_search_file(raw: Mapping[str, Any]) -> bool:
+    """Whether a mapping read from a YAML file is a search file for ``apf-ray tune``, not a train config."""
+    return any(key in raw for key in SEARCH_FILE_KEYS)
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML file holding a mapping; ConfigError naming the file otherwise."""
+    """A YAML file holding a non-empty mapping; ConfigError naming the file otherwise.
+
+    Checked: the file exists and is readable, is UTF-8 text (not binary), is YAML (the error
+    says at which line and column it is not), stays within :data:`MAX_YAML_NODES` values, and
+    holds settings (an empty file is an error, not the defaults).
+    """
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        data = p.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {p}: {err.strerror}") from None
+    if b"\0" in data:
+        raise ConfigError(f"config file {p} is a binary file, not YAML text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                          f"{err.start})") from None
+    try:
+        raw = load_yaml(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {p} is not valid YAML: {yaml_problem(err)}") from None
+    if raw is None:
+        raise ConfigError(f"config file {p} is empty; leave out --config for the default workload")
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        raise ConfigError(f"config file {p} must hold a mapping of settings at the top level, "
+                          f"not {type(raw).__name__} {excerpt(raw)}")
     return raw
 
 
@@ -384,4 +486,9 @@ def load_config(path: str | Path | None = None, overrides: Overrides = ()) -> Ex
     """Load a YAML config (None: the default workload) and apply overrides."""
     if path is None:
         return build_config(ExperimentConfig().to_dict(), overrides, "defaults")
-    return build_config(read_yaml_mapping(path), overrides, str(path))
+    raw = read_yaml_mapping(path)
+    if is_search_file(raw):
+        raise ConfigError(f"{path} is a search file for apf-ray tune (it has "
+                          f"{' and '.join(k for k in SEARCH_FILE_KEYS if k in raw)}), not a train config: "
+                          f"run apf-ray tune --config {path}")
+    return build_config(raw, overrides, str(path))

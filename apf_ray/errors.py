@@ -7,8 +7,36 @@ mistake in their config, data or checkpoint.
 
 from __future__ import annotations
 
+import difflib
+import reprlib
 import signal
+from collections.abc import Iterable
 from pathlib import Path
+
+EXCERPT_CHARS = 80
+"""The most characters of a user's value an error message quotes (a value may be megabytes)."""
+
+_BOUNDED_REPR = reprlib.Repr()
+"""``repr`` that stops early: bounded work even for a deeply nested or self-referencing value."""
+_BOUNDED_REPR.maxlevel = 3
+_BOUNDED_REPR.maxtuple = _BOUNDED_REPR.maxlist = _BOUNDED_REPR.maxdict = _BOUNDED_REPR.maxset = 4
+_BOUNDED_REPR.maxstring = _BOUNDED_REPR.maxother = EXCERPT_CHARS
+
+
+def clip(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters; ``…`` marks a cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """``repr(value)`` cut to at most ``limit`` characters (:func:`clip`), computed in bounded time."""
+    return clip(_BOUNDED_REPR.repr(value), limit)
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """``; did you mean 'x'?`` for the closest of ``known`` to a mistyped ``word``, else ``""``."""
+    close = difflib.get_close_matches(str(word), list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def describe(err: BaseException) -> str:

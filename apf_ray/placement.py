@@ -7,6 +7,8 @@ the search driver to declare each trial's bundles.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from apf_ray.config import ExperimentConfig, PoolConfig
 
 
@@ -55,16 +57,45 @@ def plan_pool_sizes(pools: list[PoolConfig], nodes: list[dict[str, float]]) -> d
     return {p.name: int(p.num_actors) if p.num_actors != "auto" else placed[p.name] for p in pools}
 
 
+def most_actors(pool: PoolConfig) -> int:
+    """The most actors ``pool`` ever starts: ``num_actors``, or ``max_actors`` for ``auto``."""
+    return pool.max_actors if pool.num_actors == "auto" else int(pool.num_actors)
+
+
+def least_actors(pool: PoolConfig) -> int:
+    """The actors ``pool`` needs to start a run: ``num_actors``, or one for ``auto`` (it grows later)."""
+    return 1 if pool.num_actors == "auto" else int(pool.num_actors)
+
+
+def total(requests: list[dict[str, float]]) -> dict[str, float]:
+    """The sum of resource requests, per resource."""
+    out: dict[str, float] = {}
+    for request in requests:
+        for key, amount in request.items():
+            out[key] = out.get(key, 0.0) + amount
+    return out
+
+
+def pools_demand(pools: list[PoolConfig], count: Callable[[PoolConfig], int]) -> list[dict[str, float]]:
+    """One request per actor, ``count(pool)`` actors of each pool (pools that ask for nothing add none)."""
+    return [dict(pool_request(p)) for p in pools if pool_request(p) for _ in range(count(p))]
+
+
+def times_it_fits(node: dict[str, float], demand: dict[str, float]) -> int:
+    """How many times ``demand`` (a sum of requests) fits into ``node``'s resources at once."""
+    counts = [int(node.get(k, 0.0) / v + 1e-9) for k, v in demand.items() if v > 0]
+    return min(counts) if counts else 1_000_000
+
+
+def demand_text(pools: list[PoolConfig], count: Callable[[PoolConfig], int]) -> str:
+    """``cluster.pools[cpu]: 4 × {'CPU': 1.0}`` per pool that asks for resources, for messages."""
+    return ", ".join(f"cluster.pools[{p.name}]: {count(p)} × {pool_request(p)}" for p in pools if pool_request(p))
+
+
 def run_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
     """One resource bundle per client actor a run of ``cfg`` starts (``auto`` pools: ``max_actors``).
 
     The server actor asks for nothing (``num_cpus=0``) and the driver only waits, so neither
     needs a bundle of its own; an actor of a pool that asks for nothing needs none either.
     """
-    bundles = []
-    for pool in cfg.cluster.pools:
-        count = pool.max_actors if pool.num_actors == "auto" else int(pool.num_actors)
-        request = pool_request(pool)
-        if request:
-            bundles += [dict(request) for _ in range(count)]
-    return bundles
+    return pools_demand(cfg.cluster.pools, most_actors)

@@ -14,15 +14,18 @@ quantisation lost), held in the client's strategy state.
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from apf_ray import wire
 from apf_ray.compression import Quantizer, Sparsifier, UplinkStage, stage_class, stage_spec
 from apf_ray.compression.quantize import Float32
+from apf_ray.errors import did_you_mean
 
 RESIDUAL = "residual"
 """Key of the error-feedback residual (float32, one per scalar) in a client's strategy state."""
@@ -36,13 +39,44 @@ class OptionsError(ValueError):
         super().__init__("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg, _ in errors))
 
 
+def known_keys(model: type, loc: Sequence[Any]) -> list[str]:
+    """The field names of the pydantic model found at ``loc`` inside ``model`` (list indices and
+    dict keys skipped), for a did-you-mean; empty if ``loc`` leads to no model."""
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        model = _inner_model(field.annotation)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _inner_model(annotation: Any) -> Any:
+    """The pydantic model inside an annotation such as ``list[PoolConfig]`` or ``X | None`` (else it)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation) if typing.get_origin(annotation) not in (None, types.NoneType) else ():
+        inner = _inner_model(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return annotation
+
+
 def validate_options(model: type, options: dict[str, Any], prefix: tuple = ()) -> Any:
-    """``model.model_validate(options)``, failures as :class:`OptionsError` with located errors."""
+    """``model.model_validate(options)``, failures as :class:`OptionsError` with located errors
+    (an unknown key with the closest known one)."""
     try:
         return model.model_validate(options)
     except ValidationError as err:
-        raise OptionsError([((*prefix, *e["loc"]), e["msg"].removeprefix("Value error, "), e.get("input"))
-                            for e in err.errors()]) from None
+        errors = []
+        for e in err.errors():
+            if e["type"] == "extra_forbidden":
+                msg, value = "unknown key" + did_you_mean(e["loc"][-1], known_keys(model, e["loc"][:-1])), None
+            else:
+                msg, value = e["msg"].removeprefix("Value error, "), e.get("input")
+            errors.append(((*prefix, *e["loc"]), msg, value))
+        raise OptionsError(errors) from None
 
 
 def build_stages(spec: Sequence[Any]) -> list[UplinkStage]:

@@ -113,7 +113,7 @@ def test_resume_refuses_a_change_of_meaning_naming_the_field(finished_run, tmp_p
     run_dir = _copy(finished_run, tmp_path)
     before = _snapshot(run_dir)
     assert main(["train", "--inprocess", "--resume", str(run_dir), "--set", override]) == 2
-    out = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().err.strip().splitlines()
     assert len(out) == 1 and out[0].startswith(f"error: --resume keeps the run's meaning: {field} cannot change")
     assert "--set asks" in out[0]
     assert _snapshot(run_dir) == before
@@ -123,11 +123,11 @@ def test_resume_with_a_config_file_or_another_output_is_refused_naming_the_optio
     run_dir = _copy(finished_run, tmp_path)
     assert main(["train", "--inprocess", "--resume", str(run_dir), "--config",
                  str(finished_run.parent / "tiny.yaml")]) == 2
-    assert "--config cannot be used with --resume" in capsys.readouterr().out
+    assert "--config cannot be used with --resume" in capsys.readouterr().err
     assert main(["train", "--inprocess", "--resume", str(run_dir), "--output", str(tmp_path / "other")]) == 2
-    assert f"--output {tmp_path / 'other'} differs from --resume" in capsys.readouterr().out
+    assert f"--output {tmp_path / 'other'} differs from --resume" in capsys.readouterr().err
     assert main(["train", "--inprocess", "--resume", str(run_dir), "--set", "train.rounds=1"]) == 2
-    assert "train.rounds (1) is below the 2 rounds already done" in capsys.readouterr().out
+    assert "train.rounds (1) is below the 2 rounds already done" in capsys.readouterr().err
 
 
 def test_resume_accepts_more_rounds_and_cluster_output_and_fault_settings(finished_run, tmp_path, capsys):
@@ -161,7 +161,7 @@ def test_output_onto_an_existing_run_is_refused_and_nothing_changes(finished_run
     before = _snapshot(run_dir)
     assert main(["train", "--inprocess", "--quiet", "--config", str(finished_run.parent / "tiny.yaml"),
                  "--output", str(run_dir)]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert f"{run_dir} already holds a run" in out and f"--resume {run_dir}" in out and "--overwrite" in out
     assert _snapshot(run_dir) == before
 
@@ -233,7 +233,7 @@ def test_no_readable_checkpoint_is_one_error_line(finished_run, tmp_path, capsys
     for ckpt in (run_dir / "checkpoints").iterdir():
         (ckpt / "MANIFEST.json").unlink()
     assert main(["train", "--inprocess", "--resume", str(run_dir)]) == 2
-    out = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().err.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("error: ") and "no readable checkpoint" in out[0]
 
 

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from apf_ray.errors import excerpt
 from apf_ray.plugins import resolve, subclass_of
 
 
@@ -121,4 +122,4 @@ def stage_spec(item: Any) -> tuple[str, dict[str, Any]]:
     if isinstance(item, dict) and isinstance(item.get("name"), str):
         options = dict(item)
         return options.pop("name"), options
-    raise ValueError(f"an uplink stage is a name or a mapping with a 'name', got {item!r}")
+    raise ValueError(f"an uplink stage is a name or a mapping with a 'name', got {excerpt(item)}")
