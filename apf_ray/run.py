@@ -30,10 +30,11 @@ from apf_ray.errors import RunStopped, SetupError, describe
 from apf_ray.metrics import MetricsWriter, summarize
 from apf_ray.resume import ResumePoint, check_resume
 from apf_ray.stops import Abandon, StopSignals
+from apf_ray.variants import PLAN_FILE
 from apf_ray.workload import build_workload
 
 RUN_FILES = ("config.yaml", "summary.json", "rounds.parquet", "clients.parquet", "layers.parquet", "curves.png",
-             "compare.json", "compare.png", "journal", "checkpoints", "tensorboard")
+             "compare.json", "compare.png", PLAN_FILE, "journal", "checkpoints", "tensorboard")
 """What a run (or a compare) writes into its folder; ``overwrite`` removes these and nothing else."""
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -30,9 +31,14 @@ class Abandon(KeyboardInterrupt):
 
 
 class StopSignals:
-    """Context manager holding the run's SIGINT/SIGTERM handlers; ``signum`` is the first signal seen."""
+    """Context manager holding the run's SIGINT/SIGTERM handlers; ``signum`` is the first signal seen.
 
-    def __init__(self) -> None:
+    ``on_signal`` is called with every signal before it takes effect: a driver of worker
+    processes passes each one on, so its workers stop as it does (``apf-ray reproduce``).
+    """
+
+    def __init__(self, on_signal: Callable[[int], None] | None = None) -> None:
+        self.on_signal = on_signal
         self.signum: int | None = None
         self.graceful = False  # False: a signal stops at once; True: the first one lets the round finish
         self._previous: dict[int, object] = {}
@@ -42,6 +48,8 @@ class StopSignals:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.on_signal is not None:
+            self.on_signal(signum)
         first = self.signum is None
         if first:
             self.signum = signum
