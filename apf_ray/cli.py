@@ -206,7 +206,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from apf_ray.metrics import plot_history, read_history, write_json
     from apf_ray.report import comparison_rows, comparison_table
     from apf_ray.run import clear_run, default_run_dir, run_files
-    from apf_ray.stops import Abandon, StopSignals
+    from apf_ray.stops import StopSignals
     from apf_ray.variants import DEFAULT_STRATEGIES, PLAN_FILE, save_plan, variant_dirname, variant_overrides
 
     if args.resume:
@@ -235,7 +235,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         # Outside a variant's run (Ray starting, between variants, writing the comparison) a signal stops
         # at once: nothing is in flight. Inside, the run's own handlers checkpoint the round in flight.
-        with StopSignals(), backend_class(backend).session(base, **options):  # Ray: one cluster for every variant
+        # Ray: one cluster for every variant.
+        with StopSignals() as stops, backend_class(backend).session(base, **options):
             if not args.resume:
                 if args.overwrite and run_files(out):
                     _note(f"--overwrite removed the earlier comparison's {', '.join(clear_run(out))} from {out}")
@@ -260,11 +261,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             write_json(out / "compare.json", {"rows": rows, "config": base.to_dict()})
             plot = plot_history(out / "compare.png", histories,
                                 title=f"{out.name}: {base.name}, {base.train.rounds} rounds, strategies side by side")
-    except Abandon as stop:  # a first signal outside a run, or a second while the stopped one closes Ray
-        name = signal.Signals(stop.signum).name
+    except KeyboardInterrupt as stop:  # a first signal outside a run, or a second while the stopped one closes Ray
+        name = signal.Signals(stops.signal_of(stop)).name
         between = (f"stopped by {name} with {len(results)} of {len(variants)} variants finished; resume with "
                    f"{resume_with}" if planned else f"stopped by {name} before any variant started; nothing to resume")
-        raise stopped or Stopped(stop.signum, between) from None
+        raise stopped or Stopped(stops.signal_of(stop), between) from None
     console().print(comparison_table(rows, title=f"{base.name}: {base.train.rounds} rounds, "
                                                   f"{base.train.clients_per_round} clients/round"))
     _say(args, f"wrote {out / 'compare.json'} and {plot}")

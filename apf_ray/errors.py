@@ -56,7 +56,7 @@ class RunStopped(Stopped):
 
     def __init__(self, round_done: int, signum: int, run_dir: Path, *, abandoned: bool = False,
                  checkpointed: bool = True, resume: str | None = None, what: str = "") -> None:
-        self.round, self.run_dir = round_done, Path(run_dir)
+        self.signum, self.round, self.run_dir = signum, round_done, Path(run_dir)
         self.abandoned, self.checkpointed = abandoned, checkpointed
         self.resume, self.what = resume, what
         super().__init__(signum, self._message())
@@ -68,12 +68,12 @@ class RunStopped(Stopped):
 
     def _message(self) -> str:
         what = f"{self.what} " if self.what else ""
+        head = "abandoned the round in flight (second signal); " if self.abandoned else ""
         if not self.checkpointed:
             if self.resume is None:
-                return f"stopped by {self.signal_name} before any checkpoint was written; nothing to resume"
-            return f"stopped {what}by {self.signal_name} before its first checkpoint; resume with {self.resume}"
+                return f"{head}stopped by {self.signal_name} before any checkpoint was written; nothing to resume"
+            return f"{head}stopped {what}by {self.signal_name} before its first checkpoint; resume with {self.resume}"
         resume = f"resume with {self.resume or f'apf-ray train --resume {self.run_dir}'}"
         if self.abandoned:
-            return (f"abandoned the round in flight (second signal); stopped {what}after round {self.round}, "
-                    f"the last checkpoint; {resume}")
+            return f"{head}stopped {what}after round {self.round}, the last checkpoint; {resume}"
         return f"stopped {what}after round {self.round}; {resume}"

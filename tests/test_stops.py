@@ -133,6 +133,25 @@ def test_ctrl_c_on_ray_checkpoints_stops_the_cluster_and_resumes_the_same_run(tm
     assert [r.bytes_up for r in read_history(run_dir)] == [r.bytes_up for r in read_history(tmp_path / "reference")]
 
 
+@pytest.mark.ray
+def test_a_second_ctrl_c_on_ray_abandons_the_round_in_flight_with_the_stop_line_not_an_interrupt(tmp_path):
+    # Ray re-raises an interrupted ray.get as a plain KeyboardInterrupt: it must still read as the second signal.
+    _, cfg_file = _config(tmp_path, "train.local_steps=400", "output.checkpoint_every=1", rounds=4)
+    run_dir = tmp_path / "run"
+    proc = _start("--config", str(cfg_file), "--output", str(run_dir))
+    _wait_for_rounds(proc, run_dir, 1)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(2)  # a person pressing Ctrl-C again, while the long round is in flight
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out
+    done = load_resume_point(run_dir).round
+    assert out.strip().splitlines()[-1] == ("abandoned the round in flight (second signal); stopped after round "
+                                            f"{done}, the last checkpoint; resume with apf-ray train --resume "
+                                            f"{run_dir}")
+    assert "Traceback" not in out and done < 4
+
+
 def test_the_run_restores_the_signal_handlers_it_found(tmp_path):
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     run(tiny_config(rounds=1), tmp_path)

@@ -19,7 +19,7 @@ from typing import Any
 from apf_ray.errors import Stopped
 from apf_ray.provenance import LoadSampler, machine, now
 from apf_ray.reproduce.plan import Plan, build_plan
-from apf_ray.stops import Abandon, StopSignals
+from apf_ray.stops import StopSignals
 
 __all__ = ["Plan", "build_plan", "reproduce", "saved_options"]
 
@@ -68,7 +68,7 @@ def reproduce(output: str | Path, *, quick: bool = False, only: list[str] | None
     load = LoadSampler()
     phase = "before its first run"
     try:
-        with StopSignals():  # outside run_all's own handling nothing is in flight: a signal stops at once
+        with StopSignals() as stops:  # outside run_all's own handling nothing is in flight: a signal stops at once
             try:
                 with load:
                     if not report_only:
@@ -92,9 +92,10 @@ def reproduce(output: str | Path, *, quick: bool = False, only: list[str] | None
                     "load_average": load.report(), "jobs": jobs, "selected": selected, "invocations": invocations,
                     "total_wall_s": sum(i["wall_s"] for i in invocations)}
             result = write_report(plan, out, statuses=statuses, meta=meta, overhead=overhead)
-    except Abandon as stop:
-        raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} {phase}; resume with "
-                                   f"apf-ray reproduce --resume {out}") from None
+    except KeyboardInterrupt as stop:
+        signum = stops.signal_of(stop)
+        raise Stopped(signum, f"stopped by {signal.Signals(signum).name} {phase}; resume with "
+                              f"apf-ray reproduce --resume {out}") from None
     failed = {k: v for k, v in statuses.items() if v.startswith("failed")}
     say(f"wrote {out / 'report.md'}, {len(result['plots'])} plots and {out / 'reproduce.json'}"
         + (f"; {len(failed)} run(s) failed: {', '.join(failed)}" if failed else ""))

@@ -25,7 +25,7 @@ from apf_ray.reproduce.plan import APF_T, RunSpec
 from apf_ray.reproduce.worker import WORKER_FILE
 from apf_ray.resume import load_resume_point
 from apf_ray.stability_probe import PROBE_DIR
-from apf_ray.stops import Abandon, StopSignals
+from apf_ray.stops import StopSignals
 
 PROGRESS_EVERY_S = 60.0  # seconds between progress lines while runs are going
 
@@ -92,7 +92,7 @@ def run_all(specs: list[RunSpec], out: Path, *, jobs: int = 2, say: Callable[[st
         stops.graceful = True  # the first signal only stops new runs; the workers see to their rounds
         try:
             _loop(pending, running, status, out, env, jobs, say, len(pending), stops)
-        except Abandon:
+        except KeyboardInterrupt:  # a further signal (passed on: the workers abandon their rounds)
             abandoned = True
         finally:  # stopped, or an error of ours: stop this invocation's workers, each checkpointing
             abandoned = _stop_workers(running, stops.signum or signal.SIGTERM) or abandoned
@@ -120,7 +120,7 @@ def _stop_workers(running: list[_Running], signum: int) -> bool:
             for r in running:
                 r.proc.wait()
             return abandoned
-        except Abandon:
+        except KeyboardInterrupt:  # a further signal (passed on: the workers abandon their rounds)
             abandoned = True
 
 
