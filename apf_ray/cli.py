@@ -15,11 +15,12 @@ import contextlib
 import functools
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from apf_ray.errors import RunStopped, SetupError, describe
+from apf_ray.errors import RunStopped, SetupError, Stopped, describe
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -100,7 +101,8 @@ def _replaced_notice(run_dir: Path) -> Callback:
     return ReplacedNotice()
 
 
-def _train(cfg: ExperimentConfig, run_dir: Path, args: argparse.Namespace, label: str, resume=None) -> dict:
+def _train(cfg: ExperimentConfig, run_dir: Path, args: argparse.Namespace, label: str, resume=None, *,
+           overwrite: bool = False) -> dict:
     from apf_ray.progress import ProgressDisplay
     from apf_ray.run import run
 
@@ -109,7 +111,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, args: argparse.Namespace, label
     backend, options = _backend(args)
     try:
         return run(cfg, run_dir, backend=backend, backend_options=options, callbacks=callbacks, resume=resume,
-                   overwrite=args.overwrite)
+                   overwrite=overwrite)
     finally:
         if display is not None:
             display.close()
@@ -135,6 +137,12 @@ def _finished_summary(run_dir: Path, rounds_done: int, rounds: int) -> dict | No
     return summary if summary.get("rounds") == rounds_done else None
 
 
+def _note_damaged(resume: ResumePoint) -> None:
+    """Say which newer checkpoints were damaged and which one a resume uses instead."""
+    for path, reason in resume.skipped:
+        _note(f"checkpoint {path.name} is damaged ({reason}); using {resume.path.name}")
+
+
 def _resume_config(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, ResumePoint]:
     """The checkpointed run's config with the allowed ``--set`` changes; errors name the option or field."""
     from apf_ray.config import ConfigError, build_config
@@ -150,8 +158,7 @@ def _resume_config(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, Re
     if args.overwrite:
         raise ConfigError("--overwrite cannot be used with --resume: resuming continues the run")
     resume = load_resume_point(run_dir)
-    for path, reason in resume.skipped:
-        _note(f"checkpoint {path.name} is damaged ({reason}); using {resume.path.name}")
+    _note_damaged(resume)
     cfg = build_config(resume.config, args.set or [], source=f"{run_dir} + --set")
     check_resume_config(resume.config, cfg, resume.round, asked_by="--set asks")
     return cfg, run_dir, resume
@@ -177,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set or [])
         run_dir = Path(args.output) if args.output else default_run_dir(cfg)
         _report_ignored(args, cfg)
-    summary = _train(cfg, run_dir, args, cfg.name, resume)
+    summary = _train(cfg, run_dir, args, cfg.name, resume, overwrite=args.overwrite)
     console().print(summary_table(summary, title=f"{cfg.name} · {cfg.strategy.name}"))
     if cfg.output.tensorboard:
         _say(args, f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
@@ -185,44 +192,115 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _failure(failed) if failed else 0
 
 
+def _compare_resume(args: argparse.Namespace) -> tuple[ExperimentConfig, list[str], Path]:
+    """The stopped comparison's saved base config and variants; errors name the refused option."""
+    from apf_ray.config import ConfigError, build_config
+    from apf_ray.variants import load_plan
+
+    out = Path(args.resume)
+    given = [flag for flag, value in (("--config", args.config), ("--set", args.set),
+                                      ("--strategies", args.strategies), ("--overwrite", args.overwrite)) if value]
+    if given:
+        raise ConfigError(f"{' and '.join(given)} cannot be used with --resume: the comparison in {out} keeps the "
+                          "config and variants it started with")
+    if args.output and Path(args.output).resolve() != out.resolve():
+        raise ConfigError(f"--output {args.output} differs from --resume {out}: a resumed comparison continues "
+                          "in its own folder")
+    config, strategies = load_plan(out)
+    return build_config(config, source=f"{out} (saved comparison)"), strategies, out
+
+
+def _variant_state(run_dir: Path, cfg: ExperimentConfig) -> tuple[dict | None, ResumePoint | None]:
+    """A resumed comparison's variant: (its summary, None) if finished, (None, its checkpoint) if
+    stopped, (None, None) to train it from the start (it stopped before its first checkpoint)."""
+    from apf_ray.outputs import clear_run
+    from apf_ray.resume import load_resume_point
+
+    try:
+        resume = load_resume_point(run_dir)
+    except FileNotFoundError:
+        clear_run(run_dir)  # this comparison's own partial outputs, nothing else
+        return None, None
+    _note_damaged(resume)
+    summary = _finished_summary(run_dir, resume.round, cfg.train.rounds)
+    if summary is not None and summary.get("config") != cfg.to_dict():
+        raise SetupError(f"{run_dir} holds a run of another config than its comparison saved; move it away "
+                         "to train the variant again")
+    return summary, (None if summary else resume)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from apf_ray.backends import backend_class
     from apf_ray.config import build_config, load_config
     from apf_ray.metrics import plot_history, read_history, write_json
-    from apf_ray.outputs import record, refuse_search, run_files
+    from apf_ray.outputs import clear_run, record, refuse_search, run_files
     from apf_ray.report import comparison_rows, comparison_table
     from apf_ray.run import default_run_dir
-    from apf_ray.variants import variant_dirname, variant_overrides
+    from apf_ray.stops import StopSignals
+    from apf_ray.variants import DEFAULT_STRATEGIES, PLAN_FILE, save_plan, variant_dirname, variant_overrides
 
-    base = load_config(args.config, args.set or [])
-    out = Path(args.output) if args.output else default_run_dir(base)
+    if args.resume:
+        base, strategies, out = _compare_resume(args)
+    else:
+        base = load_config(args.config, args.set or [])
+        strategies = args.strategies or list(DEFAULT_STRATEGIES)
+        out = Path(args.output) if args.output else default_run_dir(base)
     _report_ignored(args, base)
     variants = {  # every variant is validated before any run starts
         spec: build_config(base.to_dict(), variant_overrides(spec, base.strategy.name), source=f"variant {spec}")
-        for spec in args.strategies
+        for spec in strategies
     }
     _claim(args, out)  # one compare per folder; each variant's run claims its own sub-folder
     refuse_search(out)
-    taken = [out / variant_dirname(spec) for spec in variants if run_files(out / variant_dirname(spec))]
-    if taken and not args.overwrite:
-        raise SetupError(f"{', '.join(map(str, taken))} already hold(s) a run; replace with --overwrite "
-                         "or choose another --output")
+    if not args.resume:
+        taken = [d for d in (out, *(out / variant_dirname(spec) for spec in variants)) if run_files(d)]
+        if taken and not args.overwrite:
+            resumable = f"continue it with --resume {out}, " if (out / PLAN_FILE).is_file() else ""
+            raise SetupError(f"{', '.join(map(str, taken))} already hold(s) a run or comparison; {resumable}"
+                             "replace it with --overwrite, or choose another --output")
+    resume_with = f"apf-ray compare --resume {out}"
     results: dict[str, dict[str, Any]] = {}
     histories = {}
+    stopped: Stopped | None = None
+    planned = bool(args.resume)  # whether --resume has a plan to follow
     backend, options = _backend(args)
-    with backend_class(backend).session(base, **options):  # Ray: one cluster for every variant
-        for i, (spec, cfg) in enumerate(variants.items(), 1):
-            _say(args, f"[bold]variant {i}/{len(variants)}:[/bold] {spec}")
-            run_dir = out / variant_dirname(spec)
-            results[spec] = _train(cfg, run_dir, args, spec)
-            histories[spec] = read_history(run_dir)
-    rows = comparison_rows(results)
+    try:
+        # Outside a variant's run (Ray starting, between variants, writing the comparison) a signal stops
+        # at once: nothing is in flight. Inside, the run's own handlers checkpoint the round in flight.
+        # Ray: one cluster for every variant.
+        with StopSignals() as stops, backend_class(backend).session(base, **options):
+            if not args.resume:
+                if args.overwrite and run_files(out):
+                    _note(f"--overwrite removed the earlier comparison's {', '.join(clear_run(out))} from {out}")
+                record(out, save_plan(out, base.to_dict(), strategies))
+                planned = True
+            for i, (spec, cfg) in enumerate(variants.items(), 1):
+                run_dir = out / variant_dirname(spec)
+                summary, resume = _variant_state(run_dir, cfg) if args.resume else (None, None)
+                if summary is not None:
+                    _say(args, f"[bold]variant {i}/{len(variants)}:[/bold] {spec} (finished, reused)")
+                else:
+                    _say(args, f"[bold]variant {i}/{len(variants)}:[/bold] {spec}"
+                               + (f" (resuming after round {resume.round})" if resume else ""))
+                    try:
+                        summary = _train(cfg, run_dir, args, spec, resume, overwrite=args.overwrite)
+                    except RunStopped as stop:
+                        stopped = stop.within(resume_with, f"variant {spec}")
+                        raise stopped from None
+                results[spec] = summary
+                histories[spec] = read_history(run_dir)
+            rows = comparison_rows(results)
+            record(out, "compare.json", "compare.png", *(variant_dirname(spec) for spec in variants))
+            write_json(out / "compare.json", {"rows": rows, "config": base.to_dict()})
+            plot = plot_history(out / "compare.png", histories,
+                                title=f"{out.name}: {base.name}, {base.train.rounds} rounds, strategies side by side")
+    except KeyboardInterrupt as stop:  # a first signal outside a run, or a second while the stopped one closes Ray
+        name = signal.Signals(stops.signal_of(stop)).name
+        between = (f"stopped by {name} with {len(results)} of {len(variants)} variants finished; resume with "
+                   f"{resume_with}" if planned else f"stopped by {name} before any variant started; nothing to resume")
+        raise stopped or Stopped(stops.signal_of(stop), between) from None
     console().print(comparison_table(rows, title=f"{base.name}: {base.train.rounds} rounds, "
                                                   f"{base.train.clients_per_round} clients/round"))
-    record(out, "compare.json", "compare.png", *(variant_dirname(spec) for spec in variants))
-    write_json(out / "compare.json", {"rows": rows, "config": base.to_dict()})
-    plot = plot_history(out / "compare.png", histories,
-                        title=f"{out.name}: {base.name}, {base.train.rounds} rounds, strategies side by side")
     _say(args, f"wrote {out / 'compare.json'} and {plot}")
     failed = [line for spec in results if (line := _no_aggregation(results[spec], f"variant {spec}"))]
     return _failure(*failed) if failed else 0
@@ -253,12 +331,25 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from apf_ray.reproduce import reproduce
+    from apf_ray.config import ConfigError
+    from apf_ray.reproduce import reproduce, saved_options
 
-    output = args.output or ("runs/reproduce-quick" if args.quick else "runs/reproduce")
+    if args.resume:  # the invocation saved in DIR, again (--jobs may differ)
+        given = [flag for flag, value in (("--quick", args.quick), ("--only", args.only), ("--cifar10", args.cifar10),
+                                          ("--tuned", args.tuned)) if value]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} cannot be used with --resume: it repeats the invocation "
+                              f"saved in {args.resume}")
+        if args.output and Path(args.output).resolve() != Path(args.resume).resolve():
+            raise ConfigError(f"--output {args.output} differs from --resume {args.resume}")
+        options = saved_options(args.resume)
+        output = args.resume
+    else:
+        options = {"quick": args.quick, "only": args.only, "cifar10": args.cifar10, "tuned": args.tuned}
+        output = args.output or ("runs/reproduce-quick" if args.quick else "runs/reproduce")
+    options["jobs"] = args.jobs if args.jobs is not None else options.get("jobs", 2)
     command = "apf-ray " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else "apf-ray reproduce"
-    result = reproduce(output, quick=args.quick, only=args.only, jobs=args.jobs, cifar10=args.cifar10,
-                       tuned=args.tuned, report_only=args.report_only, command=command,
+    result = reproduce(output, **options, report_only=args.report_only, command=command,
                        say=(lambda _: None) if args.quiet else console().print,
                        claim=functools.partial(_claim, args))  # each run's worker claims its own run folder
     return 1 if result["failed"] else 0
@@ -290,8 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="run several strategies on the same workload, side by side",
                        description="Run several strategies on the same workload and cluster, side by side.")
     common(c)
-    c.add_argument("--strategies", nargs="+", default=["fedavg", "apf", "apf:aggressive_prob=0.3"],
-                   help="variants 'name[:key=value,...][+stage[:key=value,...]]'; the first is the baseline")
+    c.add_argument("--strategies", nargs="+",
+                   help="variants 'name[:key=value,...][+stage[:key=value,...]]'; the first is the baseline "
+                        "(default: fedavg apf apf:aggressive_prob=0.3)")
+    c.add_argument("--resume", metavar="DIR", help="finish the stopped comparison in DIR (its saved config and "
+                                                   "variants; finished variants are reused)")
     c.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("tune", help="search APF's knobs with Ray Tune (each trial a federated run)")
@@ -315,12 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these experiments: lenet5 lstm resnet18 gap strawmen baselines periods threshold "
                         "overhead stability")
     r.add_argument("--output", help="output folder (default runs/reproduce, or runs/reproduce-quick)")
-    r.add_argument("--jobs", type=int, default=2, help="runs trained at a time, each in its own process (2)")
+    r.add_argument("--jobs", type=int, help="runs trained at a time, each in its own process (2)")
     r.add_argument("--cifar10", metavar="DIR", help="CIFAR-10 python batches for ResNet-18 (default "
                                                     "data/cifar-10-batches-py; else Fashion-MNIST as 3x32x32)")
     r.add_argument("--tuned", metavar="FILE", help="Ray Tune result whose best APF settings get a run "
                                                    "(default docs/results/tune_fashion_mnist.json)")
     r.add_argument("--report-only", action="store_true", help="train nothing; rebuild the report from OUTPUT")
+    r.add_argument("--resume", metavar="DIR", help="continue the stopped invocation saved in DIR (its --quick, "
+                                                   "--only, --cifar10, --tuned; finished runs are reused)")
     r.add_argument("--quiet", action="store_true", help="print only errors")
     r.set_defaults(func=cmd_reproduce, verbose=False)
     return p
@@ -363,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as claims:
             args.claims = claims  # output folders the command claims (_claim), released when it returns
             return args.func(args)
-    except RunStopped as stop:
+    except Stopped as stop:
         from rich.markup import escape
 
         console().print(f"[yellow]{escape(stop.message)}", soft_wrap=True, highlight=False)

@@ -51,19 +51,16 @@ class SetupError(ValueError):
     """The run could not start (config, data, model, checkpoint, cluster); nothing was written."""
 
 
-class RunStopped(Exception):
-    """SIGINT or SIGTERM stopped the run.
+class Stopped(Exception):
+    """SIGINT or SIGTERM stopped a command; ``message`` says what was kept and how to go on."""
 
-    ``round`` is the last checkpointed round. A first signal lets the round in flight finish
-    and checkpoints it (``abandoned`` False); a second one stops at once, leaving the last
-    checkpoint written before it.
-    """
+    def __init__(self, signum: int, message: str) -> None:
+        self.signum = signum
+        super().__init__(message)
 
-    def __init__(self, round_done: int, signum: int, run_dir: Path, *, abandoned: bool = False,
-                 checkpointed: bool = True) -> None:
-        self.round, self.signum, self.run_dir = round_done, signum, Path(run_dir)
-        self.abandoned, self.checkpointed = abandoned, checkpointed
-        super().__init__(self.message)
+    @property
+    def message(self) -> str:
+        return str(self)
 
     @property
     def exit_code(self) -> int:
@@ -74,12 +71,37 @@ class RunStopped(Exception):
     def signal_name(self) -> str:
         return signal.Signals(self.signum).name
 
-    @property
-    def message(self) -> str:
+
+class RunStopped(Stopped):
+    """SIGINT or SIGTERM stopped the run.
+
+    ``round`` is the last checkpointed round. A first signal lets the round in flight finish
+    and checkpoints it (``abandoned`` False); a second one stops at once, leaving the last
+    checkpoint written before it. ``resume`` is the command that continues it (by default
+    ``apf-ray train --resume RUN_DIR``; a command running several runs names itself, see
+    :meth:`within`).
+    """
+
+    def __init__(self, round_done: int, signum: int, run_dir: Path, *, abandoned: bool = False,
+                 checkpointed: bool = True, resume: str | None = None, what: str = "") -> None:
+        self.signum, self.round, self.run_dir = signum, round_done, Path(run_dir)
+        self.abandoned, self.checkpointed = abandoned, checkpointed
+        self.resume, self.what = resume, what
+        super().__init__(signum, self._message())
+
+    def within(self, resume: str, what: str) -> RunStopped:
+        """The same stop, told as part of a larger command: ``what`` stopped, ``resume`` continues it."""
+        return RunStopped(self.round, self.signum, self.run_dir, abandoned=self.abandoned,
+                          checkpointed=self.checkpointed, resume=resume, what=what)
+
+    def _message(self) -> str:
+        what = f"{self.what} " if self.what else ""
+        head = "abandoned the round in flight (second signal); " if self.abandoned else ""
         if not self.checkpointed:
-            return f"stopped by {self.signal_name} before any checkpoint was written; nothing to resume"
-        resume = f"resume with apf-ray train --resume {self.run_dir}"
+            if self.resume is None:
+                return f"{head}stopped by {self.signal_name} before any checkpoint was written; nothing to resume"
+            return f"{head}stopped {what}by {self.signal_name} before its first checkpoint; resume with {self.resume}"
+        resume = f"resume with {self.resume or f'apf-ray train --resume {self.run_dir}'}"
         if self.abandoned:
-            return (f"abandoned the round in flight (second signal); stopped after round {self.round}, "
-                    f"the last checkpoint; {resume}")
-        return f"stopped after round {self.round}; {resume}"
+            return f"{head}stopped {what}after round {self.round}, the last checkpoint; {resume}"
+        return f"stopped {what}after round {self.round}; {resume}"

@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from apf_ray.errors import SetupError
+from apf_ray.variants import PLAN_FILE
 
 LOCK_FILE = ".apf-ray.lock"
 """In a claimed folder while a command writes it: locked with ``flock``, JSON naming the holder."""
@@ -49,7 +50,7 @@ SEARCH_FILE = "search.json"
 """The resolved search a ``tune`` folder holds (written first, read by ``tune --resume``)."""
 
 RUN_FILES = ("config.yaml", "summary.json", "rounds.parquet", "clients.parquet", "layers.parquet", "curves.png",
-             "compare.json", "compare.png", "journal", "checkpoints", "tensorboard")
+             "compare.json", "compare.png", PLAN_FILE, "journal", "checkpoints", "tensorboard")
 """What a run (or a compare) writes at the top of its folder: any of them marks the folder as holding one."""
 
 NAME_MAX = 100

@@ -32,7 +32,7 @@ from apf_ray.errors import RunStopped, SetupError, describe
 from apf_ray.metrics import MetricsWriter, summarize
 from apf_ray.outputs import OutputClaim, clear_run, record, record_tree, refuse_for_run
 from apf_ray.resume import ResumePoint, check_resume
-from apf_ray.stops import Abandon, StopSignals
+from apf_ray.stops import StopSignals
 from apf_ray.workload import build_workload
 
 
@@ -101,8 +101,8 @@ def run(
         try:
             be, info = _set_up(cfg, run_dir, backend, backend_options or {}, resume, dataset, overwrite,
                                resume_may_change)
-        except Abandon as stop:
-            raise RunStopped(start_round, stop.signum, run_dir, checkpointed=resume is not None) from None
+        except KeyboardInterrupt as stop:  # Abandon, or Ray's plain KeyboardInterrupt in its place
+            raise RunStopped(start_round, stops.signal_of(stop), run_dir, checkpointed=resume is not None) from None
         stops.graceful = True  # from here on, a first signal lets the round in flight finish
         metrics = MetricsWriter()
         chain: list[Callback] = [Checkpointer(), metrics, *callbacks]
@@ -139,13 +139,16 @@ def run(
             if stopped:
                 raise RunStopped(done, stops.signum, run_dir)
             return summary
-        except Abandon as stop:
+        except KeyboardInterrupt as stop:
             abandoned = True
-            raise RunStopped(last_checkpoint or 0, stop.signum, run_dir, abandoned=True,
+            raise RunStopped(last_checkpoint or 0, stops.signal_of(stop), run_dir, abandoned=True,
                              checkpointed=last_checkpoint is not None) from None
         finally:
             metrics.close()
+            if not abandoned:
+                try:
+                    be.close()
+                except KeyboardInterrupt:  # a second signal while closing (Ray shutting down): stop at once
+                    abandoned = True
             if abandoned:
                 be.abort()
-            else:
-                be.close()

@@ -165,6 +165,8 @@ class StabilityProbe(Callback):
     # ---- the end ----------------------------------------------------------------------------
     def on_end(self, summary: dict[str, Any]) -> None:
         self._journal.close()
+        if summary.get("stopped"):  # a signal: the run checkpointed its last round without an event; follow it
+            self._save(summary["stopped"]["round"])
         layers = []
         for name, size, start, stop in self.layers:
             layers.append({"layer": name, "size": int(size), "sampled": stop - start,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -231,6 +232,35 @@ def input_table(rows: list[dict[str, Any]]) -> str:
         out.append(f"| {r['case']} | {r['exit']} | {r['seconds']} ({r['cpu_s']}) | {folder} | {lost} | "
                    f"{msg} |")
     return "\n".join(out)
+
+
+def edge_table(rows: list[dict[str, Any]]) -> str:
+    """``bench/edges.py``'s edge cases, one row per case: what the user did and what apf-ray did."""
+
+    def cell(text: Any) -> str:
+        return str(text).replace("|", "\\|")
+
+    table = []
+    for r in rows:
+        seconds = f"{r['after_signal_s']} after the signal" if r.get("after_signal_s") is not None else r["seconds"]
+        leftover = f"; **{r['leftover_processes']} processes outlived it**" if r.get("leftover_processes") else ""
+        code = r["exit"]
+        exit_text = f"killed by {signal.Signals(-code).name}" if isinstance(code, int) and code < 0 else str(code)
+        table.append([cell(r["when"]), f"`{cell(r['command'])}`", exit_text, str(seconds), cell(r["said"]),
+                      cell(r["found"]) + leftover])
+    return _table(["when…", "command", "exit", "seconds", "what it printed", "what it left"], table)
+
+
+def render_edges() -> str:
+    """What a newcomer's edge cases do, from ``bench/edges.py``."""
+    data = _load("edges")
+    if data is None:
+        return "*Not measured yet*: `python3 bench/edges.py` writes `docs/results/edges.json`."
+    first, *again = data.get("invocations") or [data]
+    reruns = "".join(f", then `{i['command']}` ({i['code']})" for i in again)
+    return (f"`{first['command']}` ({_link('edges')}; {first['code']}{reruns}; each case a real `apf-ray` command "
+            f"in a temporary folder `$TMP`, `$TMP/tiny.yaml` the default workload cut to 6 clients and rounds of "
+            f"about a second; on a {_machine(data)}):\n\n" + edge_table(data["rows"]))
 
 
 def render_tune_fashion_mnist() -> str:
@@ -457,6 +487,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "gpu_local_training": render_gpu_local_training,
     "orchestration": render_orchestration,
     "faults": render_faults,
+    "edges": render_edges,
     "vs_flower": render_vs_flower,
     "scale": render_scale,
     "reproduce": render_reproduce,

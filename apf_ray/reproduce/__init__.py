@@ -10,15 +10,31 @@ in a :mod:`.worker` process, two at a time), and writes ``report.md``, the PNG p
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from apf_ray.errors import Stopped
 from apf_ray.provenance import LoadSampler, machine, now
 from apf_ray.reproduce.plan import Plan, build_plan
+from apf_ray.stops import StopSignals
 
-__all__ = ["Plan", "build_plan", "reproduce"]
+__all__ = ["Plan", "build_plan", "reproduce", "saved_options"]
+
+
+OPTIONS_FILE = "options.json"
+"""Under ``OUTPUT/runs/``: the last training invocation's options, which ``--resume OUTPUT`` repeats."""
+
+
+def saved_options(output: str | Path) -> dict[str, Any]:
+    """The options (``quick``, ``only``, ``jobs``, ``cifar10``, ``tuned``) :func:`reproduce` saved in ``output``."""
+    path = Path(output) / "runs" / OPTIONS_FILE
+    if not path.is_file():
+        raise ValueError(f"{output} holds no apf-ray reproduce to resume (no runs/{OPTIONS_FILE}, which it writes "
+                         "before its first run)")
+    return json.loads(path.read_text())
 
 
 def reproduce(output: str | Path, *, quick: bool = False, only: list[str] | None = None, jobs: int = 2,
@@ -29,6 +45,9 @@ def reproduce(output: str | Path, *, quick: bool = False, only: list[str] | None
 
     ``claim`` takes the output folder once the arguments are checked, before anything is written
     (the CLI holds it for the command's life: :class:`apf_ray.outputs.OutputClaim`).
+    SIGINT/SIGTERM: while runs train, each checkpoints its round in flight (:func:`.runner.run_all`);
+    before or after (overheads, the report) the invocation stops at once. Either way the
+    invocation is recorded and :class:`~apf_ray.errors.Stopped` names the command that resumes.
     """
     from apf_ray.reproduce.report import write_report
     from apf_ray.reproduce.runner import run_all
@@ -45,36 +64,58 @@ def reproduce(output: str | Path, *, quick: bool = False, only: list[str] | None
     for note in plan.notes:
         say(f"note: {note}")
     out.mkdir(parents=True, exist_ok=True)
+    if not report_only:
+        _save_options(out, quick=quick, only=only, jobs=jobs, cifar10=cifar10, tuned=tuned)
     overhead_file = out / "runs" / "overhead.json"
     overhead = _cached_overhead(overhead_file, plan.scale)
     start = time.perf_counter()
     statuses: dict[str, str] = {}
     load = LoadSampler()
+    phase = "before its first run"
     try:
-        with load:
-            if not report_only:
-                if "overhead" in selected and overhead is None:
-                    from apf_ray.reproduce.overhead import measure_overhead
+        with StopSignals() as stops:  # outside run_all's own handling nothing is in flight: a signal stops at once
+            try:
+                with load:
+                    if not report_only:
+                        if "overhead" in selected and overhead is None:
+                            from apf_ray.reproduce.overhead import measure_overhead
 
-                    overhead = measure_overhead(plan, say)  # first, while no run of ours shares the cores
-                    overhead_file.parent.mkdir(parents=True, exist_ok=True)
-                    overhead_file.write_text(json.dumps({"scale": plan.scale, "models": overhead}, indent=2))
-                run_all(specs, out, jobs=jobs, say=say, status=statuses)
-    except BaseException:  # Ctrl-C, SIGTERM: the runs that finished still count, and so does the time spent
-        if not report_only:
-            _record_invocation(out, command, time.perf_counter() - start, load.report(), statuses, True)
-        raise
-    wall_s = time.perf_counter() - start
-    invocations = _record_invocation(out, command, wall_s, load.report(), statuses, False)
-    meta = {"command": command, "date": now(), "machine": machine(), "wall_s": wall_s, "load_average": load.report(),
-            "jobs": jobs, "selected": selected, "invocations": invocations,
-            "total_wall_s": sum(i["wall_s"] for i in invocations)}
-    result = write_report(plan, out, statuses=statuses, meta=meta, overhead=overhead)
+                            phase = "while measuring overheads"
+                            overhead = measure_overhead(plan, say)  # first, while no run of ours shares the cores
+                            overhead_file.parent.mkdir(parents=True, exist_ok=True)
+                            overhead_file.write_text(json.dumps({"scale": plan.scale, "models": overhead}, indent=2))
+                        phase = "between runs"
+                        run_all(specs, out, jobs=jobs, say=say, status=statuses)
+            except BaseException:  # stopped (or failed): the runs that finished still count, and the time spent
+                if not report_only:
+                    _record_invocation(out, command, time.perf_counter() - start, load.report(), statuses, True)
+                raise
+            phase = "while writing the report"
+            wall_s = time.perf_counter() - start
+            invocations = _record_invocation(out, command, wall_s, load.report(), statuses, False)
+            meta = {"command": command, "date": now(), "machine": machine(), "wall_s": wall_s,
+                    "load_average": load.report(), "jobs": jobs, "selected": selected, "invocations": invocations,
+                    "total_wall_s": sum(i["wall_s"] for i in invocations)}
+            result = write_report(plan, out, statuses=statuses, meta=meta, overhead=overhead)
+    except KeyboardInterrupt as stop:
+        signum = stops.signal_of(stop)
+        raise Stopped(signum, f"stopped by {signal.Signals(signum).name} {phase}; resume with "
+                              f"apf-ray reproduce --resume {out}") from None
     failed = {k: v for k, v in statuses.items() if v.startswith("failed")}
     say(f"wrote {out / 'report.md'}, {len(result['plots'])} plots and {out / 'reproduce.json'}"
         + (f"; {len(failed)} run(s) failed: {', '.join(failed)}" if failed else ""))
     result["failed"] = failed
     return result
+
+
+def _save_options(out: Path, *, quick: bool, only: list[str] | None, jobs: int, cifar10: str | Path | None,
+                  tuned: str | Path | None) -> None:
+    """What ``apf-ray reproduce --resume OUT`` repeats; paths absolute, so it may run from another folder."""
+    path = out / "runs" / OPTIONS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"quick": quick, "only": only, "jobs": jobs,
+                                "cifar10": str(Path(cifar10).resolve()) if cifar10 else None,
+                                "tuned": str(Path(tuned).resolve()) if tuned else None}, indent=2) + "\n")
 
 
 def _cached_overhead(path: Path, scale: str) -> dict[str, Any] | None:

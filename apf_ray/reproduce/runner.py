@@ -15,15 +15,17 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from apf_ray.errors import Stopped
 from apf_ray.reproduce.plan import APF_T, RunSpec
 from apf_ray.reproduce.worker import WORKER_FILE
+from apf_ray.resume import load_resume_point
 from apf_ray.stability_probe import PROBE_DIR
+from apf_ray.stops import StopSignals
 
 PROGRESS_EVERY_S = 60.0  # seconds between progress lines while runs are going
 
@@ -58,13 +60,19 @@ class _Running:
     proc: subprocess.Popen
     log: Path
     started: float
+    signals: int = 0  # SIGINT/SIGTERM passed on to this worker so far
 
 
 def run_all(specs: list[RunSpec], out: Path, *, jobs: int = 2, say: Callable[[str], None] = print,
             status: dict[str, str] | None = None) -> dict[str, str]:
     """Train every spec that is not done yet; returns key → ``cached`` | ``done`` | ``failed: why``.
 
-    ``status`` (the caller's, filled in place) keeps what finished when the call is interrupted.
+    ``status`` (the caller's, filled in place) keeps what finished when the call is stopped.
+    Workers run in their own session, so a terminal's Ctrl-C reaches them only through this
+    process, which passes every SIGINT/SIGTERM it receives on to each worker once: at the first,
+    no run starts and each running worker finishes and checkpoints its round in flight; a
+    second makes them stop at once (their last checkpoints stay). Then
+    :class:`~apf_ray.errors.Stopped` says what finished, what was kept, and how to resume.
     """
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -77,31 +85,70 @@ def run_all(specs: list[RunSpec], out: Path, *, jobs: int = 2, say: Callable[[st
         return status
     say(f"{len(pending)} run(s) to train, {jobs} at a time: {', '.join(s.key for s in pending)}")
     running: list[_Running] = []
-    total = len(pending)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                      os.environ.get("PYTHONPATH")]))}
-    def stop(signum: int, frame: object) -> None:  # SIGTERM ends Python without `finally`: exit through it
-        raise SystemExit(128 + signum)
-
-    in_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
-    previous = signal.signal(signal.SIGTERM, stop) if in_main else None
-    try:
-        _loop(pending, running, status, out, env, jobs, say, total)
-    finally:
-        for r in running:  # interrupted: stop this invocation's workers; each checkpoints its round in flight
-            r.proc.terminate()
-        for r in running:
-            r.proc.wait()
-        if in_main:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    abandoned = False
+    with StopSignals(on_signal=lambda signum: _pass_on(running, signum)) as stops:
+        stops.graceful = True  # the first signal only stops new runs; the workers see to their rounds
+        try:
+            _loop(pending, running, status, out, env, jobs, say, len(pending), stops)
+        except KeyboardInterrupt:  # a further signal (passed on: the workers abandon their rounds)
+            abandoned = True
+        finally:  # stopped, or an error of ours: stop this invocation's workers, each checkpointing
+            abandoned = _stop_workers(running, stops.signum or signal.SIGTERM) or abandoned
+    if stops.requested:
+        raise Stopped(stops.signum, _stop_message(specs, running, status, out, say, abandoned))
     return status
 
 
+def _pass_on(running: list[_Running], signum: int) -> None:
+    for r in running:
+        if r.proc.poll() is None:
+            r.proc.send_signal(signum)
+        r.signals += 1
+
+
+def _stop_workers(running: list[_Running], signum: int) -> bool:
+    """Give each worker that has had no signal yet ``signum``, and wait for all; True if a further
+    signal came meanwhile (it was passed on: the workers abandoned their rounds in flight)."""
+    for r in running:
+        if r.signals == 0:
+            _pass_on([r], signum)
+    abandoned = False
+    while True:
+        try:
+            for r in running:
+                r.proc.wait()
+            return abandoned
+        except KeyboardInterrupt:  # a further signal (passed on: the workers abandon their rounds)
+            abandoned = True
+
+
+def _stop_message(specs: list[RunSpec], running: list[_Running], status: dict[str, str], out: Path,
+                  say: Callable[[str], None], abandoned: bool) -> str:
+    """``stopped lenet5-apf after round 5 (1 of 4 runs done); resume with apf-ray reproduce --resume OUT``."""
+    kept = []
+    for r in running:
+        if r.proc.returncode == 0 and is_done(out, r.spec):  # its last round ended as the signal came
+            status[r.spec.key] = "done"
+            continue
+        try:
+            kept.append(f"{r.spec.key} after round {load_resume_point(run_dir(out, r.spec.key)).round}")
+        except (FileNotFoundError, ValueError):
+            kept.append(f"{r.spec.key} before its first checkpoint")
+        if r.proc.returncode not in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # not its own clean stop
+            say(f"{r.spec.key}: exit code {r.proc.returncode} (log: {r.log})")
+    done = sum(1 for s in specs if status.get(s.key) in ("cached", "done"))
+    what = f"stopped {', '.join(kept)}" if kept else "stopped between runs"
+    head = "abandoned the rounds in flight (second signal); " if abandoned and kept else ""
+    return f"{head}{what} ({done} of {len(specs)} runs done); resume with apf-ray reproduce --resume {out}"
+
+
 def _loop(pending: list[RunSpec], running: list[_Running], status: dict[str, str], out: Path, env: dict[str, str],
-          jobs: int, say: Callable[[str], None], total: int) -> None:
+          jobs: int, say: Callable[[str], None], total: int, stops: StopSignals) -> None:
     finished = 0
     last_progress = time.monotonic()
-    while pending or running:
+    while (pending or running) and not stops.requested:
         for spec in list(pending):
             if len(running) >= jobs:
                 break
@@ -116,7 +163,7 @@ def _loop(pending: list[RunSpec], running: list[_Running], status: dict[str, str
         time.sleep(0.5)
         for r in list(running):
             code = r.proc.poll()
-            if code is None:
+            if code is None or stops.requested:
                 continue
             running.remove(r)
             finished += 1
@@ -147,7 +194,7 @@ def _start(spec: RunSpec, out: Path, env: dict[str, str]) -> _Running:
         "extends_dir": str(run_dir(out, spec.extends).resolve()) if spec.extends else None,
     }, indent=2))
     log = out / "runs" / f"{spec.key}.log"
-    with log.open("a") as f:
+    with log.open("a") as f:  # its own session: signals reach it once, from run_all
         proc = subprocess.Popen([sys.executable, "-m", "apf_ray.reproduce.worker", str(spec_path)],
-                                stdout=f, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+                                stdout=f, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), start_new_session=True)
     return _Running(spec, proc, log, time.monotonic())

@@ -122,7 +122,8 @@ def main(spec_path: str) -> int:
         with LoadSampler() as load:
             summary = run(cfg, run_dir, callbacks=callbacks, resume=resume)
     except RunStopped as stop:  # SIGINT/SIGTERM: checkpointed; the next `apf-ray reproduce` resumes it
-        print(f"{spec['key']}: {stop.message}", flush=True)
+        out = run_dir.parent.parent  # OUTPUT/runs/KEY
+        print(f"{spec['key']}: {stop.within(f'apf-ray reproduce --resume {out}', '').message}", flush=True)
         return stop.exit_code
     info = {
         "key": spec["key"], "date": now(), "process_wall_s": time.perf_counter() - start,
