@@ -197,3 +197,82 @@ def test_pareto_front_keeps_exactly_the_non_dominated_points():
 def test_every_search_file_is_valid(path):
     spec, base = load_tune_spec(path)
     assert spec.name == path.stem and base.train.rounds >= 1
+
+
+# --------------------------------------------------------------------------- what Tune pickles
+
+SEARCHES = [*sorted((REPO / "tune_configs").glob("*.yaml")),
+            {"search_space": {"strategy.options.threshold": {"grid": [0.1, 0.2]}}, "search": {"algorithm": "grid"}},
+            {"search_space": {"strategy.options.check_every": {"randint": [1, 4]},
+                              "strategy.options.alpha": {"quniform": [0.5, 0.9, 0.1]}},
+             "scheduler": {"name": "pbt", "synch": False}}]
+
+
+def _spec_and_base(search):
+    if isinstance(search, Path):
+        return load_tune_spec(search)
+    spec = TuneSpec.model_validate({"base": {}, "objective": [{"metric": "accuracy"}], **search})
+    return spec, tiny_config()
+
+
+@pytest.mark.parametrize("search", SEARCHES, ids=lambda s: s.name if isinstance(s, Path) else s["search"
+                         if "search" in s else "scheduler"].get("algorithm", s.get("scheduler", {}).get("name")))
+def test_every_searcher_and_scheduler_survives_tunes_pickling_and_samples_on_after_it(search):
+    """Tune cloudpickles the searcher and scheduler into tuner.pkl as a search starts, and
+    OptunaSearch.save pickles the searcher (standard pickle) with every experiment-state save."""
+    import pickle
+
+    import ray.cloudpickle
+
+    from actors.tune import _param_space, _scheduler, _search_algorithm, sampled_params
+
+    spec, base = _spec_and_base(search)
+    searcher, scheduler = _search_algorithm(spec), _scheduler(spec, base.train.rounds)
+    for thing in (searcher, scheduler):
+        assert type(ray.cloudpickle.loads(ray.cloudpickle.dumps(thing))) is type(thing)
+    if hasattr(searcher, "suggest"):  # Optuna: its study and sampler travel with it
+        assert searcher.set_search_properties(None, None, _param_space(spec))
+        for i in range(3):
+            assert searcher.suggest(f"t{i}")
+            searcher.on_trial_complete(f"t{i}", {o.key: 0.5 + i / 10 for o in spec.objective})
+        restored = pickle.loads(pickle.dumps(searcher))
+        following, restored_following = searcher.suggest("t3"), restored.suggest("t3")
+        assert restored_following == following  # the same sampler state, so the same next trial
+        for key, value in sampled_params(following, spec).items():
+            domain = spec.search_space[key]
+            assert value in domain.values() if domain.values() else domain.clip(value) == pytest.approx(value)
+
+
+def test_the_nsga2_sampler_pickled_mid_generation_proposes_what_the_original_would():
+    import pickle
+
+    import optuna
+
+    from actors.samplers import PicklableNSGAIISampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=PicklableNSGAIISampler(population_size=4, seed=1))
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=9)  # generation 2
+    copy = pickle.loads(pickle.dumps(study))
+    for _ in range(3):
+        original, restored = study.ask(), copy.ask()
+        params = [(t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)) for t in (original, restored)]
+        assert params[0] == params[1]
+        study.tell(original, params[0])
+        copy.tell(restored, params[1])
+
+
+def test_domains_clip_a_perturbed_value_back_inside_and_pbt_keeps_mutations_in_them():
+    import pickle
+
+    from actors.tune import KeepInDomains
+    from apf_ray.tuning import Domain
+
+    assert Domain(uniform=(0.9, 0.995)).clip(0.969 * 1.2) == 0.995  # the observed α = 1.163
+    assert Domain(loguniform=(0.05, 0.5)).clip(0.05 * 0.8) == 0.05
+    assert Domain(randint=(1, 4)).clip(5) == 3 and Domain(randint=(1, 4)).clip(0.4) == 1
+    assert Domain(quniform=(0.5, 0.9, 0.25)).clip(1.1) == 0.75 and Domain(quniform=(0.5, 0.9, 0.25)).clip(0.3) == 0.5
+    assert Domain(choice=["a", "b"]).clip("b") == "b" and Domain(uniform=(0.1, 0.3)).clip(0.2) == 0.2
+    keep = pickle.loads(pickle.dumps(KeepInDomains({"strategy.options.alpha": Domain(uniform=(0.9, 0.995))})))
+    assert keep({"strategy.options.alpha": 1.163, "other": 7}) == {"strategy.options.alpha": 0.995, "other": 7}
