@@ -36,7 +36,7 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -49,8 +49,10 @@ import yaml
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
+from rich import box
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from actors.backend import RayBackend, ray_session
@@ -326,10 +328,12 @@ class SearchStops(StopSignals):
     to us: ``TUNE_DISABLE_SIGINT_HANDLER``) — so Tune stops its trials and saves its experiment
     state before it returns. At any other moment (loading data, starting Ray, Tune not yet
     listening), and for a second signal, :class:`~apf_ray.stops.Abandon` stops at once.
+    ``notice(signal_name)`` is called when a first signal starts Tune's stop (it takes seconds).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, notice: Callable[[str], None]) -> None:
         super().__init__()
+        self.notice = notice
         self._stale: Any = None  # the SIGUSR1 handler found before the phase started (an earlier phase's)
         self._running = False
         self.received = 0  # signals so far
@@ -348,6 +352,7 @@ class SearchStops(StopSignals):
         if self.received == 1 and self._running and callable(interrupt) and interrupt is not self._stale:
             self.signum = signum
             interrupt(signal.SIGUSR1, frame)  # Tune's: it ends its loop after the current step
+            self.notice(signal.Signals(signum).name)
             return
         super()._handle(signum, frame)  # not graceful: records the signal, raises Abandon
 
@@ -620,11 +625,13 @@ def pareto_figure(rows: list[dict[str, Any]], front: list[int], base: dict[str, 
 
 
 def _trial_column(table: Table, trial_ids: list[str]) -> None:
-    """The first column of a table of trials: ids are never cut or wrapped, whatever the width."""
-    table.add_column("trial", no_wrap=True, min_width=max((len(t) for t in trial_ids), default=5))
+    """The first column of a table of trials: ids are never cut or wrapped."""
+    table.add_column("trial", min_width=max((len(t) for t in trial_ids), default=5))
 
 
 def _results_table(rows: list[dict[str, Any]], spec: TuneSpec, best: int | None) -> Table:
+    """The trials, best first by the first objective; readable at 80 columns: the trial id, status
+    and numbers are never cut, and the searched settings (``name=value`` each) wrap between them."""
     objective = spec.objective[0]
     sign = -1 if objective.mode == "max" else 1
 
@@ -632,7 +639,6 @@ def _results_table(rows: list[dict[str, Any]], spec: TuneSpec, best: int | None)
         value = rows[i].get(objective.key)
         return math.inf if value is None else sign * float(value)
 
-    table = Table(title=f"{spec.name}: trials by {objective.key} ({objective.mode})")
     params = [k for k in rows[0] if k.startswith("param:")] if rows else []
     names = [p.rsplit(".", 1)[-1] for p in params]
     if len(set(names)) < len(names):  # two keys end alike: show them whole
@@ -640,17 +646,27 @@ def _results_table(rows: list[dict[str, Any]], spec: TuneSpec, best: int | None)
     key = accuracy_key(spec)
     rounds = accuracy_rounds(spec)
     accuracy = "final acc" if rounds == 1 else f"acc (last {rounds})"
-    _trial_column(table, [r["trial_id"] + " ★" for r in rows])
-    for col in ("status", *names, "rounds", accuracy, "MB total", "saving"):
-        table.add_column(col, justify="left" if col == "status" else "right")
+    judged = objective.metric if objective.metric != "accuracy" else (
+        "final accuracy" if objective.last_n == 1 else f"accuracy (mean of the last {objective.last_n})")
+    cells = []
     for i in sorted(range(len(rows)), key=order):
         r = rows[i]
-        values = [_short(r[p]) for p in params]
-        acc = "—" if r.get(key) is None else f"{r[key]:.4f}"
-        size = "—" if r["bytes_total"] is None else f"{r['bytes_total'] / 1e6:.1f}"
-        saving = "—" if r["saving"] is None else f"{r['saving']:.1%}"
-        mark = " ★" if i == best else ""
-        table.add_row(r["trial_id"] + mark, r["status"], *values, str(r["rounds"]), acc, size, saving)
+        cells.append([
+            r["trial_id"] + (" ★" if i == best else ""), r["status"], str(r["rounds"]),
+            "—" if r.get(key) is None else f"{r[key]:.4f}",
+            "—" if r["bytes_total"] is None else f"{r['bytes_total'] / 1e6:.1f}",
+            "—" if r["saving"] is None else f"{r['saving']:.1%}",
+            escape(" ".join(f"{n}={_short(r[p])}" for n, p in zip(names, params, strict=True))),
+        ])
+    table = Table(title=f"{spec.name}: trials by {judged}, best first", box=box.SIMPLE_HEAD, show_edge=False,
+                  padding=0)
+    _trial_column(table, [c[0] for c in cells])
+    for col, header in enumerate(("status", "rounds", accuracy, "MB total", "saving"), start=1):
+        widest = max([len(c[col]) for c in cells] + [len(w) for w in header.split()])  # headers wrap, values never
+        table.add_column(header, justify="left" if col == 1 else "right", min_width=widest)
+    table.add_column("settings", overflow="fold")
+    for row in cells:
+        table.add_row(*row)
     return table
 
 
@@ -675,7 +691,12 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
     write_json(output / SEARCH_FILE, {"spec": spec.model_dump(mode="json"), "base": base.to_dict()})
     quiet_tune()
     phase = "set-up"
-    with SearchStops() as stops:
+
+    def stopping(signal_name: str) -> None:
+        say(f"[yellow]{signal_name}: stopping the trials and saving the search's state; "
+            "a second signal stops at once")
+
+    with SearchStops(stopping) as stops:
         try:
             dataset = load_dataset(base.data.dataset, **base.data.options)  # once, before any cluster starts
             started = time.perf_counter()
