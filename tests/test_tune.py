@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -403,6 +404,12 @@ def test_every_shipped_search_file_finishes_scaled_down(local_ray, tmp_path, pat
     assert summary["trials"] >= 2 and summary["statuses"]["errored"] == 0, summary
     assert summary["statuses"]["completed"] >= 1 and summary["best"] is not None
     assert summary["baseline"]["rounds"] == 4 and (tmp_path / "out" / "best.yaml").is_file()
+    domains = {**spec.search_space, **spec.scheduler.mutations}
+    for config in (tmp_path / "out" / "trials").glob("*/config.yaml"):  # PBT's mutations included
+        cfg = yaml.safe_load(config.read_text())
+        for key, domain in domains.items():
+            value = functools.reduce(lambda node, part: node[part], key.split("."), cfg)
+            assert value in domain.values() if domain.values() else domain.clip(value) == pytest.approx(value)
 
 
 @pytest.mark.timeout(400)
