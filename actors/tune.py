@@ -33,10 +33,13 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pyarrow as pa
@@ -44,25 +47,32 @@ import pyarrow.parquet as pq
 import ray
 import yaml
 from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import PopulationBasedTraining
+from rich import box
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from actors.backend import RayBackend, await_trial_capacity, ray_session, trials_at_a_time
 from apf_ray.callbacks import Callback, RunContext
 from apf_ray.config import ExperimentConfig, build_config
 from apf_ray.data import load_dataset
-from apf_ray.metrics import JOURNAL, read_history, write_json, write_tables
+from apf_ray.errors import RunStopped, SetupError
+from apf_ray.metrics import JOURNAL, plot_history, read_history, run_title, summarize, write_json, write_tables
 from apf_ray.outputs import SEARCH_FILE, refuse_for_search
 from apf_ray.placement import run_bundles
 from apf_ray.records import RoundEvent, RoundRecord
 from apf_ray.resume import read_resume_point
 from apf_ray.run import run
+from apf_ray.stops import Abandon, StopSignals
 from apf_ray.tuning import (
     UNREACHED,
     Domain,
     TuneSpec,
     accuracy_key,
+    accuracy_rounds,
     baseline_config,
     choose_best,
     pareto_front,
@@ -225,11 +235,13 @@ class SearchProgress(tune.Callback):
 
     def _render(self) -> Table:
         table = Table(title=self._headline(), box=None)
-        for col in ("trial", "round", "accuracy", "MB total", "saving", "frozen"):
-            table.add_column(col, justify="left" if col == "trial" else "right")
-        for trial, m in list(self.last.items())[-8:]:
+        shown = list(self.last.items())[-8:]
+        _trial_column(table, [trial for trial, _ in shown])
+        for col in ("state", "round", "accuracy", "MB total", "saving", "frozen"):
+            table.add_column(col, justify="left" if col == "state" else "right")
+        for trial, m in shown:
             saving = f"{m['saving']:.1%}" if "saving" in m else "—"
-            table.add_row(f"{trial} {self.state[trial]}", f"{int(m.get('round', 0))}/{self.rounds}",
+            table.add_row(trial, self.state[trial], f"{int(m.get('round', 0))}/{self.rounds}",
                           f"{m.get('accuracy', 0.0):.3f}", f"{m.get('bytes_total', 0.0) / 1e6:.1f}", saving,
                           f"{m.get('frozen_fraction', 0.0):.0%}")
         return table
@@ -283,17 +295,81 @@ class SearchProgress(tune.Callback):
         self.__dict__.update(state, console=Console())
 
 
+# --------------------------------------------------------------------------- stops
+
+
+class SearchStopped(RunStopped):
+    """SIGINT or SIGTERM stopped the search; ``apf-ray tune --resume`` finishes it.
+
+    A first signal lets Tune stop its trials and save its experiment state: each unfinished
+    trial continues from its last checkpoint. A second one stops at once; Tune's state of a
+    moment before (saved every few seconds) stays. ``phase`` is what was running: ``baseline``
+    or ``search`` (or ``set-up``, before either).
+    """
+
+    def __init__(self, signum: int, output: Path, phase: str, *, abandoned: bool = False) -> None:
+        self.phase = phase
+        super().__init__(0, signum, output, abandoned=abandoned)
+
+    @property
+    def message(self) -> str:
+        during = {"set-up": "before its baseline started", "baseline": "during its FedAvg baseline",
+                  "search": "during its trials"}[self.phase]
+        how = "at once (second signal), " if self.abandoned else ""
+        return (f"stopped the search {how}{during} by {self.signal_name}; "
+                f"resume with apf-ray tune --resume {self.run_dir}")
+
+
+class SearchStops(StopSignals):
+    """The search's SIGINT/SIGTERM handlers, held for the whole search.
+
+    While Tune runs a phase (:meth:`tune_running`), the first signal is handed to Tune's own
+    interrupt handler — the one it installs for SIGUSR1 each time it starts (SIGINT is left
+    to us: ``TUNE_DISABLE_SIGINT_HANDLER``) — so Tune stops its trials and saves its experiment
+    state before it returns. At any other moment (loading data, starting Ray, Tune not yet
+    listening), and for a second signal, :class:`~apf_ray.stops.Abandon` stops at once.
+    ``notice(signal_name)`` is called when a first signal starts Tune's stop (it takes seconds).
+    """
+
+    def __init__(self, notice: Callable[[str], None]) -> None:
+        super().__init__()
+        self.notice = notice
+        self._stale: Any = None  # the SIGUSR1 handler found before the phase started (an earlier phase's)
+        self._running = False
+        self.received = 0  # signals so far
+
+    @contextmanager
+    def tune_running(self) -> Iterator[None]:
+        self._stale, self._running = signal.getsignal(signal.SIGUSR1), True
+        try:
+            yield
+        finally:
+            self._running = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received += 1
+        interrupt = signal.getsignal(signal.SIGUSR1)
+        if self.received == 1 and self._running and callable(interrupt) and interrupt is not self._stale:
+            self.signum = signum
+            interrupt(signal.SIGUSR1, frame)  # Tune's: it ends its loop after the current step
+            self.notice(signal.Signals(signum).name)
+            return
+        super()._handle(signum, frame)  # not graceful: records the signal, raises Abandon
+
+
 # --------------------------------------------------------------------------- the experiment
 
 
 def quiet_tune() -> None:
-    """Keep Tune's own console output out of the user's terminal (our progress table replaces it)."""
+    """Keep Tune's own console output out of the user's terminal (our progress table replaces it),
+    and its SIGINT handler out of the way of :class:`SearchStops`."""
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # no traceback per failed trial
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # our runs write TensorBoard/Parquet
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often: resume loses little
-    for name in ("ray.tune", "ray.train", "optuna"):  # optuna: "A new study created in memory ..."
+    for name in ("ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module=r"ray\.(tune|train).*")
 
@@ -305,6 +381,7 @@ def _trainable(cfg: ExperimentConfig, shared: dict[str, Any]) -> Any:
 
 
 def _search_algorithm(spec: TuneSpec) -> Any:
+    """The searcher; Tune pickles it with its state (tested for every algorithm, see actors/samplers.py)."""
     if spec.search.algorithm not in ("optuna", "optuna_nsga2"):
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -312,11 +389,77 @@ def _search_algorithm(spec: TuneSpec) -> Any:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory ..."
     if spec.search.algorithm == "optuna":
         return OptunaSearch(metric=spec.objective[0].key, mode=spec.objective[0].mode,
                             sampler=optuna.samplers.TPESampler(seed=spec.search.seed))
+    from actors.samplers import PicklableNSGAIISampler
+
     return OptunaSearch(metric=[o.key for o in spec.objective], mode=[o.mode for o in spec.objective],
-                        sampler=optuna.samplers.NSGAIISampler(seed=spec.search.seed))
+                        sampler=PicklableNSGAIISampler(seed=spec.search.seed))
+
+
+class KeepInDomains:
+    """PBT's ``custom_explore_fn``: each mutated value put back inside its domain (:meth:`Domain.clip`).
+
+    Ray's explore step multiplies a continuous value by 0.8 or 1.2 without bounds; a value the
+    train config refuses (α ≥ 1) made its trial fail. The domains' ends were checked against the
+    train config's schema when the search file was loaded. A class, not a closure: Tune pickles
+    the scheduler with its experiment state.
+    """
+
+    def __init__(self, mutations: Mapping[str, Domain]) -> None:
+        self.mutations = dict(mutations)
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        for key, domain in self.mutations.items():
+            if key in config:
+                config[key] = domain.clip(config[key])
+        return config
+
+
+class _WithoutErrored:
+    """Tune's controller as PBT sees it, less the errored trials (Ray keeps those among the "live" ones)."""
+
+    def __init__(self, controller: Any) -> None:
+        self._controller = controller
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._controller, name)
+
+    def get_trials(self) -> list[Trial]:
+        return [t for t in self._controller.get_trials() if t.status != Trial.ERROR]
+
+    def get_live_trials(self) -> list[Trial]:
+        return [t for t in self._controller.get_live_trials() if t.status != Trial.ERROR]
+
+
+class ResilientPBT(PopulationBasedTraining):
+    """Ray's population-based training, where an errored member no longer stalls the others.
+
+    Ray counts an errored trial among the live ones, so with ``synch`` every other trial waited
+    for it at the next perturbation round, forever. Here the population is the trials that have
+    not errored; an errored trial's last score is dropped (it is never a donor); and if every
+    remaining member already waits at the perturbation round when one errors — so no result will
+    arrive to start the step — the step starts from the last result of a waiting member.
+    (Uses PBT's ``_synch`` and ``_trial_state``: Ray has no public hook for either.)
+    """
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
+        return super().on_trial_result(_WithoutErrored(tune_controller), trial, result)
+
+    def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
+        super().on_trial_error(tune_controller, trial)
+        self._trial_state.pop(trial, None)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        chosen = super().choose_trial_to_run(tune_controller)
+        if chosen is None and self._synch:
+            members = _WithoutErrored(tune_controller).get_live_trials()
+            if members and all(t.status == Trial.PAUSED for t in members):
+                self.on_trial_result(tune_controller, members[0], members[0].last_result)
+                chosen = super().choose_trial_to_run(tune_controller)
+        return chosen
 
 
 def _scheduler(spec: TuneSpec, rounds: int) -> Any:
@@ -328,13 +471,14 @@ def _scheduler(spec: TuneSpec, rounds: int) -> Any:
         return ASHAScheduler(time_attr="round", metric=metric, mode=mode, max_t=rounds,
                              grace_period=s.grace_period, reduction_factor=s.reduction_factor)
     if s.name == "pbt":
-        from ray.tune.schedulers import PopulationBasedTraining
-
         mutations = s.mutations or spec.search_space
-        return PopulationBasedTraining(time_attr="round", metric=metric, mode=mode,
-                                       perturbation_interval=s.perturbation_interval,
-                                       quantile_fraction=s.quantile_fraction, synch=s.synch,
-                                       hyperparam_mutations={k: tune_domain(d) for k, d in mutations.items()})
+        # Listed values move to a neighbour or are resampled; continuous ones are scaled, then clipped.
+        hyperparam_mutations = {k: [_encode(v) for v in d.values()] if d.values() else tune_domain(d)
+                                for k, d in mutations.items()}
+        return ResilientPBT(time_attr="round", metric=metric, mode=mode,
+                            perturbation_interval=s.perturbation_interval,
+                            quantile_fraction=s.quantile_fraction, synch=s.synch,
+                            hyperparam_mutations=hyperparam_mutations, custom_explore_fn=KeepInDomains(mutations))
     return None
 
 
@@ -353,21 +497,27 @@ def _trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
 
+def _restorable(path: Path) -> bool:
+    """Whether Tune saved an experiment state in ``path`` to resume from. A search that failed as
+    it started (before any trial) leaves only its Tuner's state, maybe empty: it starts anew."""
+    return tune.Tuner.can_restore(str(path)) and any(path.glob("experiment_state-*.json"))
+
+
 def _experiment(name: str, output: Path, cfg: ExperimentConfig, shared: dict[str, Any], spec: TuneSpec,
                 param_space: dict[str, Any], tune_config: tune.TuneConfig, console: Console,
                 resume: bool, quiet: bool) -> Any:
     tune_config.trial_dirname_creator = _trial_dirname
     progress = SearchProgress(console, spec, cfg.train.rounds, name, silent=quiet)
-    storage = str((output / "tune").resolve())
+    storage = (output / "tune").resolve()
     trainable = _trainable(cfg, shared)
-    if resume and tune.Tuner.can_restore(os.path.join(storage, name)):
-        tuner = tune.Tuner.restore(os.path.join(storage, name), trainable=trainable, resume_errored=True)
+    if resume and _restorable(storage / name):
+        tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)
         return _fit(tuner, progress)
     # PBT restores donors' checkpoints some time after choosing them: keep them all (disk: one copy
     # of the run's checkpoint per perturbation interval per trial); otherwise the last two suffice.
     keep = None if spec.scheduler.name == "pbt" else 2
     run_config = tune.RunConfig(
-        name=name, storage_path=storage, verbose=0, callbacks=[progress],
+        name=name, storage_path=str(storage), verbose=0, callbacks=[progress],
         failure_config=tune.FailureConfig(max_failures=spec.trial_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
     )
@@ -413,14 +563,41 @@ def _status(result: Any, rounds: int) -> str:
     return "completed" if last >= rounds else "early_stopped"
 
 
-def _plot_pareto(path: Path, rows: list[dict[str, Any]], front: list[int], base: dict[str, Any] | None,
-                 best: int | None, title: str, key: str) -> None:
-    """Accuracy (``key``: final, or the mean of the last rounds) against total bytes, per trial."""
+def _close_run_folder(run_dir: Path, status: str) -> None:
+    """``summary.json`` and ``curves.png`` of a trial whose run did not reach its end (a scheduler
+    stopped it early, or it errored), from its journal, as a finished run has them; the summary's
+    ``search_status`` says how it ended."""
+    history = read_history(run_dir)
+    if not history or not (run_dir / "config.yaml").is_file():
+        return
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    summary = summarize(cfg, history)
+    summary.update(run_dir=str(run_dir), search_status=status)
+    write_json(run_dir / "summary.json", summary)
+    if cfg["output"]["plots"]:
+        how = "stopped early by the scheduler" if status == "early_stopped" else status
+        plot_history(run_dir / "curves.png", {cfg["strategy"]["name"]: history},
+                     title=f"{run_title(run_dir, cfg['name'], cfg['strategy']['name'])} "
+                           f"({how} at round {history[-1].round})")
+
+
+def _accuracy_label(spec: TuneSpec) -> str:
+    """The judged accuracy (:func:`apf_ray.tuning.accuracy_key`) in words, for an axis."""
+    rounds = accuracy_rounds(spec)
+    what = "final test accuracy" if rounds == 1 else f"test accuracy, mean of the last {rounds} rounds"
+    return f"{what} (fraction correct)"
+
+
+def pareto_figure(rows: list[dict[str, Any]], front: list[int], base: dict[str, Any] | None, best: int | None,
+                  title: str, spec: TuneSpec) -> Any:
+    """A matplotlib figure: the judged accuracy against total bytes (MB) per trial, the Pareto
+    front (a line through markers, so a front of one point shows), the baseline and the best."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = accuracy_key(spec)
     fig, ax = plt.subplots(figsize=(7, 4.8))
     done = [r for r in rows if r.get(key) is not None]
     colours = {"completed": "tab:blue", "early_stopped": "tab:gray", "errored": "tab:red"}
@@ -430,7 +607,8 @@ def _plot_pareto(path: Path, rows: list[dict[str, Any]], front: list[int], base:
             ax.scatter(*zip(*pts, strict=True), c=colour, label=f"trials ({status.replace('_', ' ')})", s=28)
     if front:
         pts = sorted((rows[i]["bytes_total"] / 1e6, rows[i][key]) for i in front)
-        ax.plot(*zip(*pts, strict=True), "-", c="tab:orange", label="Pareto front", zorder=1)
+        ax.plot(*zip(*pts, strict=True), "-D", c="tab:orange", markersize=9, markerfacecolor="none",
+                label="Pareto front", zorder=1)
     if base is not None:
         ax.scatter([base["bytes_total"] / 1e6], [base[key]], marker="*", s=220, c="black",
                    label="FedAvg baseline", zorder=3)
@@ -438,18 +616,22 @@ def _plot_pareto(path: Path, rows: list[dict[str, Any]], front: list[int], base:
         ax.scatter([rows[best]["bytes_total"] / 1e6], [rows[best][key]], marker="o", s=160,
                    facecolors="none", edgecolors="tab:green", linewidths=2, label="best (best.yaml)", zorder=3)
     ax.set_xlabel("total bytes, uplink + downlink (MB)")
-    last = key.removeprefix("accuracy_last")
-    ax.set_ylabel("final test accuracy (fraction correct)" if key == "final_accuracy"
-                  else f"test accuracy, mean of the last {last} rounds")
+    ax.set_ylabel(_accuracy_label(spec))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def _trial_column(table: Table, trial_ids: list[str]) -> None:
+    """The first column of a table of trials: ids are never cut or wrapped."""
+    table.add_column("trial", min_width=max((len(t) for t in trial_ids), default=5))
 
 
 def _results_table(rows: list[dict[str, Any]], spec: TuneSpec, best: int | None) -> Table:
+    """The trials, best first by the first objective; readable at 80 columns: the trial id, status
+    and numbers are never cut, and the searched settings (``name=value`` each) wrap between them."""
     objective = spec.objective[0]
     sign = -1 if objective.mode == "max" else 1
 
@@ -457,23 +639,34 @@ def _results_table(rows: list[dict[str, Any]], spec: TuneSpec, best: int | None)
         value = rows[i].get(objective.key)
         return math.inf if value is None else sign * float(value)
 
-    table = Table(title=f"{spec.name}: trials by {objective.key} ({objective.mode})")
     params = [k for k in rows[0] if k.startswith("param:")] if rows else []
     names = [p.rsplit(".", 1)[-1] for p in params]
     if len(set(names)) < len(names):  # two keys end alike: show them whole
         names = [p.removeprefix("param:") for p in params]
     key = accuracy_key(spec)
-    accuracy = "final acc" if key == "final_accuracy" else f"acc last {key.removeprefix('accuracy_last')}"
-    for col in ("trial", "status", *names, "rounds", accuracy, "MB total", "saving"):
-        table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+    rounds = accuracy_rounds(spec)
+    accuracy = "final acc" if rounds == 1 else f"acc (last {rounds})"
+    judged = objective.metric if objective.metric != "accuracy" else (
+        "final accuracy" if objective.last_n == 1 else f"accuracy (mean of the last {objective.last_n})")
+    cells = []
     for i in sorted(range(len(rows)), key=order):
         r = rows[i]
-        values = [_short(r[p]) for p in params]
-        acc = "—" if r.get(key) is None else f"{r[key]:.4f}"
-        size = "—" if r["bytes_total"] is None else f"{r['bytes_total'] / 1e6:.1f}"
-        saving = "—" if r["saving"] is None else f"{r['saving']:.1%}"
-        mark = " ★" if i == best else ""
-        table.add_row(r["trial_id"] + mark, r["status"], *values, str(r["rounds"]), acc, size, saving)
+        cells.append([
+            r["trial_id"] + (" ★" if i == best else ""), r["status"], str(r["rounds"]),
+            "—" if r.get(key) is None else f"{r[key]:.4f}",
+            "—" if r["bytes_total"] is None else f"{r['bytes_total'] / 1e6:.1f}",
+            "—" if r["saving"] is None else f"{r['saving']:.1%}",
+            escape(" ".join(f"{n}={_short(r[p])}" for n, p in zip(names, params, strict=True))),
+        ])
+    table = Table(title=f"{spec.name}: trials by {judged}, best first", box=box.SIMPLE_HEAD, show_edge=False,
+                  padding=0)
+    _trial_column(table, [c[0] for c in cells])
+    for col, header in enumerate(("status", "rounds", accuracy, "MB total", "saving"), start=1):
+        widest = max([len(c[col]) for c in cells] + [len(w) for w in header.split()])  # headers wrap, values never
+        table.add_column(header, justify="left" if col == 1 else "right", min_width=widest)
+    table.add_column("settings", overflow="fold")
+    for row in cells:
+        table.add_row(*row)
     return table
 
 
@@ -501,37 +694,71 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / SEARCH_FILE, {"spec": spec.model_dump(mode="json"), "base": base.to_dict()})
     quiet_tune()
-    dataset = load_dataset(base.data.dataset, **base.data.options)  # once, before any cluster starts
-    started = time.perf_counter()
-    with ray_session(base, address, verbose):
-        await_trial_capacity(base)  # a joined cluster: says what a trial waits for, gives up after a while
-        dataset_ref = ray.put(dataset)
-        shared: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "base": base.to_dict(),
-                                  "output": str(output), "dataset_ref": [dataset_ref], "baseline_bytes": None}
-        baseline_rows: list[RoundRecord] = []
-        if spec.baseline:
-            baseline_rows = read_history(output / "baseline")
-            if len(baseline_rows) < base.train.rounds:
-                say("[bold]baseline[/bold]: FedAvg on the same workload and seed")
-                _experiment("baseline", output, base, shared, spec, {"baseline": True},
-                            tune.TuneConfig(num_samples=1), console, resume, quiet)
-                baseline_rows = read_history(output / "baseline")
-            shared["baseline_bytes"] = [_total(h) for h in baseline_rows]
-        metric, mode = spec.scheduler_metric
-        param_space = {k: tune_domain(d) for k, d in spec.search_space.items()}
-        scheduler = _scheduler(spec, base.train.rounds)
-        search_alg = _search_algorithm(spec)
-        tune_config = tune.TuneConfig(
-            num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
-            scheduler=scheduler, search_alg=search_alg,
-            **({"metric": metric, "mode": mode} if scheduler is None and not spec.multi_objective
-               and spec.search.algorithm not in ("optuna",) else {}),
-        )
-        say(f"[bold]search[/bold]: {spec.num_samples} sample(s) of {len(spec.search_space)} key(s), "
-            f"{spec.search.algorithm}, scheduler {spec.scheduler.name}")
-        grid = _experiment("search", output, base, shared, spec, param_space, tune_config, console, resume, quiet)
+    phase = "set-up"
+
+    def stopping(signal_name: str) -> None:
+        say(f"[yellow]{signal_name}: stopping the trials and saving the search's state; "
+            "a second signal stops at once")
+
+    with SearchStops(stopping) as stops:
+        try:
+            dataset = load_dataset(base.data.dataset, **base.data.options)  # once, before any cluster starts
+            started = time.perf_counter()
+            with ray_session(base, address, verbose):
+                await_trial_capacity(base)  # a joined cluster: says what a trial waits for, gives up after a while
+                dataset_ref = ray.put(dataset)
+                shared: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "base": base.to_dict(),
+                                          "output": str(output), "dataset_ref": [dataset_ref],
+                                          "baseline_bytes": None}
+                baseline_rows: list[RoundRecord] = []
+                if spec.baseline:
+                    baseline_rows = read_history(output / "baseline")
+                    if len(baseline_rows) < base.train.rounds:
+                        phase = "baseline"
+                        say("[bold]baseline[/bold]: FedAvg on the same workload and seed")
+                        with stops.tune_running():
+                            _experiment("baseline", output, base, shared, spec, {"baseline": True},
+                                        tune.TuneConfig(num_samples=1), console, resume, quiet)
+                        if stops.requested:
+                            raise SearchStopped(stops.signum, output, phase)
+                        baseline_rows = read_history(output / "baseline")
+                        _check_baseline(output, baseline_rows, base.train.rounds)
+                    shared["baseline_bytes"] = [_total(h) for h in baseline_rows]
+                phase = "search"
+                say(f"[bold]search[/bold]: {spec.num_samples} sample(s) of {len(spec.search_space)} key(s), "
+                    f"{spec.search.algorithm}, scheduler {spec.scheduler.name}")
+                with stops.tune_running():
+                    grid = _experiment("search", output, base, shared, spec, _param_space(spec),
+                                       _tune_config(spec, base), console, resume, quiet)
+                if stops.requested:
+                    raise SearchStopped(stops.signum, output, phase)
+        except Abandon as stop:
+            raise SearchStopped(stop.signum, output, phase, abandoned=stops.received > 1) from None
     elapsed = time.perf_counter() - started
     return _write_outputs(output, spec, base, grid, baseline_rows, elapsed, console)
+
+
+def _param_space(spec: TuneSpec) -> dict[str, Any]:
+    return {k: tune_domain(d) for k, d in spec.search_space.items()}
+
+
+def _tune_config(spec: TuneSpec, base: ExperimentConfig) -> tune.TuneConfig:
+    metric, mode = spec.scheduler_metric
+    scheduler = _scheduler(spec, base.train.rounds)
+    return tune.TuneConfig(
+        num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
+        scheduler=scheduler, search_alg=_search_algorithm(spec),
+        **({"metric": metric, "mode": mode} if scheduler is None and not spec.multi_objective
+           and spec.search.algorithm not in ("optuna",) else {}),
+    )
+
+
+def _check_baseline(output: Path, rows: list[RoundRecord], rounds: int) -> None:
+    """SetupError unless the baseline trained all its rounds: every saving is measured against it."""
+    if len(rows) < rounds:
+        raise SetupError(f"the FedAvg baseline in {output / 'baseline'} ended after {len(rows)} of {rounds} "
+                         f"rounds (its trial errored; Tune's log is in {output / 'tune' / 'baseline'}); the search "
+                         f"needs it whole: fix the cause and resume with apf-ray tune --resume {output}")
 
 
 def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: Any,
@@ -558,8 +785,15 @@ def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: A
     columns = sorted({k for r in table_rows for k in r}, key=lambda k: (k.startswith("param:") is False, k))
     pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in table_rows]),
                    output / "trials.parquet")
-    _plot_pareto(output / "pareto.png", rows, front, base_row, best,
-                 f"{spec.name}: accuracy vs bytes ({base.train.rounds} rounds)", key)
+    for row in rows:
+        if row["status"] != "completed":
+            _close_run_folder(output / "trials" / row["trial_id"], row["status"])
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(rows, front, base_row, best, f"{spec.name}: accuracy vs bytes ({base.train.rounds} rounds)",
+                        spec)
+    fig.savefig(output / "pareto.png", dpi=110)
+    plt.close(fig)
     summary: dict[str, Any] = {
         "name": spec.name, "trials": len(rows), "search_time_s": elapsed,
         "statuses": {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "errored")},
@@ -594,8 +828,18 @@ def _jsonable(row: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def resume_search(output: Path, *, address: str | None = None, verbose: bool = False, quiet: bool = False,
                   console: Console | None = None) -> dict[str, Any]:
-    """Finish an interrupted search in ``output`` without redoing finished trials."""
-    saved = json.loads((Path(output) / SEARCH_FILE).read_text())
+    """Finish an interrupted search in ``output`` without redoing finished trials (nor its baseline).
+
+    SetupError, before Ray starts, when ``output`` holds no search (a train run is named as one).
+    """
+    output = Path(output)
+    if not (output / SEARCH_FILE).is_file():
+        if not output.is_dir():
+            raise SetupError(f"--resume {output}: no such folder")
+        hint = (f"; it holds a train run: resume it with apf-ray train --resume {output}"
+                if (output / "config.yaml").is_file() else "")
+        raise SetupError(f"--resume {output} is not a search folder (it has no {SEARCH_FILE}){hint}")
+    saved = json.loads((output / SEARCH_FILE).read_text())
     spec = TuneSpec.model_validate(saved["spec"])
     base = build_config(saved["base"], source=str(Path(output) / SEARCH_FILE))
     return run_search(spec, base, output, address=address, resume=True, verbose=verbose, quiet=quiet,

@@ -85,6 +85,26 @@ class Domain(_Strict):
         """Every value a grid or choice domain can take (empty for continuous ones)."""
         return list(self.args) if self.kind in ("choice", "grid") else []
 
+    def clip(self, value: Any) -> Any:
+        """The value of this domain nearest to ``value``: PBT's explore step multiplies a value by
+        0.8 or 1.2, which can leave the range (α = 0.97 × 1.2 = 1.164 is no EMA coefficient).
+
+        ``randint`` keeps an integer in [low, high); ``quniform`` a multiple of q in [low, high];
+        a choice or grid value is returned as it is (PBT moves those between listed values).
+        """
+        if self.kind in ("choice", "grid"):
+            return value
+        low, high = self.args[0], self.args[1]
+        if self.kind == "randint":
+            return int(min(max(round(value), low), high - 1))
+        clipped = float(min(max(value, low), high))
+        if self.kind == "quniform":
+            q = self.args[2]
+            steps = round(clipped / q)
+            steps += (steps * q < low) - (steps * q > high)  # rounding left the range: one step back in
+            return float(steps * q)
+        return clipped
+
 
 class Objective(_Strict):
     """One quantity to optimise, computed from a trial's round records."""
@@ -177,14 +197,32 @@ class TuneSpec(_Strict):
         return self.scheduler.metric, mode
 
 
+def is_search_file(raw: Mapping[str, Any]) -> bool:
+    """Whether a config file's mapping is a search file (``apf-ray tune``) rather than a train config
+    (``apf-ray train``): a search file names a ``search_space``, which no train config has."""
+    return "search_space" in raw
+
+
+def is_train_config(raw: Mapping[str, Any]) -> bool:
+    """Whether a config file's mapping is a train config: no ``search_space``, and a section only a
+    train config has (``data``, ``model``, ``train``, ``strategy``, ...)."""
+    sections = set(ExperimentConfig.model_fields) - set(TuneSpec.model_fields)
+    return not is_search_file(raw) and bool(sections & set(raw))
+
+
 def load_tune_spec(path: str | Path, overrides: Overrides = ()) -> tuple[TuneSpec, ExperimentConfig]:
     """The search file at ``path`` (plus overrides of it) and its validated base train config.
 
-    Every searched value (each choice/grid value, both ends of each range) is also checked
-    against the train config's schema here, so a bad search space fails before any trial.
+    Every searched value (each choice/grid value, both ends of each range, of the search space
+    and of PBT's mutations) is also checked against the train config's schema here, so a bad
+    search space fails before any trial. A train config given here is named as one.
     """
     path = Path(path)
-    merged, applied = apply_overrides(read_yaml_mapping(path), overrides)
+    raw = read_yaml_mapping(path)
+    if is_train_config(raw):
+        raise ConfigError(f"{path} is a train config, not a search file (it has no search_space): run it with "
+                          f"apf-ray train --config {path}, or search it with a search file whose base is {path}")
+    merged, applied = apply_overrides(raw, overrides)
     try:
         spec = TuneSpec.model_validate(merged)
     except Exception as err:  # pydantic's ValidationError, formatted like train-config errors
@@ -199,13 +237,15 @@ def load_tune_spec(path: str | Path, overrides: Overrides = ()) -> tuple[TuneSpe
     else:
         base_raw, source = spec.base, f"{path}: base"
     base = build_experiment(base_raw, spec.overrides, source=source)
-    for key, domain in spec.search_space.items():
+    searched = [(f"search_space.{key}", key, d) for key, d in spec.search_space.items()]
+    searched += [(f"scheduler.mutations.{key}", key, d) for key, d in spec.scheduler.mutations.items()]
+    for field, key, domain in searched:
         samples = domain.values() or [domain.args[0], domain.args[1]]
         for value in samples:
             try:
-                build_experiment(base.to_dict(), {key: value}, source=f"{path}: search_space.{key}")
+                build_experiment(base.to_dict(), {key: value}, source=f"{path}: {field}")
             except ConfigError as err:
-                raise ConfigError(f"{path}: search_space.{key} can take {value!r}, which the train config "
+                raise ConfigError(f"{path}: {field} can take {value!r}, which the train config "
                                   f"refuses: {err}") from None
     return spec, base
 
@@ -294,9 +334,17 @@ def choose_best(rows: Sequence[Mapping[str, Any]], spec: TuneSpec, baseline_accu
     return max(eligible, key=lambda i: sign * _objective_value(rows[i], objective))
 
 
+def accuracy_rounds(spec: TuneSpec) -> int:
+    """How many of a trial's last evaluations its judged accuracy averages: the accuracy
+    objective's ``last_n``, else 1 (the final accuracy)."""
+    return next((o.last_n for o in spec.objective if o.metric == "accuracy"), 1)
+
+
 def accuracy_key(spec: TuneSpec) -> str:
-    """The row key accuracy is judged by: the search's accuracy objective, else the final accuracy."""
-    return next((o.key for o in spec.objective if o.metric == "accuracy"), "final_accuracy")
+    """The row key accuracy is judged by: ``accuracy_lastN``, the mean of the last N evaluations
+    when the accuracy objective averages N > 1 of them, else ``final_accuracy``."""
+    rounds = accuracy_rounds(spec)
+    return f"accuracy_last{rounds}" if rounds > 1 else "final_accuracy"
 
 
 def _objective_value(row: Mapping[str, Any], objective: Objective) -> float:

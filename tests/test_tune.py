@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from rich.console import Console
 
 from apf_ray.checkpoint import load_checkpoint
@@ -56,6 +58,10 @@ def test_tiny_search_runs_its_trials_and_the_baseline_stops_some_early_and_write
     assert all(r["saving"] is not None for r in trials)  # measured against the baseline
     assert (out / "pareto.png").is_file() and (out / "baseline" / "tensorboard").is_dir()
     assert all((out / "trials" / r["trial_id"] / "tensorboard").is_dir() for r in trials)
+    for r in trials:  # every trial folder reads like a run's, early-stopped ones included
+        summary = json.loads((out / "trials" / r["trial_id"] / "summary.json").read_text())
+        assert summary["rounds"] == r["rounds"] and (out / "trials" / r["trial_id"] / "curves.png").is_file()
+        assert summary.get("search_status", "completed") == r["status"]
     best = [r for r in trials if r["best"]]
     assert len(best) == 1 and best[0]["status"] == "completed"
     train = _cli("train", "--config", str(out / "best.yaml"), "--inprocess", "--quiet", "--output",
@@ -134,40 +140,116 @@ def test_a_pbt_exploit_continues_the_donors_round_and_controller_state_with_the_
         assert after[0].cum_bytes_up == donor_at.cum_bytes_up + after[0].bytes_up  # the donor's run, continued
 
 
-def test_a_killed_search_resumes_without_redoing_finished_trials(tmp_path):
-    spec = tmp_path / "search.yaml"
-    spec.write_text(json.dumps({
-        "name": "killme", "base": str(REPO / "configs" / "digits-lenet5.yaml"),
-        "overrides": {"train.rounds": 3, "cluster.pools": [{"name": "cpu", "num_actors": 1, "num_cpus": 1}]},
-        "search_space": {"strategy.options.threshold": {"grid": [0.1, 0.2, 0.3]}},
-        "objective": [{"metric": "accuracy"}], "search": {"algorithm": "grid"}, "num_samples": 1,
-        "max_concurrent_trials": 1, "baseline": False,
+def _search_file(tmp_path: Path, *, rounds: int, grid: list[float], **fields) -> Path:
+    """A grid search over T of a small digits workload (its FedAvg baseline first), one trial at a time."""
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(_base("output.checkpoint_every=2", rounds=rounds).to_dict()))
+    path = tmp_path / "search.yaml"
+    path.write_text(json.dumps({
+        "name": "stoppable", "base": str(base),
+        "search_space": {"strategy.options.threshold": {"grid": grid}}, "objective": [{"metric": "accuracy"}],
+        "search": {"algorithm": "grid"}, "num_samples": 1, "max_concurrent_trials": 1, **fields,
     }))
+    return path
+
+
+def _wait_for(proc: subprocess.Popen, ready, what: str, timeout_s: float = 600) -> None:
+    """Poll the output folder until ``ready()``; the search must still be running then."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.2)
+    if proc.poll() is not None or not ready():
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the search never got to {what}: {proc.communicate()[0]}")
+
+
+def _rounds_done(run_dir: Path) -> int:
+    return len(read_history(run_dir))
+
+
+def _finished(out: Path) -> list[str]:
+    """What only a finished search writes."""
+    return [name for name in ("summary.json", "best.yaml", "trials.parquet", "pareto.png") if (out / name).exists()]
+
+
+def test_a_search_killed_after_its_baseline_resumes_without_redoing_the_baseline_or_finished_trials(tmp_path):
     out = tmp_path / "out"
-    proc = _cli("tune", "--config", str(spec), "--output", str(out))
+    proc = _cli("tune", "--config", str(_search_file(tmp_path, rounds=3, grid=[0.1, 0.2])), "--output", str(out))
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:  # one trial done, the next one training
+        def one_trial_done_and_the_next_training() -> bool:
             done = list(out.glob("trials/*/summary.json"))
             started = [p for p in out.glob("trials/*/journal/rounds.jsonl") if p.stat().st_size]
-            if done and len(started) > len(done):
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, proc.stdout.read()
+            return bool(done) and len(started) > len(done)
+
+        _wait_for(proc, one_trial_done_and_the_next_training, "its second trial")
         time.sleep(4)  # Tune snapshots its experiment state every 2 s (TUNE_GLOBAL_CHECKPOINT_S)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/summary.json")}
-    assert finished
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
+    finished.update({p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/summary.json")})
+    assert "baseline" in finished and len(finished) >= 2 and not _finished(out)
     resumed = _cli("tune", "--resume", str(out))
     log, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, log
+    assert "baseline: FedAvg" not in log  # not trained again
     rows = pq.read_table(out / "trials.parquet").to_pylist()
-    assert sorted(r["status"] for r in rows) == ["completed"] * 3
-    for trial, mtime in finished.items():  # not run again
-        assert (out / "trials" / trial / "summary.json").stat().st_mtime_ns == mtime
-        assert [h.round for h in read_history(out / "trials" / trial)] == [1, 2, 3]
+    assert sorted(r["status"] for r in rows) == ["completed"] * 3  # two trials and the baseline
+    for name, mtime in finished.items():  # not run again
+        run_dir = out / name if name == "baseline" else out / "trials" / name
+        assert (run_dir / "summary.json").stat().st_mtime_ns == mtime
+        assert [h.round for h in read_history(run_dir)] == [1, 2, 3]
+
+
+def test_ctrl_c_during_the_baseline_stops_the_search_and_resume_finishes_the_baseline_then_the_trials(tmp_path):
+    out = tmp_path / "out"
+    proc = _cli("tune", "--config", str(_search_file(tmp_path, rounds=6, grid=[0.2])), "--output", str(out))
+    _wait_for(proc, lambda: _rounds_done(out / "baseline") >= 2, "baseline round 2")
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, log
+    assert log.strip().splitlines()[-1] == (f"stopped the search during its FedAvg baseline by SIGINT; "
+                                            f"resume with apf-ray tune --resume {out.resolve()}")
+    assert "Traceback" not in log and "search:" not in log  # the search did not run against a partial baseline
+    assert not _finished(out) and not (out / "trials").exists()
+    assert _rounds_done(out / "baseline") < 6
+    resumed = _cli("tune", "--resume", str(out))
+    log, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, log
+    assert [h.round for h in read_history(out / "baseline")] == [1, 2, 3, 4, 5, 6]
+    continued = [json.loads(line) for line in (out / "baseline" / "resumes.jsonl").read_text().splitlines()]
+    assert continued and continued[0]["round"] >= 2  # from its checkpoint, not from scratch
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    assert sorted(r["status"] for r in rows) == ["completed"] * 2
+    assert next(r for r in rows if r["baseline"])["rounds"] == 6
+
+
+def test_sigterm_during_the_trials_stops_them_a_second_one_at_once_and_resume_finishes_the_search(tmp_path):
+    out = tmp_path / "out"
+    proc = _cli("tune", "--config", str(_search_file(tmp_path, rounds=4, grid=[0.2])), "--output", str(out))
+    _wait_for(proc, lambda: any(_rounds_done(d) >= 2 for d in out.glob("trials/*")), "a trial's round 2")
+    baseline_summary = (out / "baseline" / "summary.json").stat().st_mtime_ns
+    os.kill(proc.pid, signal.SIGTERM)  # kill, systemd, Kubernetes: the driver alone
+    lines = []
+    for line in proc.stdout:  # the first signal is acknowledged: Tune is stopping the trials
+        lines.append(line)
+        if line.startswith("SIGTERM: stopping the trials"):
+            break
+    os.kill(proc.pid, signal.SIGTERM)
+    log, _ = proc.communicate(timeout=300)
+    log = "".join(lines) + log
+    assert proc.returncode == 143, log
+    assert log.strip().splitlines()[-1] == (f"stopped the search at once (second signal), during its trials by "
+                                            f"SIGTERM; resume with apf-ray tune --resume {out.resolve()}")
+    assert "Traceback" not in log and "SIGTERM received" not in log and not _finished(out)
+    resumed = _cli("tune", "--resume", str(out))
+    log, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, log
+    assert (out / "baseline" / "summary.json").stat().st_mtime_ns == baseline_summary
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    assert sorted(r["status"] for r in rows) == ["completed"] * 2
+    assert all([h.round for h in read_history(out / "trials" / r["trial_id"])] == [1, 2, 3, 4]
+               for r in rows if not r["baseline"])
 
 
 def test_search_files_are_validated_before_anything_runs(tmp_path):
@@ -197,3 +279,240 @@ def test_pareto_front_keeps_exactly_the_non_dominated_points():
 def test_every_search_file_is_valid(path):
     spec, base = load_tune_spec(path)
     assert spec.name == path.stem and base.train.rounds >= 1
+
+
+# --------------------------------------------------------------------------- what Tune pickles
+
+SEARCHES = [*sorted((REPO / "tune_configs").glob("*.yaml")),
+            {"search_space": {"strategy.options.threshold": {"grid": [0.1, 0.2]}}, "search": {"algorithm": "grid"}},
+            {"search_space": {"strategy.options.check_every": {"randint": [1, 4]},
+                              "strategy.options.alpha": {"quniform": [0.5, 0.9, 0.1]}},
+             "scheduler": {"name": "pbt", "synch": False}}]
+
+
+def _spec_and_base(search):
+    if isinstance(search, Path):
+        return load_tune_spec(search)
+    spec = TuneSpec.model_validate({"base": {}, "objective": [{"metric": "accuracy"}], **search})
+    return spec, tiny_config()
+
+
+@pytest.mark.parametrize("search", SEARCHES, ids=lambda s: s.name if isinstance(s, Path) else s["search"
+                         if "search" in s else "scheduler"].get("algorithm", s.get("scheduler", {}).get("name")))
+def test_every_searcher_and_scheduler_survives_tunes_pickling_and_samples_on_after_it(search):
+    """Tune cloudpickles the searcher and scheduler into tuner.pkl as a search starts, and
+    OptunaSearch.save pickles the searcher (standard pickle) with every experiment-state save."""
+    import pickle
+
+    import ray.cloudpickle
+
+    from actors.tune import _param_space, _scheduler, _search_algorithm, sampled_params
+
+    spec, base = _spec_and_base(search)
+    searcher, scheduler = _search_algorithm(spec), _scheduler(spec, base.train.rounds)
+    for thing in (searcher, scheduler):
+        assert type(ray.cloudpickle.loads(ray.cloudpickle.dumps(thing))) is type(thing)
+    if hasattr(searcher, "suggest"):  # Optuna: its study and sampler travel with it
+        assert searcher.set_search_properties(None, None, _param_space(spec))
+        for i in range(3):
+            assert searcher.suggest(f"t{i}")
+            searcher.on_trial_complete(f"t{i}", {o.key: 0.5 + i / 10 for o in spec.objective})
+        restored = pickle.loads(pickle.dumps(searcher))
+        following, restored_following = searcher.suggest("t3"), restored.suggest("t3")
+        assert restored_following == following  # the same sampler state, so the same next trial
+        for key, value in sampled_params(following, spec).items():
+            domain = spec.search_space[key]
+            assert value in domain.values() if domain.values() else domain.clip(value) == pytest.approx(value)
+
+
+def test_the_nsga2_sampler_pickled_mid_generation_proposes_what_the_original_would():
+    import pickle
+
+    import optuna
+
+    from actors.samplers import PicklableNSGAIISampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=PicklableNSGAIISampler(population_size=4, seed=1))
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=9)  # generation 2
+    copy = pickle.loads(pickle.dumps(study))
+    for _ in range(3):
+        original, restored = study.ask(), copy.ask()
+        params = [(t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)) for t in (original, restored)]
+        assert params[0] == params[1]
+        study.tell(original, params[0])
+        copy.tell(restored, params[1])
+
+
+def test_domains_clip_a_perturbed_value_back_inside_and_pbt_keeps_mutations_in_them():
+    import pickle
+
+    from actors.tune import KeepInDomains
+    from apf_ray.tuning import Domain
+
+    assert Domain(uniform=(0.9, 0.995)).clip(0.969 * 1.2) == 0.995  # the observed α = 1.163
+    assert Domain(loguniform=(0.05, 0.5)).clip(0.05 * 0.8) == 0.05
+    assert Domain(randint=(1, 4)).clip(5) == 3 and Domain(randint=(1, 4)).clip(0.4) == 1
+    assert Domain(quniform=(0.5, 0.9, 0.25)).clip(1.1) == 0.75 and Domain(quniform=(0.5, 0.9, 0.25)).clip(0.3) == 0.5
+    assert Domain(choice=["a", "b"]).clip("b") == "b" and Domain(uniform=(0.1, 0.3)).clip(0.2) == 0.2
+    keep = pickle.loads(pickle.dumps(KeepInDomains({"strategy.options.alpha": Domain(uniform=(0.9, 0.995))})))
+    assert keep({"strategy.options.alpha": 1.163, "other": 7}) == {"strategy.options.alpha": 0.995, "other": 7}
+
+
+# --------------------------------------------------------------------------- every shipped search finishes
+
+SMALL_DATASETS = ("digits", "shakespeare")
+"""Datasets a scaled-down search trains on as the file says; any other is swapped for digits (the
+Fashion-MNIST and CIFAR-10 files need downloads, and their models take minutes per round here)."""
+
+
+def _scaled_down(path: Path, tmp_path: Path) -> Path:
+    """The search file at ``path`` with 4 rounds, 2 trials at once and small rounds — its search
+    space, objectives, searcher and scheduler as shipped."""
+    raw = yaml.safe_load(path.read_text())
+    base = yaml.safe_load((path.parent / raw["base"]).read_text())
+    if base["data"]["dataset"] not in SMALL_DATASETS:
+        base = {**tiny_config().to_dict(), "name": base["name"], "strategy": base["strategy"]}
+    if base["data"]["dataset"] == "shakespeare":
+        base["data"]["options"] = {**base["data"]["options"], "max_roles": 6, "seq_len": 20}
+        base["data"]["num_clients"] = 6
+    base_file = tmp_path / "base.yaml"
+    base_file.write_text(yaml.safe_dump(base))
+    overrides = {**raw.get("overrides", {}), "train.rounds": 4, "train.clients_per_round": 2,
+                 "train.local_steps": 2, "output.checkpoint_every": 2,
+                 "cluster.pools": [{"name": "cpu", "num_actors": 1, "num_cpus": 0.5}]}
+    scheduler = {**raw.get("scheduler", {}), **{"grace_period": 1, "perturbation_interval": 2}}
+    raw.update(base=str(base_file), overrides=overrides, num_samples=2, max_concurrent_trials=2,
+               scheduler={k: v for k, v in scheduler.items() if k in _SCHEDULER_FIELDS[scheduler.get("name", "fifo")]})
+    scaled = tmp_path / path.name
+    scaled.write_text(yaml.safe_dump(raw))
+    return scaled
+
+
+_SCHEDULER_FIELDS = {"fifo": {"name", "metric"}, "asha": {"name", "metric", "grace_period", "reduction_factor"},
+                     "pbt": {"name", "metric", "perturbation_interval", "quantile_fraction", "synch", "mutations"}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", sorted((REPO / "tune_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_search_file_finishes_scaled_down(local_ray, tmp_path, path):
+    from actors.tune import run_search
+
+    spec, base = load_tune_spec(_scaled_down(path, tmp_path))
+    summary = run_search(spec, base, tmp_path / "out", console=Console(file=io.StringIO()))
+    assert summary["trials"] >= 2 and summary["statuses"]["errored"] == 0, summary
+    assert summary["statuses"]["completed"] >= 1 and summary["best"] is not None
+    assert summary["baseline"]["rounds"] == 4 and (tmp_path / "out" / "best.yaml").is_file()
+    domains = {**spec.search_space, **spec.scheduler.mutations}
+    for config in (tmp_path / "out" / "trials").glob("*/config.yaml"):  # PBT's mutations included
+        cfg = yaml.safe_load(config.read_text())
+        for key, domain in domains.items():
+            value = functools.reduce(lambda node, part: node[part], key.split("."), cfg)
+            assert value in domain.values() if domain.values() else domain.clip(value) == pytest.approx(value)
+
+
+@pytest.mark.timeout(400)
+def test_an_errored_member_of_a_synchronous_pbt_population_does_not_stall_the_others(local_ray, tmp_path):
+    base = _base("strategy.name=tests.plugins.exploding:Exploding", "strategy.options.threshold=0.5", rounds=4,
+                 cpus=0.5)
+    summary, rows = _search(tmp_path, {
+        "search_space": {"strategy.options.explode_at_round": {"grid": [0, 1, 0]},
+                         "strategy.options.threshold": {"uniform": [0.3, 0.6]}},
+        "objective": [{"metric": "accuracy"}],
+        "scheduler": {"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5, "synch": True,
+                      "mutations": {"strategy.options.threshold": {"uniform": [0.3, 0.6]}}},
+        "num_samples": 1, "baseline": False, "trial_failures": 0,
+    }, base)  # the member exploding at round 1 never reaches the perturbation round the others wait at
+    assert summary["statuses"] == {"completed": 2, "early_stopped": 0, "errored": 1}
+    assert all(r["rounds"] == 4 for r in rows if r["status"] == "completed")
+
+
+# --------------------------------------------------------------------------- what a person reads
+
+
+def _rows(ids: list[str], spec: TuneSpec) -> list[dict]:
+    return [{"trial_id": t, "status": "completed" if i else "early_stopped", "rounds": 6 - 2 * (not i),
+             "param:strategy.options.threshold": 0.1 + i / 10, "param:strategy.options.aggressive_prob": 0.3,
+             "param:strategy.uplink": "yaml:[int8]", "final_accuracy": 0.4 + i / 100, "accuracy": 0.4 + i / 100,
+             "accuracy_last5": 0.39 + i / 100, "bytes_total": 2.5e7 - i * 1e6, "saving": 0.07}
+            for i, t in enumerate(ids)]
+
+
+@pytest.mark.parametrize("objective", [{"metric": "accuracy"}, {"metric": "accuracy", "last_n": 5}],
+                         ids=["final", "last5"])
+@pytest.mark.parametrize("width", [80, 100])
+def test_tables_of_trials_keep_every_trial_id_whole_and_name_the_accuracy_they_show(objective, width):
+    from actors.tune import SearchProgress, _results_table
+
+    spec = TuneSpec.model_validate({"base": {}, "objective": [objective], "search_space": {
+        "strategy.options.threshold": {"uniform": [0.1, 0.5]}}})
+    ids = ["8b1ec_00000", "8b1ec_00001", "4a10ae48", "8b1ec_00012"]
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    console.print(_results_table(_rows(ids, spec), spec, best=1))
+    progress = SearchProgress(Console(file=io.StringIO()), spec, 6, "search")
+    for i, t in enumerate(ids):
+        progress.state[t] = "running"
+        progress.last[t] = {"round": 3.0, "accuracy": 0.4, "bytes_total": 1.2e7, "saving": 0.05 * i,
+                            "frozen_fraction": 0.3}
+    console.print(progress._render())
+    text = console.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= width and "…" not in text, text  # nothing cut
+    for t in ids:
+        assert sum(line.split()[:1] == [t] for line in text.splitlines()) == 2, text  # a row in each table, whole
+    assert "uplink=[int8]" in text.replace("\n", "").replace(" ", "")  # values are text, not markup
+    header = "final acc" if objective.get("last_n", 1) == 1 else "acc (last 5)"
+    assert header in text and "acc last" not in text
+
+
+@pytest.mark.parametrize("objective", [{"metric": "accuracy"}, {"metric": "accuracy", "last_n": 5}],
+                         ids=["final", "last5"])
+def test_the_pareto_plot_draws_a_front_of_one_point_and_names_its_accuracy(objective):
+    import matplotlib.pyplot as plt
+
+    from actors.tune import pareto_figure
+
+    spec = TuneSpec.model_validate({"base": {}, "objective": [objective, {"metric": "bytes_total"}],
+                                    "search": {"algorithm": "optuna_nsga2"},
+                                    "search_space": {"strategy.options.threshold": {"uniform": [0.1, 0.5]}}})
+    rows = _rows(["a_00000", "a_00001"], spec)
+    fig = pareto_figure(rows, [1], None, 1, "t", spec)
+    ax = fig.axes[0]
+    front = next(line for line in ax.get_lines() if line.get_label() == "Pareto front")
+    assert len(front.get_xdata()) == 1 and front.get_marker() not in ("", "None", None) and front.get_markersize() > 0
+    expected = ("final test accuracy" if objective.get("last_n", 1) == 1
+                else "test accuracy, mean of the last 5 rounds")
+    assert ax.get_ylabel() == f"{expected} (fraction correct)"
+    plt.close(fig)
+
+
+def _error_of(*args: str) -> tuple[int, list[str]]:
+    proc = subprocess.run([sys.executable, "-m", "apf_ray.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    return proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()
+
+
+def test_a_train_config_given_to_tune_and_a_resume_of_a_folder_without_a_search_are_named(tmp_path):
+    from apf_ray.run import run
+
+    code, lines = _error_of("tune", "--config", "configs/digits-lenet5.yaml")
+    assert code == 2 and lines == ["error: configs/digits-lenet5.yaml is a train config, not a search file (it has "
+                                   "no search_space): run it with apf-ray train --config configs/digits-lenet5.yaml, "
+                                   "or search it with a search file whose base is configs/digits-lenet5.yaml"]
+    run(tiny_config(rounds=1), tmp_path / "run")
+    code, lines = _error_of("tune", "--resume", str(tmp_path / "run"))
+    assert code == 2 and lines == [f"error: --resume {tmp_path / 'run'} is not a search folder (it has no "
+                                   f"search.json); it holds a train run: resume it with apf-ray train --resume "
+                                   f"{tmp_path / 'run'}"]
+    code, lines = _error_of("tune", "--resume", str(tmp_path / "nothing"))
+    assert code == 2 and lines == [f"error: --resume {tmp_path / 'nothing'}: no such folder"]
+    assert not (tmp_path / "nothing").exists() and not (tmp_path / "run" / "tune").exists()
+
+
+def test_a_search_that_failed_as_it_started_is_started_anew_on_resume(tmp_path):
+    from actors.tune import _restorable
+
+    search = tmp_path / "tune" / "search"
+    search.mkdir(parents=True)
+    (search / "tuner.pkl").write_bytes(b"")  # what Tune left when pickling its searcher failed
+    assert not _restorable(search)
