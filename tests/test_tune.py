@@ -159,7 +159,8 @@ def _wait_for(proc: subprocess.Popen, ready, what: str, timeout_s: float = 600) 
     while time.monotonic() < deadline and proc.poll() is None and not ready():
         time.sleep(0.2)
     if proc.poll() is not None or not ready():
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError(f"the search never got to {what}: {proc.communicate()[0]}")
 
 
@@ -174,7 +175,7 @@ def _finished(out: Path) -> list[str]:
 
 def test_a_search_killed_after_its_baseline_resumes_without_redoing_the_baseline_or_finished_trials(tmp_path):
     out = tmp_path / "out"
-    proc = _cli("tune", "--config", str(_search_file(tmp_path, rounds=3, grid=[0.1, 0.2])), "--output", str(out))
+    proc = _cli("tune", "--config", str(_search_file(tmp_path, rounds=3, grid=[0.1, 0.2, 0.3])), "--output", str(out))
     try:
         def one_trial_done_and_the_next_training() -> bool:
             done = list(out.glob("trials/*/summary.json"))
@@ -194,7 +195,7 @@ def test_a_search_killed_after_its_baseline_resumes_without_redoing_the_baseline
     assert resumed.returncode == 0, log
     assert "baseline: FedAvg" not in log  # not trained again
     rows = pq.read_table(out / "trials.parquet").to_pylist()
-    assert sorted(r["status"] for r in rows) == ["completed"] * 3  # two trials and the baseline
+    assert sorted(r["status"] for r in rows) == ["completed"] * 4  # three trials and the baseline
     for name, mtime in finished.items():  # not run again
         run_dir = out / name if name == "baseline" else out / "trials" / name
         assert (run_dir / "summary.json").stat().st_mtime_ns == mtime
