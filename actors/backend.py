@@ -154,12 +154,17 @@ def check_local_fit(cfg: ExperimentConfig) -> None:
 
 
 def trials_at_a_time(cfg: ExperimentConfig, address: str | None, wanted: int) -> str | None:
-    """For a search on a local cluster: SetupError if not even one trial of ``cfg`` fits the
-    machine (a trial reserves every client actor it may start, :func:`~apf_ray.placement.run_bundles`);
-    a note if fewer than ``wanted`` trials fit at once; None if they do, or on a joined cluster.
-    """
+    """For a search on a local cluster, :func:`local_trials_note`; None on a joined cluster (or a
+    process already connected to one), which sizes itself."""
     if ray.is_initialized() or address_to_join(cfg, address)[0]:
         return None
+    return local_trials_note(cfg, wanted)
+
+
+def local_trials_note(cfg: ExperimentConfig, wanted: int) -> str | None:
+    """SetupError if not even one trial of ``cfg`` fits this machine's local cluster (a trial reserves
+    every client actor it may start, :func:`~apf_ray.placement.run_bundles`); a note if fewer than
+    ``wanted`` trials fit at once; None if they do."""
     node = local_node_resources(cfg)
     demand = total(run_bundles(cfg))
     fit = times_it_fits(node, demand)

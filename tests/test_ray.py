@@ -91,8 +91,9 @@ def _checkpointed_round(run_dir: Path) -> int:
 
 
 def test_killed_driver_resumes_and_reproduces_the_uninterrupted_run(tmp_path):
-    # ~1 s rounds, so the driver is still mid-run when the round-2 checkpoint appears
-    cfg = tiny_config("output.checkpoint_every=2", "train.local_steps=150", rounds=6)
+    # ~1 s rounds, so the driver is still mid-run when the round-2 checkpoint appears; lr 0.01 keeps 150
+    # steps' updates inside the default update-norm bound, so every round aggregates (the CLI exits 1 otherwise)
+    cfg = tiny_config("output.checkpoint_every=2", "train.local_steps=150", "train.lr=0.01", rounds=6)
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(cfg.to_dict()))
     run_dir = tmp_path / "run"

@@ -94,7 +94,7 @@ def test_a_stopped_reproduce_records_its_finished_runs_and_the_next_resumes_the_
 
 def test_unknown_experiment_names_the_choices(capsys) -> None:
     assert main(["reproduce", "--quick", "--only", "table9", "--output", "/nonexistent/x"]) == 2
-    assert "unknown experiment; choose from lenet5, lstm, resnet18" in capsys.readouterr().out
+    assert "unknown experiment; choose from lenet5, lstm, resnet18" in capsys.readouterr().err
 
 
 def test_every_run_of_the_plan_is_a_valid_config_and_the_lenet5_workload_is_the_tune_search_s() -> None:

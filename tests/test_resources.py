@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.backend import local_node_resources, trials_at_a_time
+from actors.backend import local_node_resources, local_trials_note, trials_at_a_time
 from apf_ray.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,9 +46,10 @@ def test_tune_refuses_a_search_whose_one_trial_cannot_fit_the_local_machine(tmp_
 def test_a_search_says_when_the_machine_limits_how_many_trials_run_at_once():
     cpus = local_node_resources(load_config(None))["CPU"]
     whole_machine = load_config(None, [f"cluster.pools=[{{name: cpu, num_actors: 1, num_cpus: {cpus}}}]"])
-    note = trials_at_a_time(whole_machine, None, 3)
+    # local_trials_note, not trials_at_a_time: the suite's own Ray session may be connected here
+    note = local_trials_note(whole_machine, 3)
     assert note is not None and note.startswith(f"1 trial(s) at a time, not 3: each trial reserves {{'CPU': {cpus}}}")
-    assert trials_at_a_time(whole_machine, None, 1) is None
+    assert local_trials_note(whole_machine, 1) is None
     assert trials_at_a_time(whole_machine, "127.0.0.1:1", 3) is None  # a joined cluster sizes itself
 
 
