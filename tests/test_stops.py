@@ -24,8 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _config(tmp_path: Path, *overrides: str, rounds: int = 20):
-    cfg = tiny_config("train.local_steps=15", "output.checkpoint_every=5", "output.tensorboard=false", *overrides,
-                      rounds=rounds)
+    """A tiny run's config and its file. lr 0.01 keeps the long rounds' updates (400 local steps) inside
+    the default update-norm bound: every round aggregates, as a run that exits 0 must."""
+    cfg = tiny_config("train.local_steps=15", "train.lr=0.01", "output.checkpoint_every=5", "output.tensorboard=false",
+                      *overrides, rounds=rounds)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     return cfg, path
