@@ -61,7 +61,7 @@ from apf_ray.config import ExperimentConfig, build_config
 from apf_ray.data import load_dataset
 from apf_ray.errors import RunStopped, SetupError
 from apf_ray.metrics import JOURNAL, plot_history, read_history, run_title, summarize, write_json, write_tables
-from apf_ray.outputs import SEARCH_FILE, refuse_for_search
+from apf_ray.outputs import SEARCH_FILE, check_search_folder, refuse_for_search
 from apf_ray.placement import run_bundles
 from apf_ray.records import RoundEvent, RoundRecord
 from apf_ray.resume import read_resume_point
@@ -833,12 +833,7 @@ def resume_search(output: Path, *, address: str | None = None, verbose: bool = F
     SetupError, before Ray starts, when ``output`` holds no search (a train run is named as one).
     """
     output = Path(output)
-    if not (output / SEARCH_FILE).is_file():
-        if not output.is_dir():
-            raise SetupError(f"--resume {output}: no such folder")
-        hint = (f"; it holds a train run: resume it with apf-ray train --resume {output}"
-                if (output / "config.yaml").is_file() else "")
-        raise SetupError(f"--resume {output} is not a search folder (it has no {SEARCH_FILE}){hint}")
+    check_search_folder(output)
     saved = json.loads((output / SEARCH_FILE).read_text())
     spec = TuneSpec.model_validate(saved["spec"])
     base = build_config(saved["base"], source=str(Path(output) / SEARCH_FILE))

@@ -315,6 +315,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.set:
             raise ValueError("--resume continues the search as it was saved; drop --config and --set")
+        from apf_ray.outputs import check_search_folder
+
+        check_search_folder(Path(args.resume))  # before the claim, which would create a mistyped folder
         _claim(args, args.resume)  # the driver holds the search folder; its trials write inside it
         resume_search = import_object(SEARCH_DRIVER["resume"], "search driver")  # the Ray layer, by path
         resume_search(Path(args.resume), address=args.address, verbose=args.verbose, quiet=args.quiet,

@@ -243,6 +243,19 @@ def refuse_for_search(folder: Path, resume: bool) -> None:
         raise SetupError(f"{folder} holds a run ({', '.join(found)}), not a search; choose another --output")
 
 
+def check_search_folder(folder: Path) -> None:
+    """SetupError unless ``folder`` holds a search for ``apf-ray tune --resume`` (checked before the
+    folder is claimed, so a mistyped path is not created)."""
+    folder = Path(folder)
+    if (folder / SEARCH_FILE).is_file():
+        return
+    if not folder.is_dir():
+        raise SetupError(f"--resume {folder}: no such folder")
+    hint = (f"; it holds a train run: resume it with apf-ray train --resume {folder}"
+            if (folder / "config.yaml").is_file() else "")
+    raise SetupError(f"--resume {folder} is not a search folder (it has no {SEARCH_FILE}){hint}")
+
+
 # --------------------------------------------------------------------------- the file list
 
 
