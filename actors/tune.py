@@ -59,7 +59,7 @@ from actors.backend import RayBackend, await_trial_capacity, ray_session, trials
 from apf_ray.callbacks import Callback, RunContext
 from apf_ray.config import ExperimentConfig, build_config
 from apf_ray.data import load_dataset
-from apf_ray.errors import RunStopped, SetupError
+from apf_ray.errors import SetupError, Stopped
 from apf_ray.metrics import JOURNAL, plot_history, read_history, run_title, summarize, write_json, write_tables
 from apf_ray.outputs import SEARCH_FILE, check_search_folder, refuse_for_search
 from apf_ray.placement import run_bundles
@@ -298,7 +298,7 @@ class SearchProgress(tune.Callback):
 # --------------------------------------------------------------------------- stops
 
 
-class SearchStopped(RunStopped):
+class SearchStopped(Stopped):
     """SIGINT or SIGTERM stopped the search; ``apf-ray tune --resume`` finishes it.
 
     A first signal lets Tune stop its trials and save its experiment state: each unfinished
@@ -308,16 +308,12 @@ class SearchStopped(RunStopped):
     """
 
     def __init__(self, signum: int, output: Path, phase: str, *, abandoned: bool = False) -> None:
-        self.phase = phase
-        super().__init__(0, signum, output, abandoned=abandoned)
-
-    @property
-    def message(self) -> str:
+        self.phase, self.run_dir, self.abandoned = phase, Path(output), abandoned
         during = {"set-up": "before its baseline started", "baseline": "during its FedAvg baseline",
-                  "search": "during its trials"}[self.phase]
-        how = "at once (second signal), " if self.abandoned else ""
-        return (f"stopped the search {how}{during} by {self.signal_name}; "
-                f"resume with apf-ray tune --resume {self.run_dir}")
+                  "search": "during its trials"}[phase]
+        how = "at once (second signal), " if abandoned else ""
+        super().__init__(signum, f"stopped the search {how}{during} by {signal.Signals(signum).name}; "
+                                 f"resume with apf-ray tune --resume {output}")
 
 
 class SearchStops(StopSignals):
