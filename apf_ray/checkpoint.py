@@ -16,7 +16,7 @@ On-disk layout (one writer per ``directory``)::
                                     "files": {"state.json": {"size": B, "sha256": hex},
                                               "arrays.npz": {"size": B, "sha256": hex}}}
             state.json             the structure, ASCII JSON, arrays replaced by references
-            arrays.npz             np.savez (stored, not deflated): members a0.npy, a1.npy, ...
+            arrays.npz             an .npz (stored, not deflated): members a0.npy, a1.npy, ...
         round-00000020/
         .tmp-...                   a write or a removal in progress (or interrupted by a crash):
                                    ignored by readers, deleted by the next save
@@ -44,8 +44,9 @@ Reading executes no code: ``json.loads`` and ``numpy.lib.format.read_array(...,
 allow_pickle=False)`` on each zip member, after the ``.npy`` header's dtype and byte count
 were checked. Every failure to read is a :class:`CheckpointError` whose one-line message
 names the checkpoint directory and the reason. Arrays are written straight from the
-caller's buffers (no copy, non-contiguous ones in 256 KiB chunks) and read with one copy;
-hashing streams each file in 1 MiB chunks.
+caller's buffers (no copy, non-contiguous ones in 256 KiB chunks) and hashed as they are
+written (one pass: the zip is streamed with data descriptors, never re-read), and read with one
+copy; verifying on load streams each file in 1 MiB chunks.
 """
 
 from __future__ import annotations
@@ -265,6 +266,36 @@ def _write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+class _HashingWriter:
+    """A write-only stream that hashes and counts what passes through it (one pass, no re-read).
+
+    It answers ``tell`` but refuses ``seek``, so :mod:`zipfile` streams each member and puts
+    its sizes in a data descriptor after the data instead of seeking back to patch the local
+    header: every byte is written once, in order, and hashed as it goes.
+    """
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.digest = hashlib.sha256()
+        self.size = 0  # bytes written
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.file.write(view)
+        self.digest.update(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def seek(self, *args: Any) -> int:
+        raise OSError(errno.ESPIPE, "a hashing stream cannot seek")
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def _sha256_file(path: Path) -> str:
@@ -497,13 +528,17 @@ def save_checkpoint(directory: Path, step: int, state: Mapping[str, Any], *, kee
     tmp.mkdir()
     try:
         with (tmp / ARRAYS_FILE).open("xb") as f:
-            np.savez(f, allow_pickle=False, **arrays)
+            stream = _HashingWriter(f)
+            with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for name, array in arrays.items():  # what np.savez writes, to a stream it cannot take
+                    with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, array, allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
         _write_bytes(tmp / STATE_FILE, state_bytes)
         files = {
             STATE_FILE: {"size": len(state_bytes), "sha256": hashlib.sha256(state_bytes).hexdigest()},
-            ARRAYS_FILE: {"size": (tmp / ARRAYS_FILE).stat().st_size, "sha256": _sha256_file(tmp / ARRAYS_FILE)},
+            ARRAYS_FILE: {"size": stream.size, "sha256": stream.digest.hexdigest()},
         }
         manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
         _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode("ascii"))
