@@ -63,6 +63,7 @@ import re
 import shutil
 import struct
 import sys
+import threading
 import uuid
 import zipfile
 from collections.abc import Callable, Mapping
@@ -507,18 +508,28 @@ def save_checkpoint(directory: Path, step: int, state: Mapping[str, Any], *, kee
     Leftover ``.tmp-*`` entries are deleted first, so only one process may save into a
     ``directory`` at a time.
     """
+    return _write(Path(directory), *_encode_state(step, state, keep), keep=keep)
+
+
+def _encode_state(step: int, state: Mapping[str, Any], keep: int) -> tuple[int, dict[str, np.ndarray], bytes]:
+    """(step, arrays by member name, state.json's bytes); every refusal happens here, before any I/O.
+
+    The arrays are the caller's own buffers, not copies: they must not change until written.
+    """
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step must be an integer >= 0, got {step!r}")
     if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 1:
         raise ValueError(f"keep must be an integer >= 1 (checkpoints), got {keep!r}")
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a mapping with str keys, got {type(state).__name__}")
-    step = int(step)
     arrays: dict[str, np.ndarray] = {}
     tree = _encode(state, "state", arrays, set())
-    state_bytes = json.dumps(tree, allow_nan=False, separators=(",", ":")).encode("ascii")
+    return int(step), arrays, json.dumps(tree, allow_nan=False, separators=(",", ":")).encode("ascii")
 
-    root = Path(directory) / SUBDIR
+
+def _write(directory: Path, step: int, arrays: dict[str, np.ndarray], state_bytes: bytes, *, keep: int) -> Path:
+    """Write an encoded state as ``round-{step:08d}`` (temporary folder, fsync, rename), then prune."""
+    root = directory / SUBDIR
     root.mkdir(parents=True, exist_ok=True)
     for entry in root.iterdir():
         if entry.name.startswith(_TMP_PREFIX):
@@ -619,3 +630,54 @@ def load_latest(directory: Path) -> LoadedCheckpoint:
         return LoadedCheckpoint(step=step, state=state, path=path, skipped=skipped)
     reasons = "; ".join(f"{path.name}: {reason}" for path, reason in skipped)
     raise CheckpointError(Path(directory) / SUBDIR, f"no readable checkpoint ({reasons})")
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread while the caller goes on, never two at once.
+
+    Why: at scale a checkpoint (a few model-sized arrays, written and fsynced) costs as much as
+    a round's aggregation; written beside the next round it costs the round almost nothing.
+    :meth:`submit` validates and encodes the state in the caller's thread (a bad state raises
+    there, as :func:`save_checkpoint` does), waits for the previous write, then writes on a
+    thread; the caller must not change the state's arrays until that write is done (server and
+    client state dicts hand over fresh arrays each round). Crash safety is the synchronous
+    writer's: a write killed midway leaves only a ``.tmp-*`` folder that readers ignore, so the
+    previous checkpoint is the one a resume loads. A failed write re-raises from the next
+    :meth:`submit` or :meth:`wait`.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._outcome: Path | BaseException | None = None
+
+    def submit(self, directory: Path, step: int, state: Mapping[str, Any], *, keep: int = 3) -> Path:
+        """Start writing ``state`` as step ``step``; returns the folder it will have once written."""
+        encoded = _encode_state(step, state, keep)
+        self.wait()
+        directory = Path(directory)
+
+        def write() -> None:
+            try:
+                self._outcome = _write(directory, *encoded, keep=keep)
+            except BaseException as err:  # handed to the caller by wait()
+                self._outcome = err
+
+        self._thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=True)
+        self._thread.start()
+        return directory / SUBDIR / f"round-{int(step):08d}"
+
+    def wait(self) -> Path | None:
+        """Block until the write in flight (if any) is on disk; its folder, or None if none was pending."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread = None
+        outcome, self._outcome = self._outcome, None
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    @property
+    def busy(self) -> bool:
+        """A write is in flight."""
+        return self._thread is not None and self._thread.is_alive()

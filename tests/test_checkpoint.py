@@ -12,7 +12,11 @@ import itertools
 import json
 import math
 import pickle
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -392,3 +396,67 @@ def test_checkpoint_error_survives_pickling() -> None:
     err = pickle.loads(pickle.dumps(CheckpointError(Path("/runs/x/round-00000001"), "missing state.json")))
     assert (err.path, err.reason) == (Path("/runs/x/round-00000001"), "missing state.json")
     assert str(err) == "checkpoint /runs/x/round-00000001: missing state.json"
+
+
+# ---- background writes ----------------------------------------------------------------------
+
+def test_background_writes_equal_synchronous_ones_and_keep_prunes(tmp_path: Path) -> None:
+    writer = ckpt.CheckpointWriter()
+    states = {step: {"w": np.arange(step, step + 1000, dtype=np.float32), "step": step} for step in (1, 2, 3)}
+    for step, state in states.items():
+        assert writer.submit(tmp_path, step, state, keep=2) == tmp_path / "checkpoints" / f"round-{step:08d}"
+    assert writer.wait() == tmp_path / "checkpoints" / "round-00000003"
+    assert writer.wait() is None and not writer.busy
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2, 3]
+    for step in (2, 3):
+        _assert_same(load_checkpoint(tmp_path / "checkpoints" / f"round-{step:08d}"), states[step])
+    with np.load(tmp_path / "checkpoints" / "round-00000003" / "arrays.npz") as npz:  # streamed zip, still an .npz
+        np.testing.assert_array_equal(npz["a0"], states[3]["w"])
+
+
+def test_background_writer_refuses_a_bad_state_in_the_callers_thread(tmp_path: Path) -> None:
+    writer = ckpt.CheckpointWriter()
+    with pytest.raises(TypeError, match=r"state\['x'\]"):
+        writer.submit(tmp_path, 1, {"x": {1: 2}})
+    assert writer.wait() is None and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_failed_background_write_raises_from_wait(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    writer = ckpt.CheckpointWriter()
+    writer.submit(not_a_folder, 1, {"w": np.zeros(3, np.float32)})
+    with pytest.raises(OSError):
+        writer.wait()
+
+
+KILLED_WRITER = """
+import sys, time
+import numpy as np
+from apf_ray.checkpoint import CheckpointWriter, save_checkpoint
+save_checkpoint(sys.argv[1], 1, {"w": np.ones(4, np.float32)})
+big = {f"a{i}": np.full(25_000_000, i, np.float32) for i in range(4)}  # 400 MB: long enough to be caught
+CheckpointWriter().submit(sys.argv[1], 2, big)
+print("submitted", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_background_write_killed_midway_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "submitted"
+        deadline = time.monotonic() + 60
+        root = tmp_path / "checkpoints"
+        while not any((p / "arrays.npz").exists() for p in root.glob(".tmp-*")) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert list(root.glob(".tmp-*")), "the write was not caught in flight"
+    loaded = load_latest(tmp_path)
+    assert loaded.path == root / "round-00000001"
+    _assert_same(loaded.state, {"w": np.ones(4, np.float32)})
+    save_checkpoint(tmp_path, 3, {})  # the next save clears what the killed write left
+    assert not list(root.glob(".tmp-*"))
