@@ -59,6 +59,7 @@ from actors.backend import RayBackend, await_trial_capacity, ray_session, trials
 from apf_ray.callbacks import Callback, RunContext
 from apf_ray.config import ExperimentConfig, build_config
 from apf_ray.data import load_dataset
+from apf_ray.derived import bytes_to_target, evaluated, mean_of_last_accuracies, saving_at_round, total_bytes
 from apf_ray.errors import SetupError, Stopped
 from apf_ray.metrics import JOURNAL, plot_history, read_history, run_title, summarize, write_json, write_tables
 from apf_ray.outputs import SEARCH_FILE, check_search_folder, refuse_for_search
@@ -521,15 +522,11 @@ def _experiment(name: str, output: Path, cfg: ExperimentConfig, shared: dict[str
                 progress)
 
 
-def _total(rec: RoundRecord) -> int:
-    return rec.cum_bytes_up + rec.cum_bytes_down
-
-
 def _row(trial_id: str, status: str, params: Mapping[str, Any], history: list[RoundRecord], spec: TuneSpec,
          baseline_total: list[int] | None) -> dict[str, Any]:
-    """One trial's line of trials.parquet, from its own journal."""
+    """One trial's line of trials.parquet, from its own journal (the numbers: :mod:`apf_ray.derived`)."""
     last = history[-1] if history else None
-    accs = [h.test_accuracy for h in history if h.test_accuracy is not None]
+    accs = [h.test_accuracy for h in evaluated(history)]
     row: dict[str, Any] = {
         "trial_id": trial_id, "status": status, **{f"param:{k}": _encode(v) for k, v in params.items()},
         "rounds": last.round if last else 0,
@@ -537,18 +534,16 @@ def _row(trial_id: str, status: str, params: Mapping[str, Any], history: list[Ro
         "best_accuracy": max(accs) if accs else None,
         "bytes_up": last.cum_bytes_up if last else None,
         "bytes_down": last.cum_bytes_down if last else None,
-        "bytes_total": _total(last) if last else None,
-        "saving": (1.0 - _total(last) / baseline_total[last.round - 1]) if baseline_total and last
-        and last.round <= len(baseline_total) else None,
+        "bytes_total": total_bytes(last) if last else None,
+        "saving": saving_at_round(last, baseline_total) if last else None,
         "frozen_fraction_final": last.frozen_fraction if last else None,
     }
     if spec.target_accuracy is not None:
-        reached = next((h for h in history if (h.test_accuracy or 0) >= spec.target_accuracy), None)
-        row["bytes_to_target"] = math.inf if reached is None else _total(reached)
+        reached = bytes_to_target(history, spec.target_accuracy)
+        row["bytes_to_target"] = math.inf if reached is None else reached.bytes_total
     for objective in spec.objective:
         if objective.metric == "accuracy":
-            tail = accs[-objective.last_n:]
-            row[objective.key] = sum(tail) / len(tail) if tail else None
+            row[objective.key] = mean_of_last_accuracies(history, objective.last_n)
     return row
 
 
@@ -719,7 +714,7 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
                             raise SearchStopped(stops.signum, output, phase)
                         baseline_rows = read_history(output / "baseline")
                         _check_baseline(output, baseline_rows, base.train.rounds)
-                    shared["baseline_bytes"] = [_total(h) for h in baseline_rows]
+                    shared["baseline_bytes"] = [total_bytes(h) for h in baseline_rows]
                 phase = "search"
                 say(f"[bold]search[/bold]: {spec.num_samples} sample(s) of {len(spec.search_space)} key(s), "
                     f"{spec.search.algorithm}, scheduler {spec.scheduler.name}")
@@ -759,7 +754,7 @@ def _check_baseline(output: Path, rows: list[RoundRecord], rounds: int) -> None:
 
 def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: Any,
                    baseline_rows: list[RoundRecord], elapsed: float, console: Console) -> dict[str, Any]:
-    baseline_total = [_total(h) for h in baseline_rows] or None
+    baseline_total = [total_bytes(h) for h in baseline_rows] or None
     for run_dir in [output / "baseline", *sorted((output / "trials").glob("*"))]:
         if (run_dir / JOURNAL / "rounds.jsonl").is_file():
             write_tables(run_dir)  # trials a scheduler stopped early never wrote theirs
