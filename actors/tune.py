@@ -59,7 +59,14 @@ from actors.backend import RayBackend, await_trial_capacity, ray_session, trials
 from apf_ray.callbacks import Callback, RunContext
 from apf_ray.config import ExperimentConfig, build_config
 from apf_ray.data import load_dataset
-from apf_ray.derived import bytes_to_target, evaluated, mean_of_last_accuracies, saving_at_round, total_bytes
+from apf_ray.derived import (
+    best_accuracy,
+    bytes_to_target,
+    final_accuracy,
+    mean_of_last_accuracies,
+    saving_at_round,
+    total_bytes,
+)
 from apf_ray.errors import SetupError, Stopped
 from apf_ray.metrics import JOURNAL, plot_history, read_history, run_title, summarize, write_json, write_tables
 from apf_ray.outputs import SEARCH_FILE, check_search_folder, refuse_for_search
@@ -526,12 +533,11 @@ def _row(trial_id: str, status: str, params: Mapping[str, Any], history: list[Ro
          baseline_total: list[int] | None) -> dict[str, Any]:
     """One trial's line of trials.parquet, from its own journal (the numbers: :mod:`apf_ray.derived`)."""
     last = history[-1] if history else None
-    accs = [h.test_accuracy for h in evaluated(history)]
     row: dict[str, Any] = {
         "trial_id": trial_id, "status": status, **{f"param:{k}": _encode(v) for k, v in params.items()},
         "rounds": last.round if last else 0,
-        "final_accuracy": accs[-1] if accs else None,
-        "best_accuracy": max(accs) if accs else None,
+        "final_accuracy": final_accuracy(history),
+        "best_accuracy": best_accuracy(history),
         "bytes_up": last.cum_bytes_up if last else None,
         "bytes_down": last.cum_bytes_down if last else None,
         "bytes_total": total_bytes(last) if last else None,

@@ -33,6 +33,18 @@ def evaluated(history: Sequence[RoundRecord]) -> list[RoundRecord]:
     return [h for h in history if h.test_accuracy is not None]
 
 
+def final_accuracy(history: Sequence[RoundRecord]) -> float | None:
+    """Test accuracy (fraction) of the last evaluated round; None before the first evaluation."""
+    evals = evaluated(history)
+    return evals[-1].test_accuracy if evals else None
+
+
+def best_accuracy(history: Sequence[RoundRecord]) -> float | None:
+    """The highest test accuracy (fraction) of any evaluated round; None before the first evaluation."""
+    accs = [h.test_accuracy for h in evaluated(history)]
+    return max(accs) if accs else None
+
+
 def smoothed_accuracy(accuracies: Sequence[float], k: int) -> np.ndarray:
     """Trailing mean of the last ``k`` values at each position (fewer at the start), as float64.
 

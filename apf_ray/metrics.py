@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from apf_ray.callbacks import Callback, RunContext
+from apf_ray.derived import best_accuracy, final_accuracy
 from apf_ray.outputs import record
 from apf_ray.records import PHASES, ClientRecord, RoundEvent, RoundRecord
 
@@ -235,11 +236,10 @@ def summarize(cfg_dict: dict[str, Any], history: list[RoundRecord]) -> dict[str,
 
     Strict JSON: a value that does not exist (no evaluation yet, no threshold) is None.
     """
-    accs = [h.test_accuracy for h in history if h.test_accuracy is not None]
     last = history[-1] if history else None
     return {
-        "final_accuracy": accs[-1] if accs else None,
-        "best_accuracy": max(accs) if accs else None,
+        "final_accuracy": final_accuracy(history),
+        "best_accuracy": best_accuracy(history),
         "rounds": len(history),
         "bytes_up": last.cum_bytes_up if last else 0,
         "bytes_down": last.cum_bytes_down if last else 0,

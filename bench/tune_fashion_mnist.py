@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import yaml
 from provenance import RESULTS, LoadSampler, command, machine, now
 
-from apf_ray.derived import evaluated, mean_of_last_accuracies, saving, total_bytes
+from apf_ray.derived import best_accuracy, final_accuracy, mean_of_last_accuracies, saving, total_bytes
 from apf_ray.metrics import read_history
 
 REPO = RESULTS.parent.parent
@@ -62,11 +62,10 @@ def _run(argv: list[str]) -> float:
 
 def _summarise(label: str, run_dir: Path, baseline_total: float | None, settings: dict[str, Any]) -> dict[str, Any]:
     history = read_history(run_dir)
-    accs = [h.test_accuracy for h in evaluated(history)]
     last = history[-1]
     return {
         "run": label, "settings": settings, "rounds": last.round,
-        "final_accuracy": accs[-1], "best_accuracy": max(accs),
+        "final_accuracy": final_accuracy(history), "best_accuracy": best_accuracy(history),
         "accuracy_last10": mean_of_last_accuracies(history, 10),
         "bytes_up": last.cum_bytes_up, "bytes_down": last.cum_bytes_down, "bytes_total": total_bytes(last),
         "saving_total": saving(total_bytes(last), baseline_total),

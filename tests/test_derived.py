@@ -10,7 +10,9 @@ import pytest
 from apf_ray.derived import (
     Reached,
     accuracy_gap,
+    best_accuracy,
     bytes_to_target,
+    final_accuracy,
     mean_of_last_accuracies,
     saving,
     saving_at_round,
@@ -40,12 +42,14 @@ def test_the_smoothed_accuracy_is_a_trailing_mean_whose_last_value_is_the_mean_o
         smoothed_accuracy(accs, 0)
 
 
-def test_the_last_n_accuracies_are_the_last_n_evaluated_rounds():
+def test_the_final_best_and_last_n_accuracies_are_of_evaluated_rounds():
     history = _history([0.2, None, 0.4, None, 0.6, None])
     assert mean_of_last_accuracies(history, 1) == 0.6
     assert mean_of_last_accuracies(history, 2) == (0.4 + 0.6) / 2
     assert mean_of_last_accuracies(history, 10) == (0.2 + 0.4 + 0.6) / 3
     assert mean_of_last_accuracies(_history([None, None]), 3) is None
+    assert final_accuracy(history) == 0.6 and best_accuracy(_history([0.3, 0.8, 0.5, None])) == 0.8
+    assert final_accuracy(_history([None])) is None and best_accuracy([]) is None
 
 
 def test_bytes_to_target_is_the_first_evaluated_round_reaching_it_raw_or_smoothed():
