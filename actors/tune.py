@@ -55,6 +55,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from actors import ray_private
 from actors.backend import RayBackend, await_trial_capacity, ray_session, trials_at_a_time
 from apf_ray.callbacks import Callback, RunContext
 from apf_ray.config import ExperimentConfig, build_config
@@ -446,7 +447,8 @@ class ResilientPBT(PopulationBasedTraining):
     not errored; an errored trial's last score is dropped (it is never a donor); and if every
     remaining member already waits at the perturbation round when one errors — so no result will
     arrive to start the step — the step starts from the last result of a waiting member.
-    (Uses PBT's ``_synch`` and ``_trial_state``: Ray has no public hook for either.)
+    (Uses PBT's ``_synch`` and ``_trial_state`` through :mod:`actors.ray_private`: Ray has no
+    public hook for either.)
     """
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
@@ -454,11 +456,11 @@ class ResilientPBT(PopulationBasedTraining):
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
         super().on_trial_error(tune_controller, trial)
-        self._trial_state.pop(trial, None)
+        ray_private.pbt_forget(self, trial)
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         chosen = super().choose_trial_to_run(tune_controller)
-        if chosen is None and self._synch:
+        if chosen is None and ray_private.pbt_synchronous(self):
             members = _WithoutErrored(tune_controller).get_live_trials()
             if members and all(t.status == Trial.PAUSED for t in members):
                 self.on_trial_result(tune_controller, members[0], members[0].last_result)
