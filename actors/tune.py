@@ -69,7 +69,16 @@ from apf_ray.derived import (
     total_bytes,
 )
 from apf_ray.errors import SetupError, Stopped
-from apf_ray.metrics import JOURNAL, plot_history, read_history, run_title, summarize, write_json, write_tables
+from apf_ray.metrics import (
+    JOURNAL,
+    plot_history,
+    read_history,
+    run_title,
+    save_figure,
+    summarize,
+    write_json,
+    write_tables,
+)
 from apf_ray.outputs import SEARCH_FILE, check_search_folder, refuse_for_search
 from apf_ray.placement import run_bundles
 from apf_ray.records import RoundEvent, RoundRecord
@@ -787,12 +796,9 @@ def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: A
     for row in rows:
         if row["status"] != "completed":
             _close_run_folder(output / "trials" / row["trial_id"], row["status"])
-    import matplotlib.pyplot as plt
-
-    fig = pareto_figure(rows, front, base_row, best, f"{spec.name}: accuracy vs bytes ({base.train.rounds} rounds)",
-                        spec)
-    fig.savefig(output / "pareto.png", dpi=110)
-    plt.close(fig)
+    save_figure(pareto_figure(rows, front, base_row, best,
+                              f"{spec.name}: accuracy vs bytes ({base.train.rounds} rounds)", spec),
+                output / "pareto.png")
     summary: dict[str, Any] = {
         "name": spec.name, "trials": len(rows), "search_time_s": elapsed,
         "statuses": {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "errored")},
