@@ -17,6 +17,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors import ray_private
 from actors.pools import alive_node_resources
 from actors.server import ServerActor
 from apf_ray.backends import Backend
@@ -45,12 +46,11 @@ def enable_token_auth() -> None:
     """Ray 2.60 turns token auth on by default; a driver joining by address must present it.
 
     Ray reads ``RAY_AUTH_MODE`` when it is imported, so setting it later needs the config
-    reload that ``ray.init()`` itself performs when it enables auth (a private API, used
-    only here).
+    reload that ``ray.init()`` itself performs when it enables auth (:func:`ray_private.reload_config`).
     """
     if os.environ.get("RAY_AUTH_MODE") != "token":
         os.environ["RAY_AUTH_MODE"] = "token"
-        ray._raylet.Config.initialize("")
+        ray_private.reload_config()
 
 
 INLINE_RESULT_BYTES = 4 * 2**20
@@ -72,15 +72,13 @@ def local_cluster_env(cfg: ExperimentConfig) -> Iterator[None]:
     single-machine mode: node IP 127.0.0.1, chosen by ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
     (``_node_ip_address="127.0.0.1"`` alone is rewritten to the machine's address). Ray reads
     that variable once, at import, into a private constant, which is set here for the start and
-    restored after it, like the variables. ``RAY_enable_metrics_collection=0`` removes the
-    dashboard agent's unauthenticated Prometheus exporter; the fixed metrics ports become free
+    restored after it, like the variables (:func:`ray_private.cluster_mode`). ``RAY_enable_metrics_collection=0``
+    removes the dashboard agent's unauthenticated Prometheus exporter; the fixed metrics ports become free
     ones, so several clusters on one machine do not collide. ``RAY_max_direct_call_object_size``
     (:data:`INLINE_RESULT_BYTES`) lets a client's result up to that size travel inside the reply
     to the server instead of through the object store. The cluster's processes inherit this
     environment when they start; later ones are started by them.
     """
-    import ray._private.ray_constants as ray_constants  # private: the only switch for the node IP
-
     env = {"AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_max_direct_call_object_size": str(INLINE_RESULT_BYTES)}
     if not cfg.cluster.metrics_export:
@@ -88,13 +86,11 @@ def local_cluster_env(cfg: ExperimentConfig) -> Iterator[None]:
     if not cfg.cluster.expose:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     saved = {key: os.environ.get(key) for key in env}
-    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
     os.environ.update(env)
-    ray_constants.ENABLE_RAY_CLUSTER = cfg.cluster.expose
     try:
-        yield
+        with ray_private.cluster_mode(cfg.cluster.expose):
+            yield
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -113,14 +109,8 @@ def local_resources(cfg: ExperimentConfig) -> dict[str, float]:
 
 def local_node_resources(cfg: ExperimentConfig) -> dict[str, float]:
     """What the single node of a local cluster for ``cfg`` will offer (as ``ray.init`` detects it)."""
-    from ray._private.accelerators import get_accelerator_manager_for_resource  # private: Ray's own detection
-    from ray._private.utils import get_num_cpus
-
-    try:
-        gpus = float(get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators())
-    except Exception:  # detection failing means Ray will not see a GPU either
-        gpus = 0.0
-    return {"CPU": float(get_num_cpus()), "GPU": gpus, **local_resources(cfg)}
+    cpus, gpus = ray_private.detected_cpus_and_gpus()
+    return {"CPU": cpus, "GPU": gpus, **local_resources(cfg)}
 
 
 def _offered(node: dict[str, float], demand: dict[str, float]) -> dict[str, float]:
@@ -257,14 +247,12 @@ def _dialled_endpoint(address: str) -> str | None:
 
     Ray replaces a loopback host by this machine's address unless
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` and looks ``auto`` up in its session files; its own
-    function (private) does both, so the probe dials what Ray will. A Ray Client address
-    (``ray://HOST:PORT``) is dialled as written.
+    function (:func:`ray_private.bootstrap_endpoint`) does both, so the probe dials what Ray will.
+    A Ray Client address (``ray://HOST:PORT``) is dialled as written.
     """
     if address.startswith("ray://"):
         return address.removeprefix("ray://").split("/", 1)[0]
-    from ray._private.services import canonicalize_bootstrap_address  # private: Ray's reading of an address
-
-    return canonicalize_bootstrap_address(address)
+    return ray_private.bootstrap_endpoint(address)
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, int]:

@@ -55,12 +55,30 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from actors import ray_private
 from actors.backend import RayBackend, await_trial_capacity, ray_session, trials_at_a_time
 from apf_ray.callbacks import Callback, RunContext
 from apf_ray.config import ExperimentConfig, build_config
 from apf_ray.data import load_dataset
+from apf_ray.derived import (
+    best_accuracy,
+    bytes_to_target,
+    final_accuracy,
+    mean_of_last_accuracies,
+    saving_at_round,
+    total_bytes,
+)
 from apf_ray.errors import SetupError, Stopped
-from apf_ray.metrics import JOURNAL, plot_history, read_history, run_title, summarize, write_json, write_tables
+from apf_ray.metrics import (
+    JOURNAL,
+    plot_history,
+    read_history,
+    run_title,
+    save_figure,
+    summarize,
+    write_json,
+    write_tables,
+)
 from apf_ray.outputs import SEARCH_FILE, check_search_folder, refuse_for_search
 from apf_ray.placement import run_bundles
 from apf_ray.records import RoundEvent, RoundRecord
@@ -438,7 +456,8 @@ class ResilientPBT(PopulationBasedTraining):
     not errored; an errored trial's last score is dropped (it is never a donor); and if every
     remaining member already waits at the perturbation round when one errors — so no result will
     arrive to start the step — the step starts from the last result of a waiting member.
-    (Uses PBT's ``_synch`` and ``_trial_state``: Ray has no public hook for either.)
+    (Uses PBT's ``_synch`` and ``_trial_state`` through :mod:`actors.ray_private`: Ray has no
+    public hook for either.)
     """
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
@@ -446,11 +465,11 @@ class ResilientPBT(PopulationBasedTraining):
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
         super().on_trial_error(tune_controller, trial)
-        self._trial_state.pop(trial, None)
+        ray_private.pbt_forget(self, trial)
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         chosen = super().choose_trial_to_run(tune_controller)
-        if chosen is None and self._synch:
+        if chosen is None and ray_private.pbt_synchronous(self):
             members = _WithoutErrored(tune_controller).get_live_trials()
             if members and all(t.status == Trial.PAUSED for t in members):
                 self.on_trial_result(tune_controller, members[0], members[0].last_result)
@@ -521,34 +540,27 @@ def _experiment(name: str, output: Path, cfg: ExperimentConfig, shared: dict[str
                 progress)
 
 
-def _total(rec: RoundRecord) -> int:
-    return rec.cum_bytes_up + rec.cum_bytes_down
-
-
 def _row(trial_id: str, status: str, params: Mapping[str, Any], history: list[RoundRecord], spec: TuneSpec,
          baseline_total: list[int] | None) -> dict[str, Any]:
-    """One trial's line of trials.parquet, from its own journal."""
+    """One trial's line of trials.parquet, from its own journal (the numbers: :mod:`apf_ray.derived`)."""
     last = history[-1] if history else None
-    accs = [h.test_accuracy for h in history if h.test_accuracy is not None]
     row: dict[str, Any] = {
         "trial_id": trial_id, "status": status, **{f"param:{k}": _encode(v) for k, v in params.items()},
         "rounds": last.round if last else 0,
-        "final_accuracy": accs[-1] if accs else None,
-        "best_accuracy": max(accs) if accs else None,
+        "final_accuracy": final_accuracy(history),
+        "best_accuracy": best_accuracy(history),
         "bytes_up": last.cum_bytes_up if last else None,
         "bytes_down": last.cum_bytes_down if last else None,
-        "bytes_total": _total(last) if last else None,
-        "saving": (1.0 - _total(last) / baseline_total[last.round - 1]) if baseline_total and last
-        and last.round <= len(baseline_total) else None,
+        "bytes_total": total_bytes(last) if last else None,
+        "saving": saving_at_round(last, baseline_total) if last else None,
         "frozen_fraction_final": last.frozen_fraction if last else None,
     }
     if spec.target_accuracy is not None:
-        reached = next((h for h in history if (h.test_accuracy or 0) >= spec.target_accuracy), None)
-        row["bytes_to_target"] = math.inf if reached is None else _total(reached)
+        reached = bytes_to_target(history, spec.target_accuracy)
+        row["bytes_to_target"] = math.inf if reached is None else reached.bytes_total
     for objective in spec.objective:
         if objective.metric == "accuracy":
-            tail = accs[-objective.last_n:]
-            row[objective.key] = sum(tail) / len(tail) if tail else None
+            row[objective.key] = mean_of_last_accuracies(history, objective.last_n)
     return row
 
 
@@ -719,7 +731,7 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
                             raise SearchStopped(stops.signum, output, phase)
                         baseline_rows = read_history(output / "baseline")
                         _check_baseline(output, baseline_rows, base.train.rounds)
-                    shared["baseline_bytes"] = [_total(h) for h in baseline_rows]
+                    shared["baseline_bytes"] = [total_bytes(h) for h in baseline_rows]
                 phase = "search"
                 say(f"[bold]search[/bold]: {spec.num_samples} sample(s) of {len(spec.search_space)} key(s), "
                     f"{spec.search.algorithm}, scheduler {spec.scheduler.name}")
@@ -759,7 +771,7 @@ def _check_baseline(output: Path, rows: list[RoundRecord], rounds: int) -> None:
 
 def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: Any,
                    baseline_rows: list[RoundRecord], elapsed: float, console: Console) -> dict[str, Any]:
-    baseline_total = [_total(h) for h in baseline_rows] or None
+    baseline_total = [total_bytes(h) for h in baseline_rows] or None
     for run_dir in [output / "baseline", *sorted((output / "trials").glob("*"))]:
         if (run_dir / JOURNAL / "rounds.jsonl").is_file():
             write_tables(run_dir)  # trials a scheduler stopped early never wrote theirs
@@ -784,12 +796,9 @@ def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: A
     for row in rows:
         if row["status"] != "completed":
             _close_run_folder(output / "trials" / row["trial_id"], row["status"])
-    import matplotlib.pyplot as plt
-
-    fig = pareto_figure(rows, front, base_row, best, f"{spec.name}: accuracy vs bytes ({base.train.rounds} rounds)",
-                        spec)
-    fig.savefig(output / "pareto.png", dpi=110)
-    plt.close(fig)
+    save_figure(pareto_figure(rows, front, base_row, best,
+                              f"{spec.name}: accuracy vs bytes ({base.train.rounds} rounds)", spec),
+                output / "pareto.png")
     summary: dict[str, Any] = {
         "name": spec.name, "trials": len(rows), "search_time_s": elapsed,
         "statuses": {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "errored")},

@@ -4,11 +4,16 @@ The global model after ``r`` aggregations is version ``r``. The tracker remember
 scalar, the version at which it last changed, the version at which the mask last changed,
 and which version each client holds. A returning client is sent only the scalars that changed
 since its version (plus the mask when it changed, plus the round's strategy extras); a new
-client gets the full model. :meth:`DownlinkTracker.payload` is that real buffer;
+client gets the full model. :meth:`DownlinkTracker.payload` is that buffer;
 :meth:`DownlinkTracker.bytes_for`, which the server calls every round, computes the same byte
 counts from the wire layout (``wire.downlink_part_nbytes``, tested equal to the encoded
 buffers) and one counting pass over ``last_changed`` per distinct version held — a compare and
 a count, instead of finding, gathering and framing the changed scalars for each.
+
+What is simulated: the clients are handed the round's raw broadcast (the whole float32 model),
+not this payload, because a virtual client keeps no model between rounds to decode a delta
+against. The bytes counted are the payload's, which a client holding its version decodes into
+the broadcast model bit for bit (tested).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class DownlinkTracker:
 
     def payload(self, held: int | None, params: np.ndarray, buffers: np.ndarray, mask: np.ndarray | None,
                 extras: dict[str, np.ndarray]) -> np.ndarray:
-        """The wire buffer a client holding version ``held`` (None: nothing) receives.
+        """The wire buffer a client holding version ``held`` (None: nothing) needs, as counted.
 
         ``mask`` is the current synchronisation mask (None: every scalar active).
         """

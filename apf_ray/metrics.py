@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from apf_ray.callbacks import Callback, RunContext
+from apf_ray.derived import best_accuracy, final_accuracy
 from apf_ray.outputs import record
 from apf_ray.records import PHASES, ClientRecord, RoundEvent, RoundRecord
 
@@ -235,11 +236,10 @@ def summarize(cfg_dict: dict[str, Any], history: list[RoundRecord]) -> dict[str,
 
     Strict JSON: a value that does not exist (no evaluation yet, no threshold) is None.
     """
-    accs = [h.test_accuracy for h in history if h.test_accuracy is not None]
     last = history[-1] if history else None
     return {
-        "final_accuracy": accs[-1] if accs else None,
-        "best_accuracy": max(accs) if accs else None,
+        "final_accuracy": final_accuracy(history),
+        "best_accuracy": best_accuracy(history),
         "rounds": len(history),
         "bytes_up": last.cum_bytes_up if last else 0,
         "bytes_down": last.cum_bytes_down if last else 0,
@@ -305,10 +305,40 @@ def history_figure(series: dict[str, Iterable[RoundRecord]], title: str):
 
 
 def plot_history(path: Path, series: dict[str, Iterable[RoundRecord]], title: str) -> Path:
-    """Write :func:`history_figure` to ``path`` (PNG, 110 dpi)."""
+    """Write :func:`history_figure` to ``path`` (PNG, 110 dpi, its contents in the metadata)."""
+    return save_figure(history_figure(series, title), path)
+
+
+def figure_contents(fig: Any) -> dict[str, Any]:
+    """What a matplotlib figure draws, as plain data: its title, and per panel its title, axis
+    labels and each labelled series (a line or scatter in the legend) with its number of points.
+
+    :func:`save_figure` writes this into the PNG, so a reader (or a test) can tell what a plot
+    shows without comparing pixels.
+    """
+    def points(artist: Any) -> int:
+        return len(artist.get_xdata()) if hasattr(artist, "get_xdata") else len(artist.get_offsets())
+
+    panels = []
+    for ax in fig.axes:
+        handles, labels = ax.get_legend_handles_labels()
+        panels.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+                       "series": {label: points(h) for h, label in zip(handles, labels, strict=True)}})
+    suptitle = fig._suptitle  # Figure.get_suptitle() needs matplotlib 3.8; pyproject allows 3.7
+    return {"title": suptitle.get_text() if suptitle else "", "panels": panels}
+
+
+PNG_CONTENTS_KEY = "Description"
+"""The PNG text chunk that holds :func:`figure_contents` (JSON) in every plot this package saves."""
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """``fig`` as a PNG at ``path`` (``dpi`` dots per inch) with :func:`figure_contents` in its
+    metadata (:data:`PNG_CONTENTS_KEY`), then closed."""
     import matplotlib.pyplot as plt
 
-    fig = history_figure(series, title)
-    fig.savefig(path, dpi=110)
+    contents = figure_contents(fig)
+    metadata = {PNG_CONTENTS_KEY: json.dumps(contents), **({"Title": contents["title"]} if contents["title"] else {})}
+    fig.savefig(path, dpi=dpi, metadata=metadata)
     plt.close(fig)
     return Path(path)

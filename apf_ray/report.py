@@ -12,6 +12,8 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
+from apf_ray.derived import saving
+
 
 def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:,.2f}"
@@ -48,12 +50,8 @@ def summary_table(summary: dict[str, Any], title: str = "run summary") -> Table:
     return t
 
 
-def _saving(value: float, baseline: float) -> float | None:
-    return 1.0 - value / baseline if baseline else None
-
-
 def comparison_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Side-by-side numbers; savings are relative to the first variant (the baseline)."""
+    """Side-by-side numbers; savings (:func:`apf_ray.derived.saving`) are relative to the first variant."""
     base = next(iter(results.values()))
     return [
         {
@@ -62,10 +60,10 @@ def comparison_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "best_accuracy": s["best_accuracy"],
             "bytes_up": s["bytes_up"],
             "bytes_down": s["bytes_down"],
-            "uplink_saving": _saving(s["bytes_up"], base["bytes_up"]),
-            "total_saving": _saving(s["bytes_up"] + s["bytes_down"], base["bytes_up"] + base["bytes_down"]),
+            "uplink_saving": saving(s["bytes_up"], base["bytes_up"]),
+            "total_saving": saving(s["bytes_up"] + s["bytes_down"], base["bytes_up"] + base["bytes_down"]),
             "simulated_time_s": s["simulated_time_s"],
-            "time_saving": _saving(s["simulated_time_s"], base["simulated_time_s"]),
+            "time_saving": saving(s["simulated_time_s"], base["simulated_time_s"]),
             "frozen_fraction_final": s["frozen_fraction_final"],
             "rounds": s["rounds"],
         }

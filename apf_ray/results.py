@@ -77,7 +77,8 @@ class Results:
         return read_history(self.run_dir)
 
     def plot(self, path: str | Path | None = None, title: str | None = None) -> Path:
-        """Accuracy, cumulative uplink and frozen fraction per round as a PNG (default: ``curves.png``)."""
+        """Accuracy, cumulative uplink and frozen fraction per round as a PNG (default: ``curves.png``);
+        what it draws is in its metadata (:func:`apf_ray.metrics.figure_contents`)."""
         from apf_ray.metrics import plot_history, run_title
 
         cfg = self.config

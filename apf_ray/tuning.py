@@ -30,13 +30,15 @@ from apf_ray.config import (
     read_yaml_mapping,
 )
 from apf_ray.config import build_config as build_experiment
+from apf_ray.derived import bytes_to_target, mean_of_last_accuracies, saving_at_round, total_bytes
 
 SEARCH_DRIVER = {"run": "actors.tune:run_search", "resume": "actors.tune:resume_search"}
 """The Ray half of the search, imported by path by the CLI (the core never imports Ray)."""
 
 UNREACHED = 1e30
 """``bytes_to_target`` reported to Tune while the target accuracy has not been reached: a
-finite stand-in for "never" (schedulers need finite metrics); tables show it as ``never``."""
+finite stand-in for "never" (schedulers need finite metrics); tables show it as ``never``.
+Also the ``test_loss`` reported for a round whose loss overflowed (recorded as None)."""
 
 DOMAINS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 OBJECTIVE_METRICS = ("accuracy", "bytes_total", "bytes_up", "bytes_to_target")
@@ -270,17 +272,18 @@ def round_metrics(history: Sequence[Any], spec: TuneSpec, baseline_bytes: Sequen
     """What a trial reports after its latest round: every value finite (see :data:`UNREACHED`).
 
     ``history`` are the trial's :class:`~apf_ray.records.RoundRecord` so far (evaluated every
-    round); ``baseline_bytes[r-1]`` is the baseline's cumulative total bytes after round r.
+    round); ``baseline_bytes[r-1]`` is the baseline's cumulative total bytes after round r. The
+    numbers are :mod:`apf_ray.derived`'s. A test loss the server recorded as None (it overflowed:
+    the model diverged) is reported as :data:`UNREACHED`, worse than any real loss.
     """
     rec = history[-1]
-    total = rec.cum_bytes_up + rec.cum_bytes_down
     out = {
         "round": float(rec.round),
         "accuracy": float(rec.test_accuracy),
-        "test_loss": float(rec.test_loss),
+        "test_loss": UNREACHED if rec.test_loss is None else float(rec.test_loss),
         "bytes_up": float(rec.cum_bytes_up),
         "bytes_down": float(rec.cum_bytes_down),
-        "bytes_total": float(total),
+        "bytes_total": float(total_bytes(rec)),
         "frozen_fraction": float(rec.frozen_fraction),
         "threshold": float(rec.threshold) if rec.threshold is not None else 0.0,
         "wall_s": float(sum(h.wall_s for h in history)),
@@ -288,13 +291,13 @@ def round_metrics(history: Sequence[Any], spec: TuneSpec, baseline_bytes: Sequen
     }
     for objective in spec.objective:
         if objective.metric == "accuracy" and objective.last_n > 1:
-            accs = [h.test_accuracy for h in history][-objective.last_n:]
-            out[objective.key] = float(sum(accs) / len(accs))
+            out[objective.key] = float(mean_of_last_accuracies(history, objective.last_n))
     if spec.target_accuracy is not None:
-        reached = next((h for h in history if h.test_accuracy >= spec.target_accuracy), None)
-        out["bytes_to_target"] = UNREACHED if reached is None else float(reached.cum_bytes_up + reached.cum_bytes_down)
-    if baseline_bytes is not None and rec.round <= len(baseline_bytes):
-        out["saving"] = 1.0 - total / baseline_bytes[rec.round - 1]
+        reached = bytes_to_target(history, spec.target_accuracy)
+        out["bytes_to_target"] = UNREACHED if reached is None else float(reached.bytes_total)
+    saving = saving_at_round(rec, baseline_bytes)
+    if saving is not None:
+        out["saving"] = saving
     return out
 
 

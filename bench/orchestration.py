@@ -38,8 +38,8 @@ import torch
 # isort: split
 import psutil  # bundled with Ray: importable once ray is imported (ray/thirdparty_files)
 from provenance import RESULTS, LoadSampler, command, now
-from ray._private.internal_api import memory_summary
 
+from actors import ray_private
 from actors.backend import ray_session
 from apf_ray.callbacks import Callback
 from apf_ray.config import ConfigError, ExperimentConfig, build_config
@@ -158,7 +158,7 @@ class MemorySampler:
         for kind, value in kind_rss.items():
             self.peak_kind_rss[kind] = max(self.peak_kind_rss.get(kind, 0), value)
         if slow and self.gcs_address:
-            match = PLASMA_USAGE.search(memory_summary(address=self.gcs_address, stats_only=True))
+            match = PLASMA_USAGE.search(ray_private.object_store_summary(self.gcs_address))
             if match:
                 self.store_mib = max(self.store_mib or 0, int(match.group(1)))
         self.samples += 1

@@ -40,7 +40,8 @@ import pyarrow.parquet as pq
 import yaml
 from provenance import RESULTS, LoadSampler, command, machine, now
 
-from apf_ray.metrics import read_journal
+from apf_ray.derived import best_accuracy, final_accuracy, mean_of_last_accuracies, saving, total_bytes
+from apf_ray.metrics import read_history
 
 REPO = RESULTS.parent.parent
 SEARCH = "tune_configs/fashion-mnist-lenet5.yaml"
@@ -60,16 +61,15 @@ def _run(argv: list[str]) -> float:
 
 
 def _summarise(label: str, run_dir: Path, baseline_total: float | None, settings: dict[str, Any]) -> dict[str, Any]:
-    rows = read_journal(run_dir)
-    accs = [r["test_accuracy"] for r in rows if r["test_accuracy"] is not None]
-    last = rows[-1]
-    total = last["cum_bytes_up"] + last["cum_bytes_down"]
+    history = read_history(run_dir)
+    last = history[-1]
     return {
-        "run": label, "settings": settings, "rounds": last["round"],
-        "final_accuracy": accs[-1], "best_accuracy": max(accs), "accuracy_last10": sum(accs[-10:]) / len(accs[-10:]),
-        "bytes_up": last["cum_bytes_up"], "bytes_down": last["cum_bytes_down"], "bytes_total": total,
-        "saving_total": None if baseline_total is None else 1 - total / baseline_total,
-        "frozen_fraction_final": last["frozen_fraction"], "run_dir": str(run_dir),
+        "run": label, "settings": settings, "rounds": last.round,
+        "final_accuracy": final_accuracy(history), "best_accuracy": best_accuracy(history),
+        "accuracy_last10": mean_of_last_accuracies(history, 10),
+        "bytes_up": last.cum_bytes_up, "bytes_down": last.cum_bytes_down, "bytes_total": total_bytes(last),
+        "saving_total": saving(total_bytes(last), baseline_total),
+        "frozen_fraction_final": last.frozen_fraction, "run_dir": str(run_dir),
     }
 
 

@@ -57,6 +57,8 @@ from pathlib import Path
 
 import yaml
 
+from actors.ray_private import LOOPBACK_NODE_START  # `ray start` keeping 127.0.0.1 (a private Ray API)
+
 REPO = Path(__file__).resolve().parent.parent
 SSHD = "/usr/sbin/sshd"
 INSTALL_HINT = "apt-get install -y openssh-server rsync netcat-openbsd util-linux"
@@ -80,17 +82,6 @@ RAY_PROCESS_NAMES = {"raylet", "gcs_server", "monitor.py", "dashboard.py", "log_
                      "runtime_env_agent.py", "main.py", "default_worker.py", "setup_worker.py"}
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
-# `ray start` for a second node of a loopback-only cluster: keeps --address/--node-ip-address
-# 127.0.0.1 as given (private API: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 `ray start --address`
-# refuses to join, without it Ray rewrites 127.0.0.1 to the machine's address).
-START_LOOPBACK_NODE = """\
-import sys
-import ray._private.services as services
-services.resolve_ip_for_localhost = lambda host: host
-from ray.scripts.scripts import main
-sys.argv[0] = "ray"
-sys.exit(main())
-"""
 # The live nodes with `edge_cpu`, from the GCS (`ray status` keys nodes by IP, and here both are 127.0.0.1).
 EDGE_NODES = """\
 import ray
@@ -427,7 +418,7 @@ def write_cluster_yaml(root: Path, sshd: PrivateSshd, name: str, ports: dict[str
                           "~/apf-ray-job": str(root / "job")}
     if with_worker:
         (root / "tools").mkdir()
-        (root / "tools" / "ray_start_loopback.py").write_text(START_LOOPBACK_NODE)
+        (root / "tools" / "ray_start_loopback.py").write_text(LOOPBACK_NODE_START)
         (root / "tools" / "edge_nodes.py").write_text(EDGE_NODES.format(gcs=ports["gcs"]))
         cfg["file_mounts"]["~/tools"] = str(root / "tools")
     # instead of `pip install -e ~/apf-ray` into this machine's shared Python: check the synced copy imports

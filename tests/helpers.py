@@ -63,3 +63,18 @@ def start_ray_backend(cfg: ExperimentConfig, run_dir: Path):
     backend = RayBackend()
     info = backend.start(cfg, Path(run_dir), build_workload(cfg), None)
     return backend, info
+
+
+def png_contents(path: Path) -> dict:
+    """What a PNG this package saved draws (``apf_ray.metrics.figure_contents``, from its metadata),
+    after checking the file is a whole PNG image."""
+    import json
+
+    from PIL import Image
+
+    from apf_ray.metrics import PNG_CONTENTS_KEY
+
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.load()  # reads every chunk: a truncated file fails here
+        return json.loads(image.text[PNG_CONTENTS_KEY])

@@ -44,7 +44,7 @@ from actors.backend import enable_token_auth, local_cluster_env
 from apf_ray.config import ExperimentConfig
 
 if TYPE_CHECKING:
-    from ray._private.worker import RayContext
+    from actors.ray_private import RayContext
 
 # Small object stores: the machine's RAM is shared with other test runs.
 LOCAL_OBJECT_STORE_BYTES = 300 * 1024**2

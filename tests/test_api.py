@@ -10,7 +10,7 @@ import pytest
 
 import apf_ray
 from apf_ray.run import run
-from tests.helpers import CrashAfter, tiny_config
+from tests.helpers import CrashAfter, png_contents, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_MARKER = "<!-- python-api-example: run by tests/test_api.py -->"
@@ -31,7 +31,10 @@ def test_the_readme_python_example_runs_and_writes_what_it_promises(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     exec(compile(code.replace('"train.rounds": 20', '"train.rounds": 2'), "README.md", "exec"), {})
     run_dir = tmp_path / "runs" / "notebook"
-    assert (run_dir / "summary.json").is_file() and (run_dir / "curves.png").stat().st_size > 10_000
+    assert (run_dir / "summary.json").is_file()
+    drawn = png_contents(run_dir / "curves.png")
+    assert drawn["title"].startswith("notebook: ") and len(drawn["panels"]) == 3
+    assert all(len(p["series"]) == 1 and list(p["series"].values()) == [2] for p in drawn["panels"][1:])
     printed = capsys.readouterr().out
     assert "test_accuracy" in printed and "cum_bytes_up" in printed
 
@@ -46,7 +49,12 @@ def test_results_give_the_summary_and_the_round_and_client_tables(tmp_path):
     assert res.clients().num_rows == 9 and res.layers().num_rows == 3 * 5
     frame = res.rounds_frame()
     assert list(frame["round"]) == [1, 2, 3] and frame["test_accuracy"].iloc[-1] == summary["final_accuracy"]
-    assert res.plot(tmp_path / "mine.png").stat().st_size > 10_000
+    drawn = png_contents(res.plot(tmp_path / "mine.png", title="mine"))
+    assert drawn["title"] == "mine"
+    assert [(p["title"], p["ylabel"], p["series"]) for p in drawn["panels"]] == [
+        ("Accuracy", "test accuracy (fraction correct)", {"apf": 3}),
+        ("Uplink traffic", "cumulative uplink (MB)", {"apf": 3}),
+        ("Frozen parameters", "frozen scalars (%)", {"apf": 3})]
 
 
 def test_results_read_a_run_that_stopped_before_its_summary(tmp_path):

@@ -13,7 +13,7 @@ import yaml
 from apf_ray.cli import main
 from apf_ray.config import ConfigError, build_config, load_config
 from apf_ray.variants import variant_overrides
-from tests.helpers import tiny_config
+from tests.helpers import png_contents, tiny_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -100,7 +100,8 @@ def test_cli_compare_prints_savings_against_the_first_variant(tmp_path, capsys):
     assert [r["variant"] for r in rows] == ["fedavg", "apf:threshold=0.95,alpha=0.5"]
     assert rows[0]["uplink_saving"] == 0.0
     assert rows[1]["uplink_saving"] > 0.0 and rows[1]["bytes_up"] < rows[0]["bytes_up"]
-    assert (out / "compare.png").is_file()
+    drawn = png_contents(out / "compare.png")  # one line per variant, every round, in every panel
+    assert [p["series"] for p in drawn["panels"]] == [{"fedavg": 3, "apf:threshold=0.95,alpha=0.5": 3}] * 3
 
 
 def test_the_built_in_defaults_are_the_default_workload_file():

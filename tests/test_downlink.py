@@ -72,3 +72,41 @@ def test_downlink_part_sizes_equal_encode_downlink_at_both_layout_boundaries():
             parts = wire.downlink_part_nbytes(n, k, mask is not None)
             assert wire.message_nbytes(parts) == buf.nbytes
             assert {name: p.nbytes for name, p in wire.decode_message(buf).items()} == parts
+
+
+@pytest.mark.parametrize("change_prob", [0.0, 0.002, 0.05, 0.6])
+def test_a_client_holding_any_version_decodes_its_payload_into_the_broadcast_model_bit_exactly(change_prob):
+    """What is counted can be sent: the payload a client holding version v is counted for, decoded
+    against that client's own copy of version v (model and mask), is the model the server
+    broadcasts this round, bit for bit, with the current mask, buffers and strategy extras."""
+    rng = np.random.default_rng(3)
+    n, rounds = 4000, 9
+    tracker = DownlinkTracker(n)
+    params = rng.normal(size=n).astype(np.float32)
+    mask = rng.random(n) < 0.8
+    held = {0: (params.copy(), mask.copy())}  # version -> what a client that downloaded it keeps
+    for version in range(1, rounds + 1):
+        new = params.copy()
+        moved = rng.random(n) < change_prob
+        new[moved] += rng.normal(size=int(moved.sum())).astype(np.float32)
+        tracker.record_aggregation(params, new, version)
+        params = new
+        if version % 4 == 0:
+            mask = rng.random(n) < 0.6
+            tracker.record_mask_change(version)
+        held[version] = (params.copy(), mask.copy())
+    buffers = rng.normal(size=5).astype(np.float32)
+    extras = {"signs": wire.encode_mask(rng.random(n) < 0.5)}
+    for version in [None, *held]:
+        payload = tracker.payload(version, params, buffers, mask, extras)
+        parts = wire.decode_message(payload)
+        cached_params, cached_mask = held[version] if version is not None else (None, None)
+        got_params, got_mask = wire.decode_downlink(parts["model"], cached_params, cached_mask)
+        assert got_params.tobytes() == params.tobytes(), version
+        assert np.array_equal(got_mask, mask), version
+        assert wire.decode_values(parts["buffers"]).tobytes() == buffers.tobytes()
+        assert parts["signs"].tobytes() == extras["signs"].tobytes()
+        client = 100 if version is None else version  # client 100 never downloaded anything
+        if version is not None:
+            tracker.record_received([client], version)
+        assert tracker.bytes_for([client], params, buffers, mask, extras) == {client: payload.nbytes}

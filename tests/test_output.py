@@ -13,7 +13,7 @@ from apf_ray.progress import ProgressDisplay
 from apf_ray.records import RoundEvent, RoundRecord
 from apf_ray.report import comparison_rows, comparison_table, summary_table
 from apf_ray.run import run
-from tests.helpers import tiny_config
+from tests.helpers import png_contents, tiny_config
 
 VARIANTS = ["fedavg", "apf", "partial_sync:threshold=0.2", "permanent:threshold=0.2", "apf+int8",
             "fedavg+topk:ratio=0.1", "fedavg+gaia", "cmfl:threshold=0.5"]
@@ -89,7 +89,10 @@ def test_the_comparison_table_of_every_strategy_fits_80_columns_without_cutting_
 def test_the_curves_have_unit_labels_integer_round_ticks_and_a_title_naming_the_run(tmp_path):
     run_dir = tmp_path / "quickstart"
     run(tiny_config("output.plots=true", "output.tensorboard=false", rounds=3), run_dir)
-    assert (run_dir / "curves.png").stat().st_size > 10_000
+    drawn = png_contents(run_dir / "curves.png")
+    assert drawn["title"] == "quickstart: tiny, apf"
+    assert [(p["title"], p["series"]) for p in drawn["panels"]] == [
+        ("Accuracy", {"apf": 3}), ("Uplink traffic", {"apf": 3}), ("Frozen parameters", {"apf": 3})]
     fig = history_figure({"apf": read_history(run_dir)}, title="quickstart: tiny, apf")
     fig.canvas.draw()
     assert fig._suptitle.get_text() == "quickstart: tiny, apf"

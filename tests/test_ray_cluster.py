@@ -17,10 +17,10 @@ import jsonschema
 import pytest
 import ray
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import apf_ray
+from actors.ray_private import checked_cluster_config
 from apf_ray.config import load_config
 from tests.ray_cluster import (
     EDGE_CPU_RESOURCES,
@@ -180,7 +180,7 @@ def test_cluster_yaml_validates_against_rays_schema() -> None:
 def test_cluster_yaml_passes_ray_ups_local_provider_preparation() -> None:
     """`ray up` runs exactly this before it connects to any node; it rejects node types
     the local provider cannot launch."""
-    validate_config(prepare_config(_cluster_config()))
+    checked_cluster_config(_cluster_config())
 
 
 def test_cluster_yaml_node_kinds_are_head_gpu_and_cpu_edge() -> None:

@@ -22,7 +22,7 @@ from apf_ray.checkpoint import load_checkpoint
 from apf_ray.config import ConfigError
 from apf_ray.metrics import read_history
 from apf_ray.tuning import TuneSpec, load_tune_spec, pareto_front
-from tests.helpers import tiny_config
+from tests.helpers import png_contents, tiny_config
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent
@@ -56,11 +56,16 @@ def test_tiny_search_runs_its_trials_and_the_baseline_stops_some_early_and_write
     assert len(trials) >= 4 and sum(r["baseline"] for r in rows) == 1
     assert any(r["status"] == "early_stopped" for r in trials), [r["status"] for r in trials]
     assert all(r["saving"] is not None for r in trials)  # measured against the baseline
-    assert (out / "pareto.png").is_file() and (out / "baseline" / "tensorboard").is_dir()
+    pareto = png_contents(out / "pareto.png")["panels"][0]["series"]
+    assert pareto["FedAvg baseline"] == 1 and pareto["best (best.yaml)"] == 1
+    assert sum(n for label, n in pareto.items() if label.startswith("trials (")) == len(trials)
+    assert (out / "baseline" / "tensorboard").is_dir()
     assert all((out / "trials" / r["trial_id"] / "tensorboard").is_dir() for r in trials)
     for r in trials:  # every trial folder reads like a run's, early-stopped ones included
         summary = json.loads((out / "trials" / r["trial_id"] / "summary.json").read_text())
-        assert summary["rounds"] == r["rounds"] and (out / "trials" / r["trial_id"] / "curves.png").is_file()
+        curves = png_contents(out / "trials" / r["trial_id"] / "curves.png")["panels"]
+        assert summary["rounds"] == r["rounds"] and [len(p["series"]) for p in curves] == [1, 1, 1]
+        assert list(curves[1]["series"].values()) == [r["rounds"]]  # uplink: a point per round trained
         assert summary.get("search_status", "completed") == r["status"]
     best = [r for r in trials if r["best"]]
     assert len(best) == 1 and best[0]["status"] == "completed"

@@ -20,7 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from apf_ray import derived
+from apf_ray.derived import saving
+from apf_ray.derived import smoothed_accuracy as smoothed
 from apf_ray.metrics import read_journal
+from apf_ray.records import RoundRecord
 from apf_ray.reproduce.plan import RunSpec
 from apf_ray.reproduce.runner import is_done, run_dir
 from apf_ray.reproduce.worker import WORKER_FILE
@@ -57,23 +61,10 @@ def load_run(out: Path, spec: RunSpec) -> RunData | None:
                    read_probe(d) if spec.probe else None)
 
 
-def smoothed(acc: np.ndarray, k: int) -> np.ndarray:
-    """Trailing mean of the last ``k`` values (fewer at the start)."""
-    csum = np.concatenate([[0.0], np.cumsum(acc)])
-    idx = np.arange(1, acc.size + 1)
-    lo = np.maximum(idx - k, 0)
-    return (csum[idx] - csum[lo]) / (idx - lo)
-
-
 def bytes_to_target(rd: RunData, target: float, k: int) -> dict[str, Any] | None:
     """The first evaluated round whose smoothed accuracy ≥ ``target``, and the bytes spent by then."""
-    rounds, acc = rd.evals()
-    hit = np.flatnonzero(smoothed(acc, k) >= target)
-    if hit.size == 0:
-        return None
-    r = int(rounds[hit[0]])
-    row = rd.rounds[r - 1]
-    return {"round": r, "bytes_total": row["cum_bytes_up"] + row["cum_bytes_down"], "bytes_up": row["cum_bytes_up"]}
+    hit = derived.bytes_to_target([RoundRecord(**row) for row in rd.rounds], target, k)
+    return None if hit is None else {"round": hit.round, "bytes_total": hit.bytes_total, "bytes_up": hit.bytes_up}
 
 
 def frozen_rise(rd: RunData, window: int) -> float:
@@ -136,13 +127,6 @@ def metrics(rd: RunData, k: int) -> dict[str, Any]:
         "load_mean_1min": (rd.worker.get("load_average") or {}).get("mean_1min_during"),
         "controller": rd.worker.get("controller_timing"),
     }
-
-
-def saving(value: float | None, baseline: float | None) -> float | None:
-    """1 − value / baseline (None if either is missing)."""
-    if value is None or not baseline:
-        return None
-    return 1.0 - value / baseline
 
 
 def window_saving(rd: RunData, base: RunData, start: int, stop: int) -> float | None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from apf_ray.derived import accuracy_gap
 from apf_ray.reproduce.analysis import RunData, bytes_to_target, load_run, metrics, saving, smoothed, window_saving
 from apf_ray.reproduce.plan import APF_T, MODEL_NAMES, PAPER, TARGET_FRACTION, Plan, settings_label
 
@@ -220,7 +221,7 @@ class Report:
                 "rounds": m["rounds"], "accuracy_smoothed": m["accuracy_smoothed"],
                 "accuracy_final": m["accuracy_final"],
                 "accuracy_best": m["accuracy_best"],
-                "accuracy_delta": None if base is None else m["accuracy_smoothed"] - base["accuracy_smoothed"],
+                "accuracy_delta": accuracy_gap(m["accuracy_smoothed"], base and base["accuracy_smoothed"]),
                 "bytes_up": m["bytes_up"], "bytes_down": m["bytes_down"], "bytes_total": m["bytes_total"],
                 "saving_total": None if key == base_key or base is None
                 else saving(m["bytes_total"], base["bytes_total"]),
@@ -658,7 +659,7 @@ class Report:
             cmp = {r["key"]: r for r in self.compare_rows("lenet5", [key.replace("apf", "fedavg"), key])}
             r = cmp[key]
             fm = self.m[key.replace("apf", "fedavg")]
-            acc_delta = r["accuracy_smoothed"] - fm["accuracy_smoothed"]
+            acc_delta = accuracy_gap(r["accuracy_smoothed"], fm["accuracy_smoothed"])
             late = window_saving(apf_long, fed_long, half, n)
             out.append({"what": f"APF continued to {n} rounds", "saving": saving(r["bytes_total"], fm["bytes_total"]),
                         "accuracy_delta": acc_delta, "late_saving": late, "frozen_final": r["frozen_final"]})

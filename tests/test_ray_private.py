@@ -1,0 +1,75 @@
+"""Private Ray APIs live in actors/ray_private.py, checked against the Ray release they were written for."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+from ray.tune.schedulers import PopulationBasedTraining
+
+from actors import ray_private
+from actors.ray_private import RAY_WRITTEN_FOR, RayPrivateAPIError, RayVersionWarning
+from apf_ray.errors import SetupError
+
+REPO = Path(__file__).resolve().parent.parent
+PRIVATE_NAMES = ("ray._private", "ray._raylet", "ray.autoscaler._private", "._synch", "._trial_state")
+
+
+def test_no_module_but_ray_private_reaches_into_ray():
+    sources = [p for d in ("actors", "apf_ray", "bench", "scripts", "tests") for p in (REPO / d).rglob("*.py")]
+    offenders = [f"{p.relative_to(REPO)}: {name}" for p in sources if p.name != "ray_private.py"
+                 and p != Path(__file__).resolve() for name in PRIVATE_NAMES if name in p.read_text()]
+    assert not offenders
+
+
+def test_the_installed_ray_is_the_release_written_for_and_importing_warns_nothing():
+    assert ray_private.version_mismatch(ray.__version__) is None
+    code = ("import warnings\nwith warnings.catch_warnings(record=True) as seen:\n    warnings.simplefilter('always')\n"
+            "    import actors.ray_private\nprint([w.category.__name__ for w in seen])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "RayVersionWarning" not in proc.stdout
+
+
+def test_another_ray_release_is_warned_about_naming_both_versions():
+    major, minor = RAY_WRITTEN_FOR.split(".")
+    assert ray_private.version_mismatch(f"{major}.{minor}.7") is None  # a patch release is the same API
+    other = f"{major}.{int(minor) + 1}.0"
+    with pytest.warns(RayVersionWarning, match=rf"Ray {other} is installed.*written against Ray {RAY_WRITTEN_FOR}"):
+        ray_private.warn_if_other_ray(other)
+
+
+def test_a_private_name_the_installed_ray_lacks_is_one_clear_error():
+    with pytest.raises(RayPrivateAPIError, match=rf"^Ray {ray.__version__} has no ray\._no_such_name, which apf-ray "
+                                                 rf"uses \(written against Ray {RAY_WRITTEN_FOR};"):
+        ray_private.private_attr(ray, "_no_such_name", "ray")
+    with pytest.raises(RayPrivateAPIError, match=r"has no module ray\._private\.no_such_module") as err:
+        ray_private.private_module("ray._private.no_such_module")
+    assert isinstance(err.value, SetupError)  # the command line prints it as one error line
+
+
+def test_every_wrapper_works_against_the_installed_ray():
+    ray_private.reload_config()
+    constants = ray_private.private_module("ray._private.ray_constants")
+    before = constants.ENABLE_RAY_CLUSTER
+    with ray_private.cluster_mode(not before):
+        assert constants.ENABLE_RAY_CLUSTER is (not before)
+    assert constants.ENABLE_RAY_CLUSTER is before
+    with ray_private.cluster_mode(False):  # loopback only: the address is dialled as written
+        assert ray_private.bootstrap_endpoint("127.0.0.1:1") == "127.0.0.1:1"
+    cpus, gpus = ray_private.detected_cpus_and_gpus()
+    assert cpus >= 1 and gpus >= 0
+    pbt = PopulationBasedTraining(time_attr="round", metric="accuracy", mode="max", synch=True,
+                                  hyperparam_mutations={"x": [1, 2]})
+    assert ray_private.pbt_synchronous(pbt) is True
+    state = ray_private.private_attr(pbt, "_trial_state", "PopulationBasedTraining")
+    state["trial"] = object()
+    ray_private.pbt_forget(pbt, "trial")
+    assert "trial" not in state
+    cfg = ray_private.checked_cluster_config({"cluster_name": "t", "provider": {"type": "local", "head_ip": "127.0.0.1",
+                                                                                 "worker_ips": []},
+                                              "auth": {"ssh_user": "root"}})
+    assert cfg["cluster_name"] == "t" and "head_node_type" in cfg
