@@ -324,8 +324,7 @@ def figure_contents(fig: Any) -> dict[str, Any]:
         handles, labels = ax.get_legend_handles_labels()
         panels.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
                        "series": {label: points(h) for h, label in zip(handles, labels, strict=True)}})
-    suptitle = fig._suptitle  # Figure.get_suptitle() needs matplotlib 3.8; pyproject allows 3.7
-    return {"title": suptitle.get_text() if suptitle else "", "panels": panels}
+    return {"title": fig.get_suptitle(), "panels": panels}
 
 
 PNG_CONTENTS_KEY = "Description"
