@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from apf_ray.metrics import read_journal
-from apf_ray.reproduce.plan import RunSpec
-from apf_ray.reproduce.runner import is_done, run_dir
-from apf_ray.reproduce.worker import WORKER_FILE
 from apf_ray.stability_probe import read_probe
+from reproduce.plan import RunSpec
+from reproduce.runner import is_done, run_dir
+from reproduce.worker import WORKER_FILE
 
 
 @dataclass

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from apf_ray.reproduce.analysis import RunData, bytes_to_target, load_run, metrics, saving, smoothed, window_saving
-from apf_ray.reproduce.plan import APF_T, MODEL_NAMES, PAPER, TARGET_FRACTION, Plan, settings_label
+from reproduce.analysis import RunData, bytes_to_target, load_run, metrics, saving, smoothed, window_saving
+from reproduce.plan import APF_T, MODEL_NAMES, PAPER, TARGET_FRACTION, Plan, settings_label
 
 DPI = 100
 _PAPER_ROUND = {"fedavg": "round_s_fedavg", "apf": "round_s_apf", "apf-aggressive": "round_s_aggressive"}
