@@ -112,19 +112,34 @@ def render_timings() -> str:
     return text + " An idle machine is faster; a busier one slower."
 
 
+def _compare_table(rows: list[dict[str, Any]]) -> str:
+    """``apf-ray compare``'s rows (``compare.json``): accuracy, MB each way, savings against the first row."""
+    return _table(["variant", "final acc", "best acc", "uplink MB", "downlink MB", "uplink saving", "total saving",
+                   "frozen (final)"],
+                  [[f"`{r['variant']}`", _acc(r["final_accuracy"]), _acc(r["best_accuracy"]),
+                    f"{r['bytes_up'] / 1e6:.2f}", f"{r['bytes_down'] / 1e6:.2f}",
+                    "—" if i == 0 else _pct(r["uplink_saving"]), "—" if i == 0 else _pct(r["total_saving"]),
+                    _pct(r["frozen_fraction_final"])] for i, r in enumerate(rows)])
+
+
 def _comparison(name: str, caption: str) -> str:
     data = _load(name)
-    rows = [[f"`{r['variant']}`", _acc(r["final_accuracy"]), _acc(r["best_accuracy"]), f"{r['bytes_up'] / 1e6:.2f}",
-             f"{r['bytes_down'] / 1e6:.2f}", "—" if i == 0 else _pct(r["uplink_saving"]),
-             "—" if i == 0 else _pct(r["total_saving"]), _pct(r["frozen_fraction_final"])]
-            for i, r in enumerate(data["rows"])]
     w = data["workload"]
     return (f"`{data['command']}` ({caption}; {w['rounds']} rounds, {w['clients_per_round']} of {w['num_clients']} "
             f"clients per round, {w['shards_per_client']} label shards per client, APF T = {w['apf_threshold']}). "
-            f"From {_link(name)} (`bench/readme_results.py`): {len(rows)} runs in {_duration(data['wall_s'])} on a "
-            f"{_machine(data)}.\n\n"
-            + _table(["variant", "final acc", "best acc", "uplink MB", "downlink MB", "uplink saving",
-                      "total saving", "frozen (final)"], rows))
+            f"From {_link(name)} (`bench/readme_results.py`): {len(data['rows'])} runs in "
+            f"{_duration(data['wall_s'])} on a {_machine(data)}.\n\n" + _compare_table(data["rows"]))
+
+
+def render_rivals() -> str:
+    """APF against FedAvg, FedProx and GWPF (``bench/rivals.py``)."""
+    data = _load("rivals")
+    if data is None:
+        return "*Not measured yet*: `nice -n 10 python3 bench/rivals.py` writes `docs/results/rivals.json`."
+    where = "in-process" if data["backend"] == "inprocess" else data["backend"]
+    return (f"`{data['compare']}` ({where}; {_link('rivals')}, `{data['command']}`): "
+            f"{len(data['rows'])} runs in {_duration(data['wall_s'])} on a {_machine(data)}. MB = 10⁶ wire "
+            f"bytes; savings against FedAvg.\n\n" + _compare_table(data["rows"]))
 
 
 def render_default_compare() -> str:
@@ -495,6 +510,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "scale": render_scale,
     "reproduce": render_reproduce,
     "tune_fashion_mnist": render_tune_fashion_mnist,
+    "rivals": render_rivals,
 }
 
 
