@@ -335,7 +335,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from apf_ray.config import ConfigError
-    from apf_ray.reproduce import reproduce, saved_options
+    from reproduce import reproduce, saved_options
 
     if args.resume:  # the invocation saved in DIR, again (--jobs may differ)
         given = [flag for flag, value in (("--quick", args.quick), ("--only", args.only), ("--cifar10", args.cifar10),

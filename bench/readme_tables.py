@@ -1,19 +1,21 @@
-"""Render the README's measured tables from the result files in ``docs/results/``.
+"""Render the measured tables of the README and ``docs/`` from the result files in ``docs/results/``.
 
-Every measured number in README.md sits between a pair of marker comments,
-``<!-- results:NAME -->`` … ``<!-- /results:NAME -->``; this script rewrites what is between
-them from ``docs/results/*.json`` (written by the scripts in ``bench/``), with the command
-that made each file and the machine and load it ran on. A test renders them again and
-compares, so a hand edit to a measured number is caught.
+Every measured number in README.md and docs/*.md sits between a pair of marker comments,
+``<!-- results:NAME -->`` … ``<!-- /results:NAME -->`` (each NAME in exactly one file); this
+script rewrites what is between them from ``docs/results/*.json`` (written by the scripts in
+``bench/``), with the command that made each file and the machine and load it ran on, and its
+links made relative to the file they land in. A test renders them again and compares, so a hand
+edit to a measured number is caught.
 
-    python3 bench/readme_tables.py            # rewrite README.md
-    python3 bench/readme_tables.py --check    # exit 1 when README.md differs from the results
+    python3 bench/readme_tables.py            # rewrite README.md and docs/*.md
+    python3 bench/readme_tables.py --check    # exit 1 when one of them differs from the results
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -24,6 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results"
 README = REPO / "README.md"
+LINK_TARGET = re.compile(r"\]\((?![a-z]+:|#)([^)\s]+)\)")  # a relative link: renderers write it from the root
 BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 MODEL_NAMES = {61_706: "LeNet-5", 11_173_962: "ResNet-18"}
 # Files written before the scripts recorded their date and command: the date of their commit.
@@ -109,19 +112,34 @@ def render_timings() -> str:
     return text + " An idle machine is faster; a busier one slower."
 
 
+def _compare_table(rows: list[dict[str, Any]]) -> str:
+    """``apf-ray compare``'s rows (``compare.json``): accuracy, MB each way, savings against the first row."""
+    return _table(["variant", "final acc", "best acc", "uplink MB", "downlink MB", "uplink saving", "total saving",
+                   "frozen (final)"],
+                  [[f"`{r['variant']}`", _acc(r["final_accuracy"]), _acc(r["best_accuracy"]),
+                    f"{r['bytes_up'] / 1e6:.2f}", f"{r['bytes_down'] / 1e6:.2f}",
+                    "—" if i == 0 else _pct(r["uplink_saving"]), "—" if i == 0 else _pct(r["total_saving"]),
+                    _pct(r["frozen_fraction_final"])] for i, r in enumerate(rows)])
+
+
 def _comparison(name: str, caption: str) -> str:
     data = _load(name)
-    rows = [[f"`{r['variant']}`", _acc(r["final_accuracy"]), _acc(r["best_accuracy"]), f"{r['bytes_up'] / 1e6:.2f}",
-             f"{r['bytes_down'] / 1e6:.2f}", "—" if i == 0 else _pct(r["uplink_saving"]),
-             "—" if i == 0 else _pct(r["total_saving"]), _pct(r["frozen_fraction_final"])]
-            for i, r in enumerate(data["rows"])]
     w = data["workload"]
     return (f"`{data['command']}` ({caption}; {w['rounds']} rounds, {w['clients_per_round']} of {w['num_clients']} "
             f"clients per round, {w['shards_per_client']} label shards per client, APF T = {w['apf_threshold']}). "
-            f"From {_link(name)} (`bench/readme_results.py`): {len(rows)} runs in {_duration(data['wall_s'])} on a "
-            f"{_machine(data)}.\n\n"
-            + _table(["variant", "final acc", "best acc", "uplink MB", "downlink MB", "uplink saving",
-                      "total saving", "frozen (final)"], rows))
+            f"From {_link(name)} (`bench/readme_results.py`): {len(data['rows'])} runs in "
+            f"{_duration(data['wall_s'])} on a {_machine(data)}.\n\n" + _compare_table(data["rows"]))
+
+
+def render_rivals() -> str:
+    """APF against FedAvg, FedProx and GWPF (``bench/rivals.py``)."""
+    data = _load("rivals")
+    if data is None:
+        return "*Not measured yet*: `nice -n 10 python3 bench/rivals.py` writes `docs/results/rivals.json`."
+    where = "in-process" if data["backend"] == "inprocess" else data["backend"]
+    return (f"`{data['compare']}` ({where}; {_link('rivals')}, `{data['command']}`): "
+            f"{len(data['rows'])} runs in {_duration(data['wall_s'])} on a {_machine(data)}. MB = 10⁶ wire "
+            f"bytes; savings against FedAvg.\n\n" + _compare_table(data["rows"]))
 
 
 def render_default_compare() -> str:
@@ -141,8 +159,8 @@ def render_all_strategies() -> str:
     both = " and ".join(f"`{v}`" for v in common)
     return text + (f"\n\nFinal accuracy against FedAvg's, in points: {drops}. The strawmen run at APF's T = 0.2 "
                    f"(their own default is 0.05). "
-                   + (f"{both} equal the Ray runs above to the byte and in accuracy." if agree else
-                      f"{both} differ from the Ray runs above — the backends should agree: a bug."))
+                   + (f"{both} equal the default comparison's Ray runs to the byte and in accuracy." if agree else
+                      f"{both} differ from the default comparison's Ray runs — the backends should agree: a bug."))
 
 
 def render_controller() -> str:
@@ -492,37 +510,62 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "scale": render_scale,
     "reproduce": render_reproduce,
     "tune_fashion_mnist": render_tune_fashion_mnist,
+    "rivals": render_rivals,
 }
 
 
-def render_readme(text: str) -> str:
-    """``text`` with every results block rendered again from ``docs/results/``."""
-    found = set()
+def documents() -> list[Path]:
+    """The files that may hold results blocks: the README and the Markdown files of ``docs/``."""
+    return [README, *sorted((REPO / "docs").glob("*.md"))]
+
+
+def _relink(text: str, folder: Path) -> str:
+    """Links written from the repository root (``docs/results/x.json``), made relative to ``folder``."""
+    return LINK_TARGET.sub(lambda m: f"]({Path(os.path.relpath(REPO / m.group(1), folder)).as_posix()})", text)
+
+
+def render_blocks(text: str, path: Path = README) -> tuple[str, set[str]]:
+    """``text`` (the file at ``path``) with every results block rendered again; and the blocks' names."""
+    found: set[str] = set()
 
     def replace(m: re.Match) -> str:
         name = m.group("name")
         if name not in RENDERERS:
-            raise KeyError(f"README block results:{name} has no renderer (known: {sorted(RENDERERS)})")
+            raise KeyError(f"{path.name} block results:{name} has no renderer (known: {sorted(RENDERERS)})")
         found.add(name)
-        return m.group(1) + RENDERERS[name]() + "\n" + m.group(4)
+        return m.group(1) + _relink(RENDERERS[name](), path.parent) + "\n" + m.group(4)
 
-    out = BLOCK.sub(replace, text)
-    missing = sorted(set(RENDERERS) - found)
+    return BLOCK.sub(replace, text), found
+
+
+def render_all(texts: dict[Path, str]) -> dict[Path, str]:
+    """Every document rendered again; each renderer's block must be in exactly one of them."""
+    out, where = {}, {}
+    for path, text in texts.items():
+        out[path], found = render_blocks(text, path)
+        for name in found:
+            if name in where:
+                raise KeyError(f"results:{name} is in both {where[name].name} and {path.name}")
+            where[name] = path
+    missing = sorted(set(RENDERERS) - set(where))
     if missing:
-        raise KeyError(f"README has no block for {missing}")
+        raise KeyError(f"no document has a block for {missing}")
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if README.md is out of date")
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if a document is out of date")
     args = parser.parse_args()
-    text = README.read_text()
-    rendered = render_readme(text)
+    texts = {path: path.read_text() for path in documents()}
+    rendered = render_all(texts)
+    stale = [path for path in texts if rendered[path] != texts[path]]
+    names = ", ".join(path.relative_to(REPO).as_posix() for path in stale)
     if args.check:
-        sys.exit(0 if rendered == text else "README.md differs from docs/results; run python3 bench/readme_tables.py")
-    README.write_text(rendered)
-    print("README.md: rendered", ", ".join(RENDERERS))
+        sys.exit(f"{names} differ from docs/results; run python3 bench/readme_tables.py" if stale else 0)
+    for path in stale:
+        path.write_text(rendered[path])
+    print("rendered", ", ".join(RENDERERS), "into", names or "nothing (all up to date)")
 
 
 if __name__ == "__main__":

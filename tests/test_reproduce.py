@@ -8,6 +8,9 @@ Nothing here asserts a timing.
 from __future__ import annotations
 
 import json
+import pkgutil
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,13 +20,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import apf_ray
 from apf_ray.cli import main
 from apf_ray.metrics import read_history
-from apf_ray.reproduce.analysis import smoothed
-from apf_ray.reproduce.plan import build_plan
-from apf_ray.reproduce.worker import main as worker_main
 from apf_ray.run import run
 from apf_ray.stability_probe import StabilityProbe, read_probe
+from reproduce.analysis import smoothed
+from reproduce.plan import build_plan
+from reproduce.report import render_report
+from reproduce.worker import main as worker_main
 from tests.helpers import Crash, CrashAfter, tiny_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -62,6 +67,18 @@ def test_quick_reproduce_writes_the_report_plots_and_json_and_reuses_finished_ru
     before = summary.stat().st_mtime_ns
     assert main(argv) == 0  # everything is cached: nothing retrains
     assert summary.stat().st_mtime_ns == before
+
+    # the plots and report.md come from reproduce.json alone: made again without the runs, they are the same
+    alone = tmp_path / "from-json"
+    alone.mkdir()
+    shutil.copy(out / "reproduce.json", alone)
+    assert render_report(alone) == data["plots"]
+    assert (alone / "report.md").read_text() == (out / "report.md").read_text()
+    for plot in data["plots"]:
+        assert (alone / plot).read_bytes() == (out / plot).read_bytes(), plot
+    series = data["series"]["lenet5-apf"]  # what the curves draw, per round, from the journal
+    assert series["rounds"] == list(range(1, 13)) and len(series["frozen_fraction"]) == 12
+    assert series["cum_bytes_total"][-1] == rows["lenet5-apf"]["bytes_total"]
 
 
 def test_a_stopped_reproduce_records_its_finished_runs_and_the_next_resumes_the_one_in_flight(tmp_path: Path) -> None:
@@ -115,12 +132,12 @@ def test_smoothed_accuracy_is_the_trailing_mean() -> None:
 
 
 def test_a_round_far_over_its_runs_median_is_reported_as_stalled_and_slow_runs_are_not() -> None:
-    from apf_ray.reproduce.report import _stalled_rounds
+    from reproduce.summary import stalled_rounds
 
     wall = np.array([2.7, 2.8, 699.0, 2.6, 602.0, 2.9])
-    assert _stalled_rounds(wall, np.arange(1, 7)) == [(3, 699.0), (5, 602.0)]
-    assert _stalled_rounds(np.array([30.0, 31.0, 29.0, 45.0]), np.arange(1, 5)) == []  # slow, steady
-    assert _stalled_rounds(np.array([0.1, 0.1, 50.0]), np.arange(1, 4)) == []  # 500x, but under a minute
+    assert stalled_rounds(wall, np.arange(1, 7)) == [(3, 699.0), (5, 602.0)]
+    assert stalled_rounds(np.array([30.0, 31.0, 29.0, 45.0]), np.arange(1, 5)) == []  # slow, steady
+    assert stalled_rounds(np.array([0.1, 0.1, 50.0]), np.arange(1, 4)) == []  # 500x, but under a minute
 
 
 def test_the_probe_follows_a_sample_each_round_and_survives_a_resume(tmp_path: Path) -> None:
@@ -159,3 +176,20 @@ def test_a_continued_run_equals_the_run_trained_that_long_in_one_go(tmp_path: Pa
     assert len(read_history(tmp_path / "short")) == 2  # the source run is left as it was
     worker = json.loads((tmp_path / "continued" / "worker.json").read_text())
     assert worker["resumed_after_round"] == 2 and worker["controller_timing"]["calls"] == 2
+
+
+def test_the_library_never_imports_the_reproduction_and_the_distribution_ships_both() -> None:
+    """The paper's reproduction is a package beside ``apf_ray`` (issue 15): importing every library module
+    loads none of it, and pyproject's package discovery still puts it in the wheel and the editable install."""
+    from setuptools import find_namespace_packages  # what pyproject's `packages.find` uses (namespaces = true)
+
+    modules = [m.name for m in pkgutil.walk_packages(apf_ray.__path__, "apf_ray.")]
+    code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted(m for m in sys.modules if m == 'reproduce' or m.startswith('reproduce.')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+    include = re.search(r"^\[tool\.setuptools\.packages\.find\]\ninclude = (\[.*\])$",
+                        (REPO / "pyproject.toml").read_text(), re.M)
+    shipped = set(find_namespace_packages(str(REPO), include=json.loads(include.group(1))))
+    assert {"apf_ray", "actors", "reproduce"} <= shipped
+    assert not any(p.startswith(("tests", "bench", "scripts")) for p in shipped)

@@ -25,10 +25,10 @@ from apf_ray.derived import saving
 from apf_ray.derived import smoothed_accuracy as smoothed
 from apf_ray.metrics import read_journal
 from apf_ray.records import RoundRecord
-from apf_ray.reproduce.plan import RunSpec
-from apf_ray.reproduce.runner import is_done, run_dir
-from apf_ray.reproduce.worker import WORKER_FILE
 from apf_ray.stability_probe import read_probe
+from reproduce.plan import RunSpec
+from reproduce.runner import is_done, run_dir
+from reproduce.worker import WORKER_FILE
 
 
 @dataclass

@@ -18,8 +18,8 @@ from typing import Any
 
 from apf_ray.errors import Stopped
 from apf_ray.provenance import LoadSampler, machine, now
-from apf_ray.reproduce.plan import Plan, build_plan
 from apf_ray.stops import StopSignals
+from reproduce.plan import Plan, build_plan
 
 __all__ = ["Plan", "build_plan", "reproduce", "saved_options"]
 
@@ -49,8 +49,8 @@ def reproduce(output: str | Path, *, quick: bool = False, only: list[str] | None
     before or after (overheads, the report) the invocation stops at once. Either way the
     invocation is recorded and :class:`~apf_ray.errors.Stopped` names the command that resumes.
     """
-    from apf_ray.reproduce.report import write_report
-    from apf_ray.reproduce.runner import run_all
+    from reproduce.report import write_report
+    from reproduce.runner import run_all
 
     if jobs < 1:
         raise ValueError(f"--jobs {jobs}: at least one run must go at a time")
@@ -78,7 +78,7 @@ def reproduce(output: str | Path, *, quick: bool = False, only: list[str] | None
                 with load:
                     if not report_only:
                         if "overhead" in selected and overhead is None:
-                            from apf_ray.reproduce.overhead import measure_overhead
+                            from reproduce.overhead import measure_overhead
 
                             phase = "while measuring overheads"
                             overhead = measure_overhead(plan, say)  # first, while no run of ours shares the cores

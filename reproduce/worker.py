@@ -1,4 +1,4 @@
-"""One run of the reproduction in its own process: ``python -m apf_ray.reproduce.worker SPEC.json``.
+"""One run of the reproduction in its own process: ``python -m reproduce.worker SPEC.json``.
 
 A separate process per run keeps runs independent (torch's global state, memory: its peak
 RSS is Table III's memory figure) and lets two run at a time on two cores. The spec file

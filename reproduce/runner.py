@@ -3,7 +3,7 @@
 A run is *done* when its folder holds a ``summary.json`` for exactly its config (and the
 probe's summary where it has one) and the worker's ``worker.json``: such a run is skipped, so
 an interrupted ``apf-ray reproduce`` continues where it stopped (an interrupted run resumes
-from its last checkpoint, see :mod:`apf_ray.reproduce.worker`). A continuation waits for the
+from its last checkpoint, see :mod:`reproduce.worker`). A continuation waits for the
 run it continues. Everything but the report lives under ``OUTPUT/runs/`` (run folders, each
 run's spec and log), so the report files can sit in a repository that ignores ``runs/``.
 """
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apf_ray.errors import Stopped
-from apf_ray.reproduce.plan import APF_T, RunSpec
-from apf_ray.reproduce.worker import WORKER_FILE
 from apf_ray.resume import load_resume_point
 from apf_ray.stability_probe import PROBE_DIR
 from apf_ray.stops import StopSignals
+from reproduce.plan import APF_T, RunSpec
+from reproduce.worker import WORKER_FILE
 
 PROGRESS_EVERY_S = 60.0  # seconds between progress lines while runs are going
 
@@ -195,6 +195,6 @@ def _start(spec: RunSpec, out: Path, env: dict[str, str]) -> _Running:
     }, indent=2))
     log = out / "runs" / f"{spec.key}.log"
     with log.open("a") as f:  # its own session: signals reach it once, from run_all
-        proc = subprocess.Popen([sys.executable, "-m", "apf_ray.reproduce.worker", str(spec_path)],
+        proc = subprocess.Popen([sys.executable, "-m", "reproduce.worker", str(spec_path)],
                                 stdout=f, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), start_new_session=True)
     return _Running(spec, proc, log, time.monotonic())

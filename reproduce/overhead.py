@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from apf_ray.config import build_config
-from apf_ray.reproduce.plan import Plan
+from reproduce.plan import Plan
 
 
 def _median(xs: list[float]) -> float:
