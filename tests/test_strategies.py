@@ -3,22 +3,30 @@ client half's set-up and state, FedProx and GWPF end to end (in-process, real tr
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from apf_ray import wire
 from apf_ray.aggregation import coordinate_wise
 from apf_ray.client import ClientHost
+from apf_ray.config import ConfigError, build_config
 from apf_ray.metrics import read_history
 from apf_ray.resume import load_resume_point
 from apf_ray.run import run
 from apf_ray.server import ServerCore
 from apf_ray.strategies.gwpf import ACCUMULATED
+from apf_ray.tuning import load_tune_spec
+from apf_ray.variants import variant_overrides
 from apf_ray.workload import build_workload
 from tests.helpers import Crash, CrashAfter, tiny_config
 from tests.plugins.contract_strategies import CHOSEN
 
+REPO = Path(__file__).resolve().parent.parent
 DENSE_MEAN = "strategy.name=tests.plugins.contract_strategies:DenseMean"
 POISONED = ("faults.corrupt_upload_prob=0.34", "faults.corrupt_kind=scale", "faults.corrupt_scale=-5")
 """About a third of the uploads sign-flipped and boosted: bad, but within the norm bound."""
@@ -52,7 +60,7 @@ def test_a_plugin_overriding_aggregate_combines_the_configured_median_of_its_upl
     poisoned.upload = wire.encode_message(parts)
     deltas = [server.strategy.decode_upload(broadcast.plan, r.client_id, r.upload).values for r in results]
     before = server.params.copy()
-    record, recs = server.finish_round(broadcast, clients, results, {}, server.downlink_bytes(broadcast, clients))
+    _, recs = server.finish_round(broadcast, clients, results, {}, server.downlink_bytes(broadcast, clients))
     assert [c.status for c in recs] == ["ok"] * len(clients)  # the poisoned upload passed validation
     assert np.array_equal(server.params, before + coordinate_wise(deltas, "median"))
     assert not np.array_equal(server.params, before + np.mean(deltas, axis=0, dtype=np.float32))
@@ -136,7 +144,7 @@ def test_gwpf_freezes_thaws_on_votes_and_counts_the_votes_in_the_uplink(tmp_path
     rounds = read_history(tmp_path)
     frozen = [r.frozen_fraction for r in rounds]
     assert frozen[0] == 0 and max(frozen) > 0.3, frozen
-    assert any(later < earlier for earlier, later in zip(frozen, frozen[1:])), f"nothing thawed: {frozen}"
+    assert any(later < earlier for earlier, later in itertools.pairwise(frozen)), f"nothing thawed: {frozen}"
     assert all(r.aggregated for r in rounds)
     clients = pq.read_table(tmp_path / "clients.parquet").to_pandas()
     assert (clients["status"] == "ok").all()
@@ -172,3 +180,23 @@ def test_gwpf_refuses_an_upload_whose_votes_do_not_match_the_frozen_scalars(work
     _, recs = server.finish_round(broadcast, clients, results, {}, server.downlink_bytes(broadcast, clients))
     assert recs[0].status == "rejected" and "thaw votes" in recs[0].error
     assert [c.status for c in recs[1:]] == ["ok"] * (len(clients) - 1)
+
+
+# ---- compare and tune take the new strategies' options ---------------------------------------------
+def test_fedprox_and_gwpf_are_compare_variants_and_their_options_are_searchable(tmp_path):
+    base = tiny_config()
+    for spec, name, option, uplink in [("fedprox:mu=0.5", "fedprox", ("mu", 0.5), []),
+                                       ("gwpf:threshold=0.02+topk:ratio=0.1", "gwpf", ("threshold", 0.02),
+                                        [{"name": "topk", "ratio": 0.1}])]:
+        cfg = build_config(base.to_dict(), variant_overrides(spec, base.strategy.name))
+        assert cfg.strategy.name == name and cfg.strategy.options[option[0]] == option[1], cfg.strategy
+        assert cfg.strategy.uplink == uplink
+    spec, base = load_tune_spec(REPO / "tune_configs" / "gwpf.yaml")
+    assert base.strategy.name == "gwpf" and "strategy.options.thaw_threshold" in spec.search_space
+    search = tmp_path / "prox.yaml"
+    search.write_text(yaml.safe_dump({
+        "name": "prox", "base": str(REPO / "configs" / "digits-lenet5.yaml"),
+        "overrides": {"strategy.name": "fedprox"}, "objective": [{"metric": "accuracy"}],
+        "search_space": {"strategy.options.mu": {"loguniform": [0.001, 20.0]}}}))
+    with pytest.raises(ConfigError, match=r"search_space\.strategy\.options\.mu can take 20\.0"):
+        load_tune_spec(search)
