@@ -200,3 +200,16 @@ def test_fedprox_and_gwpf_are_compare_variants_and_their_options_are_searchable(
         "search_space": {"strategy.options.mu": {"loguniform": [0.001, 20.0]}}}))
     with pytest.raises(ConfigError, match=r"search_space\.strategy\.options\.mu can take 20\.0"):
         load_tune_spec(search)
+
+
+@pytest.mark.ray
+def test_gwpf_per_client_plans_and_fedprox_on_ray_equal_the_in_process_runs(local_ray, tmp_path):
+    """Client state, per-client plans and the gradient term cross the actors as they do in-process."""
+    for i, overrides in enumerate([GWPF, ("strategy.name=tests.plugins.contract_strategies:HalfPlans",),
+                                   ("strategy.name=fedprox", "strategy.options.mu=0.1")]):
+        cfg = tiny_config(*overrides, rounds=5)
+        on_ray = run(cfg, tmp_path / f"ray{i}", backend="ray")
+        local = run(cfg, tmp_path / f"local{i}")
+        assert on_ray["bytes_up"] == local["bytes_up"] and on_ray["bytes_down"] == local["bytes_down"], overrides
+        np.testing.assert_allclose(final_params(tmp_path / f"ray{i}"), final_params(tmp_path / f"local{i}"),
+                                   rtol=1e-6, atol=1e-7)

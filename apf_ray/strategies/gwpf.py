@@ -137,9 +137,8 @@ class GWPF(Strategy):
             client_state.pop(ACCUMULATED, None)
             return frame_upload(values, buffers, num_samples, loss)
         frozen = ~plan.sync_mask
-        accumulated = client_state.get(ACCUMULATED)
-        if accumulated is None:
-            accumulated = np.zeros(global_params.size, dtype=np.float32)
+        previous = client_state.get(ACCUMULATED)  # read-only when it came through Ray's object store
+        accumulated = np.zeros(global_params.size, np.float32) if previous is None else np.array(previous)
         accumulated[plan.sync_mask] = 0.0  # thawed or never frozen: nothing accumulated
         accumulated[frozen] += local_params[frozen] - global_params[frozen]
         client_state[ACCUMULATED] = accumulated
