@@ -17,8 +17,10 @@ client  ``setup_client`` (once per host) → ``new_client_state`` (a client's fi
 The client half runs in client actors and must be a pure function of the options, the plan
 and the client's own state, so actors rebuild the strategy from the config without the
 server's memory. A client's state is a ``dict`` of numpy arrays and JSON scalars (str keys)
-that the client-half hooks may change in place; the engine keeps it between the client's
-rounds and checkpoints it with the run, so a resumed run equals an uninterrupted one.
+that the client-half hooks may change in place (its arrays may arrive read-only, through
+Ray's object store or a checkpoint: replace them, or write into a copy); the engine keeps it
+between the client's rounds and checkpoints it with the run, so a resumed run equals an
+uninterrupted one.
 Uploads are model deltas (local − global); the synchronised scalars go through the
 configured uplink chain (:mod:`apf_ray.uplink`).
 
