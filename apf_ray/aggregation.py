@@ -1,7 +1,8 @@
 """Combining client vectors on the server: the sample-weighted mean, and robust alternatives.
 
-``defence.aggregation`` chooses how a strategy's uploads are combined. ``mean`` is the
-sample-weighted mean every strategy uses by default. ``median`` and ``trimmed_mean`` are
+``mean`` is the sample-weighted mean of the strategies' default ``aggregate``. ``median`` and
+``trimmed_mean`` (``defence.aggregation``, applied to any strategy by
+:mod:`apf_ray.consensus`) are
 coordinate-wise and unweighted (a client's sample count is its own claim), so a minority of
 clients cannot move a coordinate further than the honest values around it — at some cost in
 accuracy on non-IID data. They are computed over the round's synchronised positions only;
@@ -11,7 +12,6 @@ every other position gets exactly ``+0.0``, as under the mean.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -79,18 +79,3 @@ def coordinate_wise(vectors: Sequence[np.ndarray], method: str, trim_fraction: f
         stat = np.median(block, axis=0) if method == "median" else _trimmed(block, trim)
         out[sel] = stat.astype(np.float32)
     return out
-
-
-@dataclass(frozen=True)
-class Aggregator:
-    """How a strategy combines its uploads' vectors: ``defence.aggregation`` as an object."""
-
-    method: str = "mean"
-    trim_fraction: float = 0.0
-
-    def __call__(self, vectors: list[np.ndarray], weights: list[float],
-                 positions: np.ndarray | None = None) -> np.ndarray:
-        """Combined vector; ``positions`` are the synchronised ones (robust methods only use them)."""
-        if self.method == "mean":
-            return weighted_mean(vectors, weights)
-        return coordinate_wise(vectors, self.method, self.trim_fraction, positions)

@@ -14,6 +14,7 @@ import torch
 
 from apf_ray.config import ExperimentConfig
 from apf_ray.faults import client_fails, corrupt_rng, corrupt_upload
+from apf_ray.flat import layout_of
 from apf_ray.records import Broadcast, ClientResult
 from apf_ray.strategies import Strategy, make_strategy
 from apf_ray.training import TrainSettings, train_local
@@ -37,6 +38,7 @@ class ClientHost:
         self.model = model_factory(cfg, num_classes, tuple(input_shape))()
         self.strategy: Strategy = make_strategy(cfg.strategy.name, cfg.strategy.options, cfg.strategy.uplink,
                                                 cfg.seed)
+        self.strategy.setup_client(layout_of(self.model).num_params)
         self.settings = TrainSettings(
             local_steps=cfg.train.local_steps,
             batch_size=cfg.train.batch_size,
@@ -55,17 +57,18 @@ class ClientHost:
     def train_one(self, broadcast: Broadcast, client_id: int, state: dict | None = None) -> ClientResult:
         """Train one virtual client; any failure becomes an error result, never an exception.
 
-        ``state`` is the client's strategy state from its previous round (empty for APF); the
-        updated state comes back in the result, so any host can train any client.
+        ``state`` is the client's strategy state from its previous round (None before its first:
+        the strategy's ``new_client_state``); the updated state comes back in the result, so any
+        host can train any client.
         """
         start = time.perf_counter()
-        state = dict(state or {})
+        state = dict(state) if state is not None else self.strategy.new_client_state(client_id)
         try:
             faults = self.cfg.faults
             if client_fails(self.cfg.seed, faults.client_failure_prob, broadcast.round, client_id):
                 raise RuntimeError(f"injected failure (faults.client_failure_prob={faults.client_failure_prob})")
             idx = self.partitions[client_id]
-            plan = broadcast.plan
+            plan = broadcast.plan_for(client_id)
             seed = client_seed(self.cfg.seed, broadcast.round, client_id)
             torch.manual_seed(seed)
             local = train_local(
@@ -78,6 +81,7 @@ class ClientHost:
                 settings=self.settings,
                 seed=seed,
                 device=self.device,
+                gradient_term=self.strategy.gradient_term(plan, broadcast.params, state),
             )
             upload = self.strategy.encode_upload(
                 plan, broadcast.params, local.params, local.buffers, local.num_samples, local.loss, state

@@ -183,7 +183,8 @@ class DefenceConfig(_Strict):
     max_buffer_ratio: float | None = Field(
         100.0, gt=0, description="bound on the L2 norm of the buffers' change relative to max(‖buffers‖₂, √count)")
     aggregation: Literal["mean", "median", "trimmed_mean"] = Field(
-        "mean", description="mean: sample-weighted (the strategy's own); median, trimmed_mean: coordinate-wise")
+        "mean", description="mean: the strategy's own aggregate (default: sample-weighted); median, trimmed_mean: "
+                "the uploads' coordinate-wise consensus, before any strategy's aggregate")
     trim_fraction: float = Field(0.1, ge=0, lt=0.5,
                                  description="trimmed_mean: share of uploads cut at each end, per coordinate")
 

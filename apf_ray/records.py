@@ -65,6 +65,11 @@ class Broadcast:
     params: np.ndarray
     buffers: np.ndarray
     plan: RoundPlan
+    client_plans: dict[int, RoundPlan] = field(default_factory=dict)  # clients with a plan of their own
+
+    def plan_for(self, client_id: int) -> RoundPlan:
+        """The plan client ``client_id`` trains and uploads by (``Strategy.client_plan``)."""
+        return self.client_plans.get(client_id, self.plan)
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from apf_ray.aggregation import Aggregator
 from apf_ray.config import ExperimentConfig
+from apf_ray.consensus import RobustConsensus
 from apf_ray.downlink import DownlinkTracker
 from apf_ray.flat import set_buffers, set_params
 from apf_ray.network import NetworkModel
@@ -24,7 +24,7 @@ from apf_ray.records import FAILED, REPORTED, Broadcast, ClientRecord, ClientRes
 from apf_ray.strategies import DecodedUpload, make_strategy
 from apf_ray.training import evaluate
 from apf_ray.validation import UploadValidator
-from apf_ray.workload import Workload, model_factory, sample_clients, sampling_rng
+from apf_ray.workload import Workload, model_factory, sampling_rng
 
 Executor = Callable[[Broadcast, list[int]], tuple[list[ClientResult], dict[int, str]]]
 """Runs a round's clients: ``(broadcast, client ids) -> (results, missing: id -> status)``."""
@@ -62,8 +62,8 @@ class ServerCore:
         self.params = workload.init_params.copy()
         self.buffers = workload.init_buffers.copy()
         self.strategy = make_strategy(cfg.strategy.name, cfg.strategy.options, cfg.strategy.uplink, cfg.seed)
-        self.strategy.aggregator = Aggregator(cfg.defence.aggregation, cfg.defence.trim_fraction)
         self.strategy.setup(self.params)
+        self.consensus = RobustConsensus(cfg.defence)
         self.validator = UploadValidator(cfg.defence, [len(p) for p in workload.partitions], self.params.size,
                                          self.buffers.size)
         self.rng = sampling_rng(cfg.seed)
@@ -87,14 +87,22 @@ class ServerCore:
 
     # ---- a round -------------------------------------------------------------------------
     def begin_round(self) -> tuple[Broadcast, list[int]]:
+        """The round's broadcast and clients: the strategy selects them and plans for each."""
         r = self.round + 1
-        clients = sample_clients(self.rng, len(self.pool_of_client), self.cfg.train.clients_per_round)
-        return Broadcast(r, self.params, self.buffers, self.strategy.plan(r)), clients
+        clients = self.strategy.select_clients(self.rng, len(self.pool_of_client), self.cfg.train.clients_per_round)
+        plan = self.strategy.plan(r)
+        own = {c: p for c in clients if (p := self.strategy.client_plan(plan, c)) is not None}
+        return Broadcast(r, self.params, self.buffers, plan, own), clients
 
     def downlink_bytes(self, broadcast: Broadcast, clients: list[int]) -> dict[int, int]:
-        """Bytes each sampled client receives this round (real encoded payloads)."""
-        return self.downlink.bytes_for(clients, self.params, self.buffers, self.strategy.sync_mask,
+        """Bytes each sampled client receives this round (real encoded payloads), its plan's extras included."""
+        shared = [c for c in clients if c not in broadcast.client_plans]
+        down = self.downlink.bytes_for(shared, self.params, self.buffers, self.strategy.sync_mask,
                                        broadcast.plan.extras)
+        for cid, plan in broadcast.client_plans.items():
+            down.update(self.downlink.bytes_for([cid], self.params, self.buffers, self.strategy.sync_mask,
+                                                plan.extras))
+        return down
 
     def run_round(self, execute: Executor) -> RoundEvent:
         """Sample, execute, aggregate, account and evaluate one round, timing each phase."""
@@ -120,7 +128,7 @@ class ServerCore:
         rec.bytes_up = int(buf.nbytes) if isinstance(buf, np.ndarray) else 0  # refused bytes still crossed the wire
         reason = None
         try:
-            up = self.strategy.decode_upload(broadcast.plan, res.client_id, np.asarray(buf))
+            up = self.strategy.decode_upload(broadcast.plan_for(res.client_id), res.client_id, np.asarray(buf))
         except Exception as err:  # a malformed upload refuses the client, not the round
             up, reason = None, f"malformed upload: {err}"
         if reason is None:
@@ -129,8 +137,9 @@ class ServerCore:
             rec.status, rec.error = "rejected", reason[: self.cfg.cluster.max_error_chars]
             return None
         rec.bytes_up, rec.num_samples, rec.train_loss = up.nbytes, up.num_samples, up.loss
-        if up.values is None:
+        if up.values is None:  # why, as the client said it (CMFL: its relevance) into clients.parquet
             rec.status = "skipped"
+            rec.error = ", ".join(f"{k}={v:.4g}" for k, v in sorted(up.meta.items()) if k != "skipped")
         return up
 
     def finish_round(self, broadcast: Broadcast, clients: list[int], results: list[ClientResult],
@@ -172,7 +181,7 @@ class ServerCore:
         aggregated, why_not = False, f"round missed its quorum ({len(uploads)} valid of {quorum} needed)"
         if quorum_met:
             with timer("aggregation"):
-                params, buffers = self.strategy.aggregate(self.params, self.buffers, uploads)
+                params, buffers = self.strategy.aggregate(self.params, self.buffers, self.consensus(uploads))
                 finite = bool(np.all(np.isfinite(params)) and np.all(np.isfinite(buffers)))
             if finite:
                 old = self.params
@@ -187,6 +196,7 @@ class ServerCore:
             # would read it as a zero-motion check and freeze scalars because of an attack.
             with timer("controller"):
                 old_mask = self.active_mask()
+                self.strategy.observe_uploads(uploads)
                 self.strategy.observe(self.params)
                 if not np.array_equal(old_mask, self.active_mask()):
                     self.downlink.record_mask_change(r)

@@ -8,6 +8,7 @@ momentum buffer are all held at 0), and ``x + (-lr * 0.0) == x`` bit for bit.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,8 +85,14 @@ def train_local(
     settings: TrainSettings,
     seed: int,
     device: torch.device | str = "cpu",
+    gradient_term: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> LocalResult:
-    """Train ``model`` from the given flat values; scalars where ``mask`` is False stay fixed."""
+    """Train ``model`` from the given flat values; scalars where ``mask`` is False stay fixed.
+
+    ``gradient_term(params, grads)``, if given, adds the gradient of an extra local loss term
+    (a strategy's, e.g. FedProx's proximal term) to the flat gradient in place after each
+    backward pass; the reported loss is the data loss alone.
+    """
     if len(x) == 0:
         raise ValueError("client has no training samples")
     device = torch.device(device)
@@ -108,6 +115,9 @@ def train_local(
         flat.grads.zero_()
         loss = loss_fn(model(xt[bidx]), yt[bidx])
         loss.backward()
+        if gradient_term is not None:
+            with torch.no_grad():
+                gradient_term(flat.params, flat.grads)
         _masked_sgd_step(flat, frozen, momentum, settings)
         losses[step] = loss.detach().to("cpu", torch.float64)
     trained_params = flat.params.to("cpu").numpy().copy()

@@ -33,6 +33,8 @@ VARIANTS = {
     "topk": ("strategy.name=fedavg", "strategy.uplink=[{name: topk, ratio: 0.1}]"),
     "apf+int8": ("strategy.uplink=[int8]",),
     "plugin": ("strategy.name=tests.plugins.median_strategy:Median",),
+    "fedprox": ("strategy.name=fedprox", "strategy.options.mu=0.1"),
+    "gwpf": ("strategy.name=gwpf", "strategy.options.threshold=0.5", "strategy.options.min_rounds=1"),
 }
 
 

@@ -1,13 +1,14 @@
 """Strategies: what the server sends, what a client uploads, how uploads are aggregated.
 
 Importing this package registers the built-ins: ``fedavg``, ``apf``, the strawmen
-``partial_sync`` and ``permanent``, and ``cmfl``. Top-k and Gaia are uplink sparsifiers
-(:mod:`apf_ray.compression`) that compose with any of them.
+``partial_sync`` and ``permanent``, ``cmfl``, ``fedprox`` (a client-side proximal term) and
+``gwpf`` (APF's rival: freezing from an EMA of update significance, thawing by client votes).
+Top-k and Gaia are uplink sparsifiers (:mod:`apf_ray.compression`) that compose with any of them.
 """
 
 from __future__ import annotations
 
-from apf_ray.strategies import apf, cmfl, fedavg, strawmen
+from apf_ray.strategies import apf, cmfl, fedavg, fedprox, gwpf, strawmen
 from apf_ray.strategies.base import (
     STRATEGIES,
     DecodedUpload,
@@ -25,7 +26,9 @@ __all__ = [
     "apf",
     "cmfl",
     "fedavg",
+    "fedprox",
     "frame_upload",
+    "gwpf",
     "make_strategy",
     "register_strategy",
     "strategy_class",

@@ -1,36 +1,63 @@
 """The strategy interface: what the server sends, what a client uploads, how uploads combine.
 
 A strategy is one class with its own pydantic ``Options``, registered by name with
-:func:`register_strategy` (or named by import path in ``strategy.name``). Its hooks, in the
-order a round calls them (Flower's strategy ABC is the model; here the byte-level upload is
-part of the contract because counting real bytes is the point):
+:func:`register_strategy` (or named by import path in ``strategy.name``). It has two halves,
+built from the same config on both sides. Its hooks, in the order a round calls them
+(Flower's strategy ABC is the model; here the byte-level upload is part of the contract
+because counting real bytes is the point):
 
-server  ``setup`` (once) → ``plan`` → [clients] → ``decode_upload`` per client →
-        ``aggregate`` → ``observe`` (the new global vector; APF runs its controller here)
-client  ``start_params`` → local training with ``plan.train_mask`` → ``encode_upload``
+server  ``setup`` (once) → ``select_clients`` → ``plan`` → ``client_plan`` per client →
+        [clients] → ``decode_upload`` per client → (validation, robust consensus) →
+        ``aggregate`` → ``observe_uploads`` → ``observe`` (the new global vector; APF runs
+        its controller here). ``state_dict`` / ``load_state_dict`` checkpoint it.
+client  ``setup_client`` (once per host) → ``new_client_state`` (a client's first round) →
+        ``start_params`` → local training with ``plan.train_mask`` and ``gradient_term`` →
+        ``encode_upload``
 
 The client half runs in client actors and must be a pure function of the options, the plan
-and the client's own small state (residuals), so actors rebuild the strategy from the
-config without the server's memory. Uploads are model deltas (local − global); the
-synchronised scalars go through the configured uplink chain (:mod:`apf_ray.uplink`).
+and the client's own state, so actors rebuild the strategy from the config without the
+server's memory. A client's state is a ``dict`` of numpy arrays and JSON scalars (str keys)
+that the client-half hooks may change in place (its arrays may arrive read-only, through
+Ray's object store or a checkpoint: replace them, or write into a copy); the engine keeps it
+between the client's rounds and checkpoints it with the run, so a resumed run equals an
+uninterrupted one.
+Uploads are model deltas (local − global); the synchronised scalars go through the
+configured uplink chain (:mod:`apf_ray.uplink`).
+
+What applies to every strategy stays outside it, so no strategy can skip it: faults are
+injected into the encoded upload (:mod:`apf_ray.faults`), the server validates every decoded
+upload (:mod:`apf_ray.validation`), and a robust ``defence.aggregation`` reduces the valid
+uploads to one consensus upload before ``aggregate`` sees them (:mod:`apf_ray.consensus`).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from apf_ray import wire
-from apf_ray.aggregation import Aggregator
+from apf_ray.aggregation import weighted_mean
 from apf_ray.plugins import resolve, subclass_of
 from apf_ray.records import RoundPlan
 from apf_ray.uplink import UplinkChain
+
+if TYPE_CHECKING:
+    import torch
+
+GradientTerm = Callable[["torch.Tensor", "torch.Tensor"], None]
+"""A client-side addition to the training objective: ``term(params, grads)`` adds the gradient
+of the extra loss term at ``params`` to ``grads`` in place (both flat, on the training device),
+after each backward pass and before the (masked) SGD step, so frozen scalars still stay fixed."""
+
+UPLOAD_PARTS = frozenset({"meta", "values", "buffers"})
+"""The parts every upload message may hold; a strategy names any more in ``upload_parts``."""
 
 
 class NoOptions(BaseModel):
@@ -57,6 +84,8 @@ class DecodedUpload:
     loss: float
     nbytes: int  # wire bytes of the upload
     sync_mask: np.ndarray | None = None
+    meta: dict[str, float] = field(default_factory=dict)  # metadata beyond num_samples and loss
+    parts: dict[str, np.ndarray] = field(default_factory=dict)  # the strategy's own upload parts, raw
 
     @cached_property
     def update(self) -> np.ndarray | None:
@@ -69,14 +98,35 @@ class DecodedUpload:
 
 
 def frame_upload(values: np.ndarray | None, buffers: np.ndarray, num_samples: int, loss: float,
-                 **meta: float) -> np.ndarray:
-    """One upload message: metadata, the values part (None: skipped) and the buffers."""
+                 extra_parts: dict[str, np.ndarray] | None = None, **meta: float) -> np.ndarray:
+    """One upload message: metadata, the values part (None: skipped), the buffers, and any
+    parts of the strategy's own (each an encoded uint8 buffer named in ``upload_parts``)."""
     parts = {"meta": wire.encode_scalars(num_samples=num_samples, loss=loss, **meta)}
     if values is not None:
         parts["values"] = values
     if buffers.size:
         parts["buffers"] = wire.encode_values(buffers, "float32")
+    parts.update(extra_parts or {})
     return wire.encode_message(parts)
+
+
+def same_sync_mask(uploads: list[DecodedUpload]) -> bool:
+    """Whether every upload synchronised the same scalars (equal masks, or all None).
+
+    The rule for combining compact ``values`` position by position: they line up only when
+    the masks are equal. Per-client plans (:meth:`Strategy.client_plan`) may differ.
+    """
+    first = uploads[0].sync_mask
+    if first is None:
+        return all(u.sync_mask is None for u in uploads)
+    return all(u.sync_mask is not None and np.array_equal(u.sync_mask, first) for u in uploads)
+
+
+def union_mask(uploads: list[DecodedUpload]) -> np.ndarray | None:
+    """The scalars any of ``uploads`` synchronised (None: all of them)."""
+    if any(u.sync_mask is None for u in uploads):
+        return None
+    return np.logical_or.reduce([u.sync_mask for u in uploads])
 
 
 class Strategy(ABC):
@@ -84,30 +134,49 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
+    upload_parts: ClassVar[frozenset[str]] = frozenset()
+    """Names of the strategy's own upload parts (besides ``UPLOAD_PARTS``); decoded raw into
+    ``DecodedUpload.parts``, counted in the upload's bytes like every other part."""
 
     def __init__(self, options: BaseModel, uplink: UplinkChain, seed: int = 0) -> None:
         self.options = options
         self.uplink = uplink
         self.seed = seed
         self.num_params = 0
-        # How vectors are combined (``defence.aggregation``); the server sets it after construction.
-        self.aggregator = Aggregator()
 
     # ---- server half -------------------------------------------------------------------
     def setup(self, init_params: np.ndarray) -> None:
         """Called once on the server with the initial global vector."""
         self.num_params = int(init_params.size)
 
+    def select_clients(self, rng: np.random.Generator, num_clients: int, k: int) -> list[int]:
+        """The sorted ids of the clients a round trains: by default ``k`` of
+        ``num_clients`` uniformly without replacement, drawn from ``rng`` (the server's sampling
+        generator, checkpointed with it, so a resumed run draws the same clients)."""
+        from apf_ray.workload import sample_clients  # torch-heavy; strategies load with the config
+
+        return sample_clients(rng, num_clients, k)
+
     @abstractmethod
     def plan(self, round_idx: int) -> RoundPlan:
         """What round ``round_idx`` (1-based) synchronises and trains, and any side data."""
 
+    def client_plan(self, plan: RoundPlan, client_id: int) -> RoundPlan | None:
+        """A plan of client ``client_id``'s own this round, or None (the default): the round's ``plan``.
+
+        Return a ``RoundPlan`` to give one client its own masks or extras; its upload is
+        decoded against it. The downlink counts each plan's extras for the client that gets
+        it; masks that differ from the strategy's ``sync_mask`` should travel in the extras.
+        """
+        return plan
+
     def decode_upload(self, plan: RoundPlan, client_id: int, buf: np.ndarray) -> DecodedUpload:
         """Read one upload; any malformed content is a ValueError naming what is wrong."""
         parts = wire.decode_message(buf)
-        unexpected = set(parts) - {"meta", "values", "buffers"}
+        unexpected = set(parts) - UPLOAD_PARTS - self.upload_parts
         if "meta" not in parts or unexpected:
-            raise ValueError(f"upload must hold 'meta' and optionally 'values' and 'buffers', got {sorted(parts)}")
+            optional = sorted(UPLOAD_PARTS - {"meta"} | self.upload_parts)
+            raise ValueError(f"upload must hold 'meta' and optionally {optional}, got {sorted(parts)}")
         meta = wire.decode_scalars(parts["meta"])
         for key in ("num_samples", "loss"):
             if key not in meta:
@@ -124,32 +193,42 @@ class Strategy(ABC):
             if wire.value_dtype(parts["buffers"]) != "float32":
                 raise ValueError(f"upload buffers are {wire.value_dtype(parts['buffers'])}, expected float32")
             buffers = wire.decode_values(parts["buffers"])
+        extra_meta = {k: v for k, v in meta.items() if k not in ("num_samples", "loss")}
         return DecodedUpload(client_id, values, buffers, int(num_samples), float(meta["loss"]), int(buf.nbytes),
-                             plan.sync_mask)
+                             plan.sync_mask, extra_meta, {k: parts[k] for k in self.upload_parts if k in parts})
 
     def aggregate(self, params: np.ndarray, buffers: np.ndarray,
                   uploads: list[DecodedUpload]) -> tuple[np.ndarray, np.ndarray]:
-        """New (params, buffers): the combined delta added to the global vector.
+        """New (params, buffers): the sample-weighted mean delta added to the global vector.
 
-        Combined by ``self.aggregator``: the sample-weighted mean unless ``defence.aggregation``
-        asks for a coordinate-wise robust statistic — computed over the uploads' compact values
-        (the synchronised scalars only) and added at those positions in one pass. A scalar that
-        is not synchronised is not touched, so it stays bit-identical (a frozen −0.0 included).
+        Computed over the uploads' compact values (the synchronised scalars only) and added at
+        those positions in one pass; when per-client plans synchronised different scalars, over
+        the dense deltas. A scalar that no upload synchronised is not touched, so it stays
+        bit-identical (a frozen −0.0 included). Under a robust ``defence.aggregation`` the
+        uploads are already one consensus upload (:mod:`apf_ray.consensus`), whose mean is itself.
         """
         used = [u for u in uploads if u.values is not None]
         if not used:
             return params, buffers
         weights = [u.num_samples for u in used]
-        mask = used[0].sync_mask
-        new_buffers = self.aggregator([u.buffers for u in used], weights) if buffers.size else buffers
-        if any(u.sync_mask is not mask for u in used):  # uploads decoded against different plans
-            return params + self.aggregator([u.update for u in used], weights, self.sync_mask), new_buffers
-        combined = self.aggregator([u.values for u in used], weights)
+        new_buffers = weighted_mean([u.buffers for u in used], weights) if buffers.size else buffers
+        if not same_sync_mask(used):
+            mask = union_mask(used)
+            combined = weighted_mean([u.update if mask is None else u.update[mask] for u in used], weights)
+        else:
+            mask = used[0].sync_mask
+            combined = weighted_mean([u.values for u in used], weights)
         if mask is None:
             return params + combined, new_buffers
         new_params = params.copy()
         new_params[mask] += combined
         return new_params, new_buffers
+
+    def observe_uploads(self, uploads: list[DecodedUpload]) -> None:  # noqa: B027 - an optional hook
+        """Called with the round's valid uploads, one per client (skips included), after the
+        round was aggregated and before :meth:`observe`: what a strategy learns from each client
+        beyond the model (GWPF's thaw votes). Under a robust defence ``aggregate`` sees one
+        consensus upload, so per-client side data is read here, never combined values."""
 
     def observe(self, params: np.ndarray) -> None:  # noqa: B027 - an optional hook
         """Called with the new global vector after every aggregated round.
@@ -176,16 +255,34 @@ class Strategy(ABC):
         """Restore :meth:`state_dict`."""
 
     # ---- client half -------------------------------------------------------------------
+    def setup_client(self, num_params: int) -> None:
+        """Called once in every client host (in-process or a Ray actor) with the model's size."""
+        self.num_params = int(num_params)
+
+    def new_client_state(self, client_id: int) -> dict[str, Any]:
+        """A client's state before its first round (numpy arrays and JSON scalars, str keys)."""
+        return {}
+
     def start_params(self, plan: RoundPlan, global_params: np.ndarray, client_state: dict) -> np.ndarray:
         """The vector a client starts local training from."""
         return global_params
 
+    def gradient_term(self, plan: RoundPlan, global_params: np.ndarray, client_state: dict) -> GradientTerm | None:
+        """An extra term of the client's local objective (FedProx's proximal term), or None."""
+        return None
+
     def encode_upload(self, plan: RoundPlan, global_params: np.ndarray, local_params: np.ndarray,
                       buffers: np.ndarray, num_samples: int, loss: float, client_state: dict) -> np.ndarray:
         """The client's upload: its delta over the synchronised scalars, through the uplink chain."""
-        values = self.uplink.encode(local_params - global_params, plan.sync_mask, global_params,
-                                    plan.round - 1, client_state)
-        return frame_upload(values, buffers, num_samples, loss)
+        return frame_upload(self.upload_values(plan, global_params, local_params, client_state), buffers,
+                            num_samples, loss)
+
+    def upload_values(self, plan: RoundPlan, global_params: np.ndarray, local_params: np.ndarray,
+                      client_state: dict) -> np.ndarray:
+        """The encoded values part: the delta over ``plan.sync_mask`` through the uplink chain
+        (whose error-feedback residual, if any, lives in ``client_state``)."""
+        return self.uplink.encode(local_params - global_params, plan.sync_mask, global_params, plan.round - 1,
+                                  client_state)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}

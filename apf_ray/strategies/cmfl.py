@@ -18,7 +18,8 @@ class CMFL(Strategy):
 
     The sign of the previous global update travels to clients as two bitmaps (sign, nonzero;
     n/8 bytes each, counted in the downlink). A skipping client still reports (it counts
-    towards the quorum) but is left out of the average.
+    towards the quorum) but is left out of the average; its upload carries its relevance,
+    which the server records in the client's row of ``clients.parquet`` (``error``).
     """
 
     name = "cmfl"
