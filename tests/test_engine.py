@@ -136,6 +136,19 @@ def test_a_stateful_callback_cannot_resume_a_run_it_did_not_follow(tmp_path):
     assert sorted(p.name for p in (tmp_path / "r").rglob("*")) == before
 
 
+def test_a_resume_point_is_checked_against_the_workload_without_a_server(tmp_path):
+    from apf_ray.resume import check_resume
+    from apf_ray.workload import build_workload
+
+    cfg = tiny_config("output.tensorboard=false", rounds=2)
+    run(cfg, tmp_path / "r")
+    point, workload = load_resume_point(tmp_path / "r"), build_workload(cfg)
+    check_resume(cfg, point, workload)  # its own run's checkpoint fits
+    point.server["buffers"] = np.append(point.server["buffers"], np.float32(0))
+    with pytest.raises(SetupError, match=r"does not fit the configured run: checkpoint holds \d+ buffer values"):
+        check_resume(cfg, point, workload)
+
+
 def test_two_stateful_callbacks_need_two_state_keys(tmp_path):
     with pytest.raises(SetupError, match="two callbacks keep state under the key 'Follower'"):
         run(tiny_config(rounds=1), tmp_path / "r", callbacks=[Follower(), Follower()])
