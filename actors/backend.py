@@ -9,10 +9,10 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -40,6 +40,7 @@ from apf_ray.resume import ResumePoint
 from apf_ray.workload import Workload
 
 log = logging.getLogger("apf_ray.ray")
+T = TypeVar("T")
 
 
 def enable_token_auth() -> None:
@@ -511,8 +512,12 @@ class RayBackend(Backend):
         return ray.get(self.server.run_round.remote(),
                        timeout=c.round_timeout_s + c.startup_timeout_s + c.control_timeout_s)
 
-    def save_checkpoint(self) -> Path:
-        return Path(ray.get(self.server.save_checkpoint.remote(), timeout=self.cfg.cluster.control_timeout_s))
+    def save_checkpoint(self, callbacks: dict[str, Any]) -> Path:
+        return Path(ray.get(self.server.save_checkpoint.remote(callbacks), timeout=self.cfg.cluster.control_timeout_s))
+
+    def query(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(server, *args)`` inside the server actor (``fn`` and ``args`` travel pickled)."""
+        return ray.get(self.server.query.remote(fn, *args), timeout=self.cfg.cluster.control_timeout_s)
 
     def abort(self) -> None:
         """Kill the server actor (its client actors die with it) and leave the session at once."""

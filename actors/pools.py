@@ -13,6 +13,7 @@ from ray.exceptions import RayActorError, RayError
 
 from actors.client import ClientPoolActor
 from apf_ray.config import ExperimentConfig, PoolConfig
+from apf_ray.engine import ClientCall, ClientExecutor
 from apf_ray.placement import plan_pool_sizes, pool_request
 from apf_ray.records import Broadcast, ClientResult
 
@@ -54,8 +55,12 @@ class _Share:
     error: str | None = None  # the last failure the stream gave, for clients it never reached
 
 
-class ClientPools:
-    """All client actors of a run, grouped by pool; replaces dead ones, grows with the cluster."""
+class ClientPools(ClientExecutor):
+    """All client actors of a run, grouped by pool; replaces dead ones, grows with the cluster.
+
+    The executor of the Ray server actor's round engine: any actor of a client's pool can
+    train it, since its strategy state comes from the engine with each call.
+    """
 
     def __init__(self, cfg: ExperimentConfig, pool_of_client: list[str], partitions: list[np.ndarray],
                  dataset_ref: ray.ObjectRef) -> None:
@@ -70,9 +75,6 @@ class ClientPools:
         }
         self.members: dict[str, list[_Member]] = {name: [] for name in self.pools}
         self.events: list[str] = []
-        # Strategy state of each virtual client (residuals; empty for APF), kept here so any
-        # actor can train any client and a replaced actor loses nothing.
-        self.client_state: dict[int, dict] = {}
 
     # ---- membership --------------------------------------------------------------------
     def _spawn(self, pool: PoolConfig) -> _Member:
@@ -157,8 +159,13 @@ class ClientPools:
         return out
 
     # ---- a round ------------------------------------------------------------------------
-    def execute(self, broadcast: Broadcast, clients: list[int]) -> tuple[list[ClientResult], dict[int, str]]:
-        """Run ``clients`` on their pools; whatever is not back by ``cluster.round_timeout_s`` is dropped.
+    def take_events(self) -> list[str]:
+        events, self.events = self.events, []
+        return events
+
+    def execute(self, broadcast: Broadcast,
+                calls: list[ClientCall]) -> tuple[list[ClientResult], dict[int, str]]:
+        """Run ``calls`` on their pools; whatever is not back by ``cluster.round_timeout_s`` is dropped.
 
         Each ready actor of a pool gets every n-th of the pool's clients (balanced: shares differ
         by at most one) in one streaming call (``ClientPoolActor.train``), and results are taken
@@ -166,24 +173,24 @@ class ClientPools:
         dies costs its clients not yet back (``died``) and is replaced by the next ``refresh``;
         at the deadline the clients not back are ``timeout`` and their actors skip the rest.
         """
-        needed = {self.pool_of_client[c] for c in clients}
+        needed = {self.pool_of_client[c] for c, _ in calls}
         self.wait_ready(needed, self.cfg.cluster.startup_timeout_s)
         bref = ray.put(broadcast)  # once per round; every actor's call gets the reference
-        by_pool: dict[str, list[int]] = {}
-        for cid in clients:
-            by_pool.setdefault(self.pool_of_client[cid], []).append(cid)
+        by_pool: dict[str, list[ClientCall]] = {}
+        for call in calls:
+            by_pool.setdefault(self.pool_of_client[call[0]], []).append(call)
         missing: dict[int, str] = {}
         shares: list[_Share] = []
-        for pool, cids in by_pool.items():
+        for pool, pool_calls in by_pool.items():
             ready = self.ready_members(pool)
             if not ready:
-                missing.update(dict.fromkeys(cids, "no_actor"))
+                missing.update(dict.fromkeys((c for c, _ in pool_calls), "no_actor"))
                 continue
             for i, member in enumerate(ready):
-                share = cids[i :: len(ready)]
+                share = pool_calls[i :: len(ready)]
                 if share:
-                    calls = [(c, self.client_state.get(c)) for c in share]
-                    shares.append(_Share(pool, member, member.handle.train.remote(bref, calls), deque(share)))
+                    stream = member.handle.train.remote(bref, share)
+                    shares.append(_Share(pool, member, stream, deque(c for c, _ in share)))
         results: list[ClientResult] = []
         deadline = time.monotonic() + self.cfg.cluster.round_timeout_s
         live = {id(s.stream): s for s in shares}
@@ -221,8 +228,6 @@ class ClientPools:
             results.append(ClientResult(cid, None, error=share.error))
             return bool(share.waiting)
         results.append(res)
-        if res.state is not None:
-            self.client_state[cid] = res.state
         return bool(share.waiting)
 
     def shutdown(self) -> None:

@@ -1,8 +1,8 @@
-"""Server actor: hosts the round's server core and the client pools, and writes checkpoints."""
+"""Server actor: hosts the run's round engine, whose executor is the client pools."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -10,15 +10,15 @@ import ray
 from actors.pools import ClientPools
 from apf_ray.config import ExperimentConfig
 from apf_ray.data import Dataset
+from apf_ray.engine import RoundEngine
 from apf_ray.records import RoundEvent
-from apf_ray.resume import ResumePoint, save_run_checkpoint
-from apf_ray.server import ServerCore
+from apf_ray.resume import ResumePoint
 from apf_ray.workload import Workload
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class ServerActor:
-    """Hosts :class:`ServerCore`; client work goes to :class:`ClientPools`.
+    """Hosts the run's :class:`RoundEngine`; client work goes to its executor, :class:`ClientPools`.
 
     ``num_cpus=0``: the server must never wait for a CPU that client actors hold, or
     ``ray.get`` on it hangs. It is pinned to the driver's node so the run directory is local.
@@ -36,21 +36,18 @@ class ServerActor:
         cfg_dict, run_dir, dataset, dataset_ref, workload, resume = self._args
         cfg = ExperimentConfig.model_validate(cfg_dict)
         torch.set_num_threads(cfg.cluster.torch_threads)
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.cfg = cfg
         # ``workload`` travels without its dataset; ``dataset`` is the shared object-store copy.
         workload.dataset = dataset
-        self.server = ServerCore(cfg, workload)
         self.pools = ClientPools(cfg, workload.pool_of_client, workload.partitions, dataset_ref[0])
-        if resume is not None:
-            self.server.load_state_dict(resume.server)
-            self.pools.client_state = dict(resume.clients)
+        self.engine = RoundEngine(cfg, run_dir, workload, resume, self.pools)
         del self._args
 
     def start(self) -> dict[str, Any]:
         """Build the server and the pools and start the pools' actors; :meth:`await_actors` waits for them."""
         self._setup()
         self.pools.refresh()
-        return {"backend": "ray", "round": self.server.round, "num_params": self.server.num_params}
+        return {"backend": "ray", **self.engine.info()}
 
     def await_actors(self, wait_s: float) -> dict[str, dict]:
         """Wait up to ``wait_s`` seconds for every pool's actors to start; how far each pool got.
@@ -64,12 +61,15 @@ class ServerActor:
     def run_round(self) -> RoundEvent:
         """One round; its event carries the pool events (actors added or dropped)."""
         self.pools.refresh()
-        event = self.server.run_round(self.pools.execute)
-        event.pool_events, self.pools.events = self.pools.events, []
-        return event
+        return self.engine.run_round()
 
-    def save_checkpoint(self) -> str:
-        return str(save_run_checkpoint(self.run_dir, self.cfg, self.server, self.pools.client_state))
+    def save_checkpoint(self, callbacks: dict[str, Any]) -> str:
+        """Checkpoint the run with the driver's callbacks' state (by key); the directory, as text."""
+        return str(self.engine.save_checkpoint(callbacks))
+
+    def query(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(server, *args)`` on the engine's server (a callback's read of the live run)."""
+        return self.engine.query(fn, *args)
 
     def describe(self) -> dict[str, list[dict]]:
         return self.pools.describe()

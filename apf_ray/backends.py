@@ -1,31 +1,38 @@
-"""Backends: where a run's server and clients execute. A new backend is one file.
+"""Backends: where a run's clients execute. A new backend is one file.
 
-The round loop (:func:`apf_ray.run.run`) drives any :class:`Backend` the same way:
-``start`` once, ``run_round`` until done (``save_checkpoint`` when the checkpointer asks),
-``close``. Built in: ``inprocess`` (the reference loop: one process, no Ray) and ``ray``
-(``actors.backend:RayBackend``: a server actor and client-pool actors). The registry holds
-the Ray backend as an import path, so this package never imports Ray or ``actors``; users
-name their own backend the same way (``package.module:MyBackend``).
+Every backend runs the same round engine (:class:`apf_ray.engine.RoundEngine`: the server,
+every client's strategy state, the checkpoint); a backend differs only in how a round's
+client work executes. The round loop (:func:`apf_ray.run.run`) drives any :class:`Backend`
+the same way: ``start`` once, ``run_round`` until done (``save_checkpoint`` when the
+checkpointer asks), ``close``. Built in: ``inprocess`` (the reference: one process, no Ray)
+and ``ray`` (``actors.backend:RayBackend``: the engine in a server actor, clients on
+client-pool actors). The registry holds the Ray backend as an import path, so this package
+never imports Ray or ``actors``; users name their own backend the same way
+(``package.module:MyBackend``): usually an :class:`EngineBackend` that supplies a
+:class:`~apf_ray.engine.ClientExecutor`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from apf_ray.client import ClientHost
 from apf_ray.config import ExperimentConfig
+from apf_ray.engine import ClientCall, ClientExecutor, RoundEngine
 from apf_ray.plugins import resolve, subclass_of
 from apf_ray.records import Broadcast, ClientResult, RoundEvent
-from apf_ray.resume import ResumePoint, save_run_checkpoint
-from apf_ray.server import ServerCore
+from apf_ray.resume import ResumePoint
 from apf_ray.workload import Workload
+
+T = TypeVar("T")
 
 
 class Backend(ABC):
-    """Hosts one run's server and clients."""
+    """Hosts one run's round engine and its clients, for the round loop."""
 
     @classmethod
     def session(cls, cfg: ExperimentConfig, **options: Any) -> contextlib.AbstractContextManager:
@@ -38,15 +45,24 @@ class Backend(ABC):
     @abstractmethod
     def start(self, cfg: ExperimentConfig, run_dir: Path, workload: Workload,
               resume: ResumePoint | None) -> dict[str, Any]:
-        """Bring the server and clients up (restored from ``resume``); returns a start-up report."""
+        """Bring the engine and clients up (restored from ``resume``); returns a start-up report."""
 
     @abstractmethod
     def run_round(self) -> RoundEvent:
         """Run the next round and return its event (without ``checkpoint``)."""
 
     @abstractmethod
-    def save_checkpoint(self) -> Path:
-        """Checkpoint the run as of its last finished round; returns the checkpoint directory."""
+    def save_checkpoint(self, callbacks: dict[str, Any]) -> Path:
+        """Checkpoint the run as of its last finished round, with ``callbacks`` (each stateful
+        callback's state by key); returns the checkpoint directory."""
+
+    @abstractmethod
+    def query(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(server, *args)`` where the engine runs, on its ``ServerCore``; the result comes back.
+
+        What callbacks read the live run through (:class:`apf_ray.callbacks.RunView`). ``fn``
+        must only read; on a remote engine it and its arguments travel by pickling.
+        """
 
     @abstractmethod
     def close(self) -> None:
@@ -57,35 +73,60 @@ class Backend(ABC):
         self.close()
 
 
-class InProcessBackend(Backend):
-    """The reference loop: every client trained by one :class:`ClientHost` in this process."""
+class EngineBackend(Backend):
+    """A backend whose round engine runs in this process: a subclass supplies :meth:`executor`.
+
+    ``name`` is what the start-up report calls it.
+    """
+
+    name = "engine"
+
+    @abstractmethod
+    def executor(self, cfg: ExperimentConfig, workload: Workload) -> ClientExecutor:
+        """How this backend runs a round's clients (built once per run, in :meth:`start`)."""
 
     def start(self, cfg: ExperimentConfig, run_dir: Path, workload: Workload,
               resume: ResumePoint | None) -> dict[str, Any]:
-        import torch
-
-        torch.set_num_threads(cfg.cluster.torch_threads)  # as in a client actor; avoids oversubscription
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.server = ServerCore(cfg, workload)
-        ds = workload.dataset
-        self.host = ClientHost(cfg, ds.x_train, ds.y_train, ds.num_classes, ds.input_shape)
-        self.host.add_clients(dict(enumerate(workload.partitions)))
-        if resume is not None:
-            self.server.load_state_dict(resume.server)
-            self.host.state = dict(resume.clients)
-        return {"backend": "inprocess", "round": self.server.round, "num_params": self.server.num_params}
-
-    def _execute(self, broadcast: Broadcast, clients: list[int]) -> tuple[list[ClientResult], dict[int, str]]:
-        return self.host.run(broadcast, clients), {}
+        self.engine = RoundEngine(cfg, run_dir, workload, resume, self.executor(cfg, workload))
+        return {"backend": self.name, **self.engine.info()}
 
     def run_round(self) -> RoundEvent:
-        return self.server.run_round(self._execute)
+        return self.engine.run_round()
 
-    def save_checkpoint(self) -> Path:
-        return save_run_checkpoint(self.run_dir, self.cfg, self.server, self.host.state)
+    def save_checkpoint(self, callbacks: dict[str, Any]) -> Path:
+        return self.engine.save_checkpoint(callbacks)
+
+    def query(self, fn: Callable[..., T], *args: Any) -> T:
+        return self.engine.query(fn, *args)
 
     def close(self) -> None:
         pass
+
+
+class HostExecutor(ClientExecutor):
+    """Trains every client on one :class:`ClientHost` in this process, one after another."""
+
+    def __init__(self, host: ClientHost) -> None:
+        self.host = host
+
+    def execute(self, broadcast: Broadcast,
+                calls: Sequence[ClientCall]) -> tuple[list[ClientResult], dict[int, str]]:
+        return self.host.run(broadcast, list(calls)), {}
+
+
+class InProcessBackend(EngineBackend):
+    """The reference: every client trained by one :class:`ClientHost` in this process."""
+
+    name = "inprocess"
+
+    def executor(self, cfg: ExperimentConfig, workload: Workload) -> ClientExecutor:
+        import torch
+
+        torch.set_num_threads(cfg.cluster.torch_threads)  # as in a client actor; avoids oversubscription
+        ds = workload.dataset
+        host = ClientHost(cfg, ds.x_train, ds.y_train, ds.num_classes, ds.input_shape)
+        host.add_clients(dict(enumerate(workload.partitions)))
+        return HostExecutor(host)
 
 
 BACKENDS: dict[str, type[Backend] | str] = {

@@ -25,8 +25,8 @@ class ClientHost:
     """Trains virtual clients one after another.
 
     Per-client state is only what a strategy needs between rounds (error-feedback residuals,
-    a partial-sync client's local values); APF clients are stateless. :meth:`run` keeps that
-    state in this host; the Ray pools keep it on the server side and pass it with each call.
+    a partial-sync client's local values); APF clients are stateless. The host keeps none of
+    it: the round engine (:mod:`apf_ray.engine`) owns it and passes it with each client.
     """
 
     def __init__(self, cfg: ExperimentConfig, x_train: np.ndarray, y_train: np.ndarray, num_classes: int,
@@ -47,7 +47,6 @@ class ClientHost:
             weight_decay=cfg.train.weight_decay,
         )
         self.partitions: dict[int, np.ndarray] = {}
-        self.state: dict[int, dict] = {}
 
     def add_clients(self, partitions: dict[int, np.ndarray]) -> int:
         """Host these clients (id → training indices); returns how many this host now has."""
@@ -95,10 +94,6 @@ class ClientHost:
             return ClientResult(client_id, None, time.perf_counter() - start,
                                 error=detail[: self.cfg.cluster.max_error_chars], device=self.device)
 
-    def run(self, broadcast: Broadcast, client_ids: list[int]) -> list[ClientResult]:
-        """Train clients in order, keeping their strategy state here between rounds."""
-        results = [self.train_one(broadcast, cid, self.state.get(cid)) for cid in client_ids]
-        for res in results:
-            if res.state is not None:
-                self.state[res.client_id] = res.state
-        return results
+    def run(self, broadcast: Broadcast, calls: list[tuple[int, dict | None]]) -> list[ClientResult]:
+        """Train ``(client id, strategy state)`` in order; each updated state is in its result."""
+        return [self.train_one(broadcast, cid, state) for cid, state in calls]

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from apf_ray.callbacks import Callback, RunContext
+from apf_ray.callbacks import Callback, RunContext, outcome
 from apf_ray.derived import best_accuracy, final_accuracy
 from apf_ray.outputs import record
 from apf_ray.records import PHASES, ClientRecord, RoundEvent, RoundRecord
@@ -160,7 +160,11 @@ class MetricsWriter(Callback):
         f.flush()
 
     def on_end(self, summary: dict[str, Any]) -> None:
+        """Tables, summary.json and plots of a run that finished or stopped; a run that failed or
+        was abandoned keeps its journal only (its tables are read from it, :func:`journal_tables`)."""
         self.close()
+        if outcome(summary) in ("failed", "abandoned"):
+            return
         write_tables(self.run_dir)
         write_json(self.run_dir / "summary.json", summary)
         if self.cfg.output.plots and self.history:

@@ -3,7 +3,9 @@
 A checkpoint (written by :mod:`apf_ray.checkpoint`: JSON + ``.npy``, checksummed, never
 unpickled) holds the resolved config, the server's state (model, strategy and controller
 state, RNG, downlink bookkeeping, counters) and every client's strategy state (error-feedback
-residuals, partial-sync local values), so a resumed run continues exactly where it stopped.
+residuals, partial-sync local values) and the state of every callback that keeps one
+(:meth:`apf_ray.callbacks.Callback.state_dict`, by its ``state_key``), so a resumed run
+continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -11,25 +13,36 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from apf_ray.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from apf_ray.config import ConfigError, ExperimentConfig, build_config
+from apf_ray.downlink import DownlinkTracker
 from apf_ray.errors import SetupError, describe
-from apf_ray.server import ServerCore
-from apf_ray.workload import Workload
+from apf_ray.server import check_param_count
+from apf_ray.strategies import make_strategy
+from apf_ray.workload import Workload, sampling_rng
+
+if TYPE_CHECKING:
+    from apf_ray.server import ServerCore
 
 FORMAT = "apf-ray-run"
 
 
 def save_run_checkpoint(run_dir: Path, cfg: ExperimentConfig, server: ServerCore,
-                        client_state: dict[int, dict]) -> Path:
-    """Checkpoint the run after ``server.round`` rounds; returns the checkpoint directory."""
+                        client_state: dict[int, dict], callbacks: dict[str, Any]) -> Path:
+    """Checkpoint the run after ``server.round`` rounds; returns the checkpoint directory.
+
+    ``callbacks``: each stateful callback's ``state_dict()`` under its ``state_key``.
+    """
     state = {
         "format": FORMAT,
         "config": cfg.to_dict(),
         "server": server.state_dict(),
         "clients": {str(cid): s for cid, s in sorted(client_state.items())},
+        "callbacks": callbacks,
     }
     return save_checkpoint(Path(run_dir), server.round, state, keep=cfg.output.keep_checkpoints)
 
@@ -44,6 +57,7 @@ class ResumePoint:
     clients: dict[int, dict]
     path: Path
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # newer checkpoints that were damaged
+    callbacks: dict[str, Any] = field(default_factory=dict)  # callbacks' state by state_key
 
 
 def _resume_point(state: Any, path: Path, skipped: list[tuple[Path, str]]) -> ResumePoint:
@@ -56,6 +70,7 @@ def _resume_point(state: Any, path: Path, skipped: list[tuple[Path, str]]) -> Re
         clients={int(cid): s for cid, s in state["clients"].items()},
         path=path,
         skipped=skipped,
+        callbacks=dict(state.get("callbacks", {})),  # none in checkpoints written before callbacks had state
     )
 
 
@@ -116,16 +131,41 @@ def check_resume_config(saved: dict[str, Any], cfg: ExperimentConfig, rounds_don
         raise ConfigError(f"--resume keeps the run's meaning: {path} cannot change (was {old!r}, {asked_by} {new!r})")
 
 
+def check_server_state(cfg: ExperimentConfig, workload: Workload, state: dict[str, Any]) -> None:
+    """ValueError saying what does not fit if ``state`` (a saved ``ServerCore.state_dict()``)
+    cannot be the state of ``cfg``'s server, checked without building one (no evaluation model).
+
+    The arrays must match the workload's (parameters, buffers: count and float32 values), and
+    the strategy's, the sampling generator's and the downlink bookkeeping's state must load into
+    fresh ones, exactly as ``ServerCore.load_state_dict`` will load them on the backend.
+    """
+    params = np.asarray(state["params"], dtype=np.float32)
+    check_param_count(params, workload.init_params.size)
+    buffers = np.asarray(state["buffers"], dtype=np.float32)
+    if buffers.shape != workload.init_buffers.shape:
+        raise ValueError(f"checkpoint holds {buffers.size} buffer values, the configured model has "
+                         f"{workload.init_buffers.size}")
+    strategy = make_strategy(cfg.strategy.name, cfg.strategy.options, cfg.strategy.uplink, cfg.seed)
+    strategy.setup(workload.init_params.copy())
+    strategy.load_state_dict(state["strategy"])
+    sampling_rng(cfg.seed).bit_generator.state = state["rng"]
+    DownlinkTracker(params.size).load_state_dict(state["downlink"])
+    counters = ("round", "cum_bytes_up", "cum_bytes_down", "cum_simulated_s")
+    wrong = [key for key in counters if not isinstance(state.get(key), int | float)]
+    if wrong:
+        raise ValueError(f"the server state's {', '.join(wrong)} is not a number")
+
+
 def check_resume(cfg: ExperimentConfig, point: ResumePoint, workload: Workload, may_change: Sequence[str] = ()) -> None:
     """Refuse, before any cluster starts, a checkpoint that does not belong to ``cfg``'s run.
 
-    The config must keep the run's meaning (:func:`check_resume_config`), and the saved
-    server state must load into a server built from ``cfg`` (parameter count, strategy and
-    controller state, downlink bookkeeping), as it will on the backend.
+    The config must keep the run's meaning (:func:`check_resume_config`), the saved server
+    state must fit a server of ``cfg`` (:func:`check_server_state`: parameter count, strategy
+    and controller state, downlink bookkeeping), and the client state must be of its clients.
     """
     check_resume_config(point.config, cfg, point.round, may_change=may_change)
     try:
-        ServerCore(cfg, workload).load_state_dict(point.server)
+        check_server_state(cfg, workload, point.server)
     except Exception as err:
         raise SetupError(f"checkpoint {point.path} does not fit the configured run: {describe(err)}") from None
     strangers = sorted(c for c in point.clients if not 0 <= c < workload.num_clients)

@@ -2,8 +2,10 @@
 
 :func:`run` is the one entry point every front end uses (CLI, Python API, Ray Tune trials,
 benchmarks): config → workload and resume point (built and checked here, before any cluster
-starts) → backend (in-process or Ray) → run folder → rounds → callbacks (checkpointer,
-metrics writer, then the caller's: progress display, Tune reporter, ...) → summary.
+starts) → backend (its round engine in-process or in a Ray actor) → run folder → rounds →
+callbacks (the caller's with state, checkpointer, metrics writer, the caller's others: progress
+display, Tune reporter, ...) → summary. Callbacks have a lifecycle (:mod:`apf_ray.callbacks`):
+``on_end`` runs however the run ends, after ``on_exception`` if a round or a callback raised.
 
 First the run folder is claimed (:mod:`apf_ray.outputs`: one writer at a time; a path that
 cannot be written fails here, before any data loads or cluster starts). Nothing else is
@@ -25,10 +27,11 @@ from typing import Any
 import yaml
 
 from apf_ray.backends import Backend, make_backend
-from apf_ray.callbacks import Callback, Checkpointer, RunContext
+from apf_ray.callbacks import Callback, Checkpointer, RunView, stateful_callbacks
 from apf_ray.config import ConfigError, ExperimentConfig
 from apf_ray.data import Dataset
 from apf_ray.errors import RunStopped, SetupError, describe
+from apf_ray.flat import FlatLayout
 from apf_ray.metrics import MetricsWriter, summarize
 from apf_ray.outputs import OutputClaim, clear_run, record, record_tree, refuse_for_run
 from apf_ray.resume import ResumePoint, check_resume
@@ -44,10 +47,19 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
 
 def _set_up(cfg: ExperimentConfig, run_dir: Path, backend: str | Backend, backend_options: dict[str, Any],
             resume: ResumePoint | None, dataset: Dataset | None, overwrite: bool,
-            resume_may_change: Sequence[str]) -> tuple[Backend, dict[str, Any]]:
-    """Check everything that can be checked, then start the backend; SetupError on any failure."""
+            resume_may_change: Sequence[str],
+            keyed: dict[str, Callback]) -> tuple[Backend, dict[str, Any], FlatLayout]:
+    """Check everything that can be checked, then start the backend; SetupError on any failure.
+
+    ``keyed``: the callbacks with state, by key; resuming, the checkpoint must hold each one's.
+    """
     if resume is None:
         refuse_for_run(run_dir, overwrite)
+    else:
+        lacking = [key for key in keyed if key not in resume.callbacks]
+        if lacking:
+            raise SetupError(f"checkpoint {resume.path} holds no state of the callback(s) {', '.join(lacking)}: "
+                             "a callback that keeps state resumes only a run it followed from the start")
     be = None
     try:
         be = make_backend(backend, **backend_options)
@@ -55,13 +67,29 @@ def _set_up(cfg: ExperimentConfig, run_dir: Path, backend: str | Backend, backen
         workload = build_workload(cfg, dataset)  # every data/model error surfaces here, before a cluster starts
         if resume is not None:
             check_resume(cfg, resume, workload, resume_may_change)
-        return be, be.start(cfg, run_dir, workload, resume)
+        return be, be.start(cfg, run_dir, workload, resume), workload.layout
     except BaseException as err:
         if be is not None:
             be.abort()  # nothing to save, and a server actor busy starting must not be waited for
         if isinstance(err, (SetupError, ConfigError)) or not isinstance(err, Exception):
             raise  # already one line, or a signal (Abandon) / exit
         raise SetupError(describe(err)) from err
+
+
+def _summary(cfg: ExperimentConfig, run_dir: Path, metrics: MetricsWriter) -> dict[str, Any]:
+    return {**summarize(cfg.to_dict(), metrics.history), "run_dir": str(run_dir)}
+
+
+def _end(started: list[Callback], summary: dict[str, Any]) -> list[Exception]:
+    """Every started callback's ``on_end`` (each once, even if one before it raised); what they raised."""
+    errors = []
+    while started:
+        cb = started.pop(0)
+        try:
+            cb.on_end(summary)
+        except Exception as err:
+            errors.append(err)
+    return errors
 
 
 def run(
@@ -86,27 +114,36 @@ def run(
     ``resume_may_change``). ``dataset`` skips loading it (Tune
     shares one copy among trials). ``overwrite`` replaces a run already in ``run_dir``
     (otherwise that is a SetupError): it removes what the earlier run listed as its own
-    (:func:`apf_ray.outputs.clear_run`), and ``RunContext.info["replaced"]`` says what.
+    (:func:`apf_ray.outputs.clear_run`), and ``RunView.info["replaced"]`` says what.
     ``claim`` holds the folder for the run's life (:class:`apf_ray.outputs.OutputClaim`: a
     second writer is refused, an unusable path is a SetupError before anything starts); False
     where the caller already owns it (a Tune trial inside the search its driver claimed: Tune
     may restart a trial while the previous attempt is still shutting down).
 
     Raises SetupError (or ConfigError) if the run cannot start, and RunStopped after a
-    SIGINT/SIGTERM (in the main thread).
+    SIGINT/SIGTERM (in the main thread). An error in a round or a callback reaches every
+    started callback's ``on_exception``, then ``on_end`` (``summary["failed"]``), then the caller.
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     start_round = resume.round if resume else 0
+    try:
+        keyed = stateful_callbacks(callbacks)
+    except ValueError as err:
+        raise SetupError(str(err)) from None
     with StopSignals() as stops, OutputClaim(run_dir) if claim else contextlib.nullcontext():
         try:
-            be, info = _set_up(cfg, run_dir, backend, backend_options or {}, resume, dataset, overwrite,
-                               resume_may_change)
+            be, info, layout = _set_up(cfg, run_dir, backend, backend_options or {}, resume, dataset, overwrite,
+                                       resume_may_change, keyed)
         except KeyboardInterrupt as stop:  # Abandon, or Ray's plain KeyboardInterrupt in its place
             raise RunStopped(start_round, stops.signal_of(stop), run_dir, checkpointed=resume is not None) from None
         stops.graceful = True  # from here on, a first signal lets the round in flight finish
         metrics = MetricsWriter()
-        chain: list[Callback] = [Checkpointer(), metrics, *callbacks]
+        checkpointer = Checkpointer(lambda: be.save_checkpoint({k: cb.state_dict() for k, cb in keyed.items()}))
+        others = [cb for cb in callbacks if cb not in keyed.values()]
+        chain: list[Callback] = [*keyed.values(), checkpointer, metrics, *others]  # why: apf_ray.callbacks
+        started: list[Callback] = []  # on_start ran, on_end not yet
         last_checkpoint = start_round if resume is not None else None
+        done = start_round
         abandoned = False
         try:
             if overwrite and resume is None:
@@ -114,35 +151,49 @@ def run(
             run_dir.mkdir(parents=True, exist_ok=True)
             record(run_dir, "config.yaml")
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            ctx = RunContext(cfg, run_dir, be, start_round, info)
+            for key, cb in keyed.items():
+                if resume is not None:
+                    cb.load_state_dict(resume.callbacks[key])
+            view = RunView(cfg, run_dir, start_round, info, layout, be)
             for cb in chain:
-                cb.on_start(ctx)
-            done = start_round
+                cb.on_start(view)
+                started.append(cb)
             while done < cfg.train.rounds and not stops.requested:
                 event = be.run_round()
+                done = event.record.round
                 for cb in chain:
                     cb.on_round(event)
-                done = event.record.round
                 if event.checkpoint is not None:
                     last_checkpoint = done
                     record_tree(run_dir, event.checkpoint)
             stopped = stops.requested and done < cfg.train.rounds
             if stopped and last_checkpoint != done:
-                record_tree(run_dir, be.save_checkpoint())  # the round that was in flight when the signal came
+                record_tree(run_dir, checkpointer.save())  # the round that was in flight when the signal came
                 last_checkpoint = done
-            summary = summarize(cfg.to_dict(), metrics.history)
-            summary["run_dir"] = str(run_dir)
+            summary = _summary(cfg, run_dir, metrics)
             if stopped:
                 summary["stopped"] = {"round": done, "signal": stops.signum}
-            for cb in chain:
-                cb.on_end(summary)
+            errors = _end(started, summary)
+            if errors:
+                raise errors[0]
             if stopped:
                 raise RunStopped(done, stops.signum, run_dir)
             return summary
         except KeyboardInterrupt as stop:
             abandoned = True
+            _end(started, {**_summary(cfg, run_dir, metrics), "abandoned": {"round": done, "signal": stops.signum}})
             raise RunStopped(last_checkpoint or 0, stops.signal_of(stop), run_dir, abandoned=True,
                              checkpointed=last_checkpoint is not None) from None
+        except Exception as err:
+            for cb in started:
+                try:
+                    cb.on_exception(err)
+                except Exception as late:  # noted on the error on its way out, not lost
+                    err.add_note(f"then {type(cb).__name__}.on_exception failed too: {describe(late)}")
+            failed = {**_summary(cfg, run_dir, metrics), "failed": {"round": done, "error": describe(err)}}
+            for late in _end(started, failed):
+                err.add_note(f"then on_end failed too: {describe(late)}")
+            raise
         finally:
             metrics.close()
             if not abandoned:

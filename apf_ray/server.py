@@ -30,6 +30,12 @@ Executor = Callable[[Broadcast, list[int]], tuple[list[ClientResult], dict[int, 
 """Runs a round's clients: ``(broadcast, client ids) -> (results, missing: id -> status)``."""
 
 
+def check_param_count(params: np.ndarray, expected: int) -> None:
+    """ValueError if a saved parameter vector does not have the configured model's ``expected`` scalars."""
+    if params.shape != (expected,):
+        raise ValueError(f"checkpoint holds {params.size} parameters, the configured model has {expected}")
+
+
 class PhaseTimer:
     """Seconds per phase of one round (``records.PHASES``), summed when a phase recurs.
 
@@ -278,10 +284,7 @@ class ServerCore:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         params = np.asarray(state["params"], dtype=np.float32)
-        if params.shape != self.params.shape:
-            raise ValueError(
-                f"checkpoint holds {params.size} parameters, the configured model has {self.params.size}"
-            )
+        check_param_count(params, self.params.size)
         self.round = int(state["round"])
         self.params = params.copy()
         self.buffers = np.array(state["buffers"], dtype=np.float32)

@@ -7,30 +7,45 @@ The run's journal holds per-round totals; the paper's measurements need per-scal
 * Fig. 3: per layer, the round at which each scalar first became stable (P < T) or frozen,
   summarised as the median and the 5th / 95th percentiles.
 
-It reads the in-process backend's server (``backend.server.params``) and, for strategies
-with an APF controller (``apf``, ``partial_sync``, ``permanent``), the controller's own E, A,
-period and countdown at the sampled positions (:meth:`APFController.state_at`). For
-strategies without one (FedAvg — the setting of the paper's Figs. 1–3) it keeps its own
-EMAs over the same sample with the controller's formula (SPEC §2, one check per round).
+It reads the server where the round engine runs (:meth:`RunView.query`: the sampled
+scalars of the global model) and, for strategies with an APF controller (``apf``,
+``partial_sync``, ``permanent``), the controller's own E, A, period and countdown at the
+sampled positions (:meth:`APFController.state_at`). For strategies without one (FedAvg — the
+setting of the paper's Figs. 1–3) it keeps its own EMAs over the same sample with the
+controller's formula (SPEC §2, one check per round).
 
 Cheap by design: it follows at most ``per_layer`` scalars of every layer (a seeded sample),
 never copies the whole vector, and appends one JSON line per round to ``probe/rounds.jsonl``.
-Its state is saved beside every checkpoint, so a resumed run continues it.
+Its state is callback state (``state_dict``), saved in the run's every checkpoint, so a
+resumed run continues it.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from apf_ray.callbacks import Callback, RunContext
+from apf_ray.callbacks import Callback, RunView, outcome
 from apf_ray.records import RoundEvent
+
+if TYPE_CHECKING:
+    from apf_ray.server import ServerCore
 
 PROBE_DIR = "probe"
 _STATE_ARRAYS = ("ref", "ema", "abs_ema", "first_stable", "first_frozen", "judged_next")
+
+
+def _read_sample(server: ServerCore, index: np.ndarray) -> dict[str, Any]:
+    """Where the engine runs: the sampled scalars' values and, with an APF controller, its state there."""
+    out: dict[str, Any] = {"values": server.params[index]}  # fancy indexing: copies
+    controller = getattr(server.strategy, "controller", None)
+    if controller is not None:
+        out["controller"] = {**controller.state_at(index), "num_checks": controller.num_checks,
+                             "threshold": controller.threshold, "alpha": controller.alpha}
+    return out
 
 
 def _percentiles(rounds: np.ndarray) -> dict[str, float | None]:
@@ -44,13 +59,15 @@ def _percentiles(rounds: np.ndarray) -> dict[str, float | None]:
 
 
 class StabilityProbe(Callback):
-    """Follows a seeded sample of scalars through a run (in-process backend only).
+    """Follows a seeded sample of scalars through a run.
 
     ``per_layer``: scalars sampled per layer (all of a smaller layer); ``trajectories``: how
     many of them have their value recorded every round; ``threshold``: T for judging
     stability where the strategy has no controller (with one, the controller's current T is
     used); ``alpha``: the EMA factor of that own tracker.
     """
+
+    state_key = "stability_probe"
 
     def __init__(self, *, per_layer: int = 2000, trajectories: int = 6, threshold: float = 0.05,
                  alpha: float = 0.99, seed: int = 0) -> None:
@@ -60,18 +77,22 @@ class StabilityProbe(Callback):
         self.threshold, self.alpha, self.seed = float(threshold), float(alpha), seed
 
     # ---- set-up -----------------------------------------------------------------------------
-    def on_start(self, ctx: RunContext) -> None:
-        server = getattr(ctx.backend, "server", None)
-        if server is None or not hasattr(server, "params"):
-            raise ValueError("StabilityProbe reads the server's model each round: it needs the in-process backend")
-        self.server = server
-        self.controller = getattr(server.strategy, "controller", None)
-        self.dir = Path(ctx.run_dir) / PROBE_DIR
+    def state_dict(self) -> dict[str, Any]:
+        """The sample, its EMAs and first-stable/frozen rounds, and the controller's check count."""
+        return {"index": self.index, "checks": self.checks, "threshold": self.current_threshold,
+                **{key: self.state[key] for key in _STATE_ARRAYS}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._loaded = state  # applied in on_start, once the sample is drawn and can be compared
+
+    def on_start(self, view: RunView) -> None:
+        self.view = view
+        self.dir = Path(view.run_dir) / PROBE_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(self.seed)
         self.layers: list[tuple[str, int, int, int]] = []  # name, layer size, start, stop in the sample
         picks = []
-        for name, sl in server.layout.layer_slices().items():
+        for name, sl in view.layout.layer_slices().items():
             size = sl.stop - sl.start
             take = np.sort(rng.choice(size, size=min(self.per_layer, size), replace=False)) + sl.start
             self.layers.append((name, size, sum(p.size for p in picks), sum(p.size for p in picks) + take.size))
@@ -79,52 +100,51 @@ class StabilityProbe(Callback):
         self.index = np.concatenate(picks).astype(np.int64)
         self.traj = np.sort(rng.choice(self.index.size, size=min(self.num_trajectories, self.index.size),
                                        replace=False))
+        sample = view.query(_read_sample, self.index)
+        self.controller = sample.get("controller")  # as of the start; None: the probe's own EMAs
         n = self.index.size
         self.state = {
-            "ref": server.params[self.index].astype(np.float32),
+            "ref": sample["values"].astype(np.float32),
             "ema": np.zeros(n, np.float32),
             "abs_ema": np.zeros(n, np.float32),
             "first_stable": np.zeros(n, np.int32),  # round of the first stable verdict; 0 = not yet
             "first_frozen": np.zeros(n, np.int32),  # round after which it was first frozen; 0 = not yet
             "judged_next": np.ones(n, bool),  # active in the coming round, so judged at its check
         }
-        self.checks = self.controller.num_checks if self.controller is not None else 0
-        self.current_threshold = self.controller.threshold if self.controller is not None else self.threshold
+        self.checks = self.controller["num_checks"] if self.controller is not None else 0
+        self.current_threshold = self.controller["threshold"] if self.controller is not None else self.threshold
         journal = self.dir / "rounds.jsonl"
-        if ctx.start_round:
-            self._restore(ctx.start_round)
-            rows = [line for line in journal.read_text().splitlines() if json.loads(line)["round"] <= ctx.start_round]
+        if view.start_round:
+            self._restore(getattr(self, "_loaded", None))
+            rows = [line for line in journal.read_text().splitlines() if json.loads(line)["round"] <= view.start_round]
             journal.write_text("".join(f"{line}\n" for line in rows))
         else:
             journal.write_text("")
         self._journal = journal.open("a")
 
-    def _restore(self, start_round: int) -> None:
-        path = self.dir / "state.npz"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: the probe cannot resume this run after round {start_round}")
-        with np.load(path) as saved:
-            if int(saved["round"]) != start_round or not np.array_equal(saved["index"], self.index):
-                raise ValueError(f"{path} holds round {int(saved['round'])}, the run resumes after round "
-                                 f"{start_round}: start the run again")
-            for key in _STATE_ARRAYS:
-                self.state[key] = saved[key].copy()
-            self.checks = int(saved["checks"])
-            self.current_threshold = float(saved["threshold"])
+    def _restore(self, saved: dict[str, Any] | None) -> None:
+        if saved is None or not np.array_equal(saved["index"], self.index):
+            raise ValueError("the checkpoint's probe state follows another sample (per_layer or seed changed): "
+                             "start the run again")
+        for key in _STATE_ARRAYS:
+            self.state[key] = np.array(saved[key])
+        self.checks = int(saved["checks"])
+        self.current_threshold = float(saved["threshold"])
 
     # ---- every round ------------------------------------------------------------------------
     def on_round(self, event: RoundEvent) -> None:
         r = event.record.round
         s = self.state
-        w = self.server.params[self.index]
+        sample = self.view.query(_read_sample, self.index)
+        w = sample["values"]
         judged = s["judged_next"]
         if self.controller is not None:
-            st = self.controller.state_at(self.index)
+            st = sample["controller"]
             ema, abs_ema, frozen = st["ema"], st["abs_ema"], st["remaining"] > 0
-            checked = self.controller.num_checks != self.checks
-            self.checks = self.controller.num_checks
+            checked = st["num_checks"] != self.checks
+            self.checks = st["num_checks"]
             threshold = self.current_threshold  # T of this check, before any tightening it caused
-            self.current_threshold = self.controller.threshold
+            self.current_threshold = st["threshold"]
         else:  # no controller: the same EMAs, one check per round, nothing frozen
             delta = w - s["ref"]
             s["ema"] += np.float32(1 - self.alpha) * (delta - s["ema"])
@@ -153,20 +173,13 @@ class StabilityProbe(Callback):
         }
         self._journal.write(json.dumps(row, allow_nan=False) + "\n")
         self._journal.flush()
-        if event.checkpoint is not None:
-            self._save(r)
-
-    def _save(self, r: int) -> None:
-        tmp = self.dir / ".state.tmp.npz"
-        np.savez(tmp, round=r, index=self.index, checks=self.checks, threshold=self.current_threshold,
-                 **{key: self.state[key] for key in _STATE_ARRAYS})
-        tmp.replace(self.dir / "state.npz")
 
     # ---- the end ----------------------------------------------------------------------------
     def on_end(self, summary: dict[str, Any]) -> None:
+        """The probe's summary; none for a run that failed or was abandoned (it resumes from its checkpoint)."""
         self._journal.close()
-        if summary.get("stopped"):  # a signal: the run checkpointed its last round without an event; follow it
-            self._save(summary["stopped"]["round"])
+        if outcome(summary) in ("failed", "abandoned"):
+            return
         layers = []
         for name, size, start, stop in self.layers:
             layers.append({"layer": name, "size": int(size), "sampled": stop - start,
@@ -175,7 +188,7 @@ class StabilityProbe(Callback):
         out = {
             "rounds": summary["rounds"],
             "source": "controller" if self.controller is not None else "probe EMAs",
-            "alpha": self.controller.alpha if self.controller is not None else self.alpha,
+            "alpha": self.controller["alpha"] if self.controller is not None else self.alpha,
             "threshold": None if self.controller is not None else self.threshold,
             "per_layer": self.per_layer,
             "seed": self.seed,

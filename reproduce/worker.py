@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from apf_ray.callbacks import Callback, RunContext
+from apf_ray.callbacks import Callback, RunView
 from apf_ray.config import ExperimentConfig, build_config
 from apf_ray.errors import RunStopped
 from apf_ray.provenance import LoadSampler, now
@@ -36,9 +36,10 @@ class ControllerTiming(Callback):
         self.num_params = 0
         self.state_bytes = 0
 
-    def on_start(self, ctx: RunContext) -> None:
-        server = getattr(ctx.backend, "server", None)
-        controller = getattr(getattr(server, "strategy", None), "controller", None)
+    def on_start(self, view: RunView) -> None:
+        if view.info.get("backend") != "inprocess":  # only an engine in this process hands back the live controller
+            return
+        controller = view.query(_controller)
         if controller is None:
             return
         self.num_params, self.state_bytes = controller.num_params, controller.state_nbytes
@@ -58,6 +59,11 @@ class ControllerTiming(Callback):
         ordered = sorted(self.seconds)
         return {"calls": len(ordered), "mean_s": sum(ordered) / len(ordered), "median_s": ordered[len(ordered) // 2],
                 "num_params": self.num_params, "state_bytes": self.state_bytes}
+
+
+def _controller(server: Any) -> Any:
+    """The server's APF controller (None without one): the live object, the engine being in this process."""
+    return getattr(server.strategy, "controller", None)
 
 
 def _same_run(checkpoint_config: dict[str, Any], cfg: ExperimentConfig) -> bool:
@@ -83,25 +89,15 @@ def prepare(run_dir: Path, cfg: ExperimentConfig, *, probe: bool, extends: Path 
         resume = load_resume_point(run_dir)
     except (FileNotFoundError, ValueError):
         resume = None
-    if resume is not None and resume.round <= cfg.train.rounds and _same_run(resume.config, cfg):
-        probe_state = run_dir / PROBE_DIR / "state.npz"
-        if not probe or _probe_round(probe_state) == resume.round:
-            for name in _DERIVED[:-1]:  # an older summary must not pass for this run's
-                (run_dir / name).unlink(missing_ok=True)
-            return resume
+    if (resume is not None and resume.round <= cfg.train.rounds and _same_run(resume.config, cfg)
+            and (not probe or StabilityProbe.state_key in resume.callbacks)):
+        for name in _DERIVED[:-1]:  # an older summary must not pass for this run's
+            (run_dir / name).unlink(missing_ok=True)
+        return resume
     if extends is not None:
         raise RuntimeError(f"{extends} has no usable final checkpoint to continue from")
     _fresh(run_dir)
     return None
-
-
-def _probe_round(path: Path) -> int | None:
-    if not path.is_file():
-        return None
-    import numpy as np
-
-    with np.load(path) as saved:
-        return int(saved["round"])
 
 
 def main(spec_path: str) -> int:

@@ -55,12 +55,13 @@ class Round:
         server = ServerCore(self.cfg, workload)
         for _ in range(2):
             b, clients = server.begin_round()
-            server.finish_round(b, clients, host.run(b, clients), {}, server.downlink_bytes(b, clients))
+            results = host.run(b, [(c, None) for c in clients])
+            server.finish_round(b, clients, results, {}, server.downlink_bytes(b, clients))
         self.state = server.state_dict()
         self.broadcast, self.clients = server.begin_round()
         self.down = server.downlink_bytes(self.broadcast, self.clients)
         self.state["rng"] = server.rng.bit_generator.state  # as of after sampling this round
-        self.results = host.run(self.broadcast, self.clients)
+        self.results = host.run(self.broadcast, [(c, None) for c in self.clients])
         self.target = next(r.client_id for r in self.results if "values" in wire.decode_message(r.upload))
 
     def server(self) -> ServerCore:

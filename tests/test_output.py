@@ -7,7 +7,7 @@ import re
 import pytest
 from rich.console import Console
 
-from apf_ray.callbacks import RunContext
+from apf_ray.callbacks import RunView
 from apf_ray.metrics import history_figure, read_history
 from apf_ray.progress import ProgressDisplay
 from apf_ray.records import RoundEvent, RoundRecord
@@ -35,7 +35,7 @@ def _at_80_columns(renderable) -> list[str]:
 
 def _progress_lines(label: str, rounds: int, rec: RoundRecord) -> list[str]:
     display = ProgressDisplay(Console(width=80, file=open("/dev/null", "w")), label)  # noqa: SIM115
-    display.on_start(RunContext(tiny_config(rounds=rounds), None, None, 0, {}))
+    display.on_start(RunView(tiny_config(rounds=rounds), None))
     try:
         display.on_round(RoundEvent(rec, []))
         return _at_80_columns(display.progress.get_renderable())

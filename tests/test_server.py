@@ -28,9 +28,12 @@ def _host(cfg, wl):
     return host
 
 
-def _round(server, host):
+def _round(server, host, states=None):
+    """One round; ``states`` (client id → strategy state) is read and updated, as the engine does."""
+    states = {} if states is None else states
     b, clients = server.begin_round()
-    results = host.run(b, clients)
+    results = host.run(b, [(c, states.get(c)) for c in clients])
+    states.update({r.client_id: r.state for r in results if r.state is not None})
     return b, clients, results, server.finish_round(b, clients, results, {}, server.downlink_bytes(b, clients))
 
 
@@ -69,7 +72,7 @@ def test_frozen_values_never_move_even_a_negative_zero_and_synchronised_ones_get
     assert frozen.any() and synced.any()
     server.params[np.flatnonzero(frozen)[0]] = -0.0  # adding +0.0 to it would clear the sign bit
     before = server.params.copy()
-    results = host.run(b, clients)
+    results = host.run(b, [(c, None) for c in clients])
     ups = [server.strategy.decode_upload(b.plan, r.client_id, r.upload) for r in results]
     for u in ups:  # compact on the wire and in the server; the client's model at frozen positions is the server's
         assert u.values.shape == (synced.sum(),) and u.update.shape == before.shape
@@ -115,7 +118,7 @@ def test_round_below_quorum_keeps_the_model_and_counts_failed_apart_from_discard
     cfg = tiny_config("cluster.min_clients=3")
     server, host = ServerCore(cfg, workload), _host(cfg, workload)
     b, clients = server.begin_round()
-    results = host.run(b, clients)[:2]
+    results = host.run(b, [(c, None) for c in clients])[:2]
     before = server.params.copy()
     rec, recs = server.finish_round(b, clients, results, {clients[2]: "timeout"}, server.downlink_bytes(b, clients))
     assert server.params.tobytes() == before.tobytes()
@@ -128,10 +131,11 @@ def test_round_below_quorum_keeps_the_model_and_counts_failed_apart_from_discard
 def test_partial_sync_clients_drift_apart_at_unsynchronised_positions(workload):
     cfg = tiny_config("strategy.name=partial_sync", *FREEZE_FAST, "train.clients_per_round=6")
     server, host = ServerCore(cfg, workload), _host(cfg, workload)
+    states = {}
     for _ in range(3):
-        _round(server, host)
+        _round(server, host, states)
     frozen = ~server.active_mask()
-    locals_ = [host.state[c]["local"][frozen] for c in range(2)]
+    locals_ = [states[c]["local"][frozen] for c in range(2)]
     assert frozen.any() and not np.array_equal(locals_[0], locals_[1])
 
 

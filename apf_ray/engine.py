@@ -1,0 +1,90 @@
+"""The round engine: the one assembly of a run's server side, whatever executes its clients.
+
+A run's server side is the same in every backend: :class:`~apf_ray.server.ServerCore` (the
+global model, the strategy, sampling, aggregation, accounting), every client's strategy state
+(error-feedback residuals, a partial-sync client's local values) and the run's checkpoint.
+:class:`RoundEngine` builds them once, from the config, the workload and the resume point;
+a backend only supplies a :class:`ClientExecutor`, the way a round's client work runs (one
+:class:`~apf_ray.client.ClientHost` in this process, Ray client-pool actors, or a user's), as
+Flower's simulation engine differs from its ``Backend``. The Ray server actor hosts a
+``RoundEngine`` whose executor is the client pools, so both backends compute the same run.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from apf_ray.config import ExperimentConfig
+from apf_ray.records import Broadcast, ClientResult, RoundEvent
+from apf_ray.resume import ResumePoint, save_run_checkpoint
+from apf_ray.server import ServerCore
+from apf_ray.workload import Workload
+
+ClientCall = tuple[int, dict | None]
+"""One client of a round and its strategy state from its previous round (None: it has none yet)."""
+
+T = TypeVar("T")
+
+
+class ClientExecutor(ABC):
+    """How a round's client work runs; holds no state of its own between rounds.
+
+    ``execute`` trains each ``(client id, strategy state)`` against the broadcast and returns
+    the results that arrived (the updated state rides in ``ClientResult.state``) and the clients
+    that never reported, with why (``timeout``, ``died``, ``no_actor``). The engine owns the
+    state, so an executor may train any client anywhere and losing a worker loses no state.
+    """
+
+    @abstractmethod
+    def execute(self, broadcast: Broadcast,
+                calls: Sequence[ClientCall]) -> tuple[list[ClientResult], dict[int, str]]:
+        """Train ``calls`` for ``broadcast``'s round: (results, missing client id → status)."""
+
+    def take_events(self) -> list[str]:
+        """What changed in the executor since the last call (Ray: actors added or dropped)."""
+        return []
+
+
+class RoundEngine:
+    """One run's server side: the server core, every client's strategy state, the checkpoint.
+
+    ``resume`` (checked by :func:`apf_ray.resume.check_resume`) restores the server and the
+    clients' state as of its round.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, workload: Workload, resume: ResumePoint | None,
+                 executor: ClientExecutor) -> None:
+        self.cfg, self.run_dir, self.executor = cfg, Path(run_dir), executor
+        self.server = ServerCore(cfg, workload)
+        self.client_state: dict[int, dict] = {}
+        if resume is not None:
+            self.server.load_state_dict(resume.server)
+            self.client_state = dict(resume.clients)
+
+    def info(self) -> dict[str, Any]:
+        """The start-up report's engine part: rounds done, parameter count (scalars)."""
+        return {"round": self.server.round, "num_params": self.server.num_params}
+
+    def _execute(self, broadcast: Broadcast, clients: list[int]) -> tuple[list[ClientResult], dict[int, str]]:
+        results, missing = self.executor.execute(broadcast, [(c, self.client_state.get(c)) for c in clients])
+        for res in results:
+            if res.state is not None:
+                self.client_state[res.client_id] = res.state
+        return results, missing
+
+    def run_round(self) -> RoundEvent:
+        """The next round; its event carries the executor's events (``pool_events``)."""
+        event = self.server.run_round(self._execute)
+        event.pool_events = self.executor.take_events()
+        return event
+
+    def save_checkpoint(self, callbacks: dict[str, Any] | None = None) -> Path:
+        """Checkpoint the run as of its last finished round, with the callbacks' state (by key)."""
+        return save_run_checkpoint(self.run_dir, self.cfg, self.server, self.client_state, callbacks or {})
+
+    def query(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(server, *args)`` on this engine's :class:`ServerCore` (read it, never change it)."""
+        return fn(self.server, *args)
