@@ -418,6 +418,8 @@ class RayBackend(Backend):
     by default it is put once.
     """
 
+    writes_in_background = True  # on a thread of the server actor
+
     @classmethod
     def session(cls, cfg: ExperimentConfig, address: str | None = None, verbose: bool = False,
                 **options: Any) -> contextlib.AbstractContextManager:
@@ -512,8 +514,12 @@ class RayBackend(Backend):
         return ray.get(self.server.run_round.remote(),
                        timeout=c.round_timeout_s + c.startup_timeout_s + c.control_timeout_s)
 
-    def save_checkpoint(self, callbacks: dict[str, Any]) -> Path:
-        return Path(ray.get(self.server.save_checkpoint.remote(callbacks), timeout=self.cfg.cluster.control_timeout_s))
+    def save_checkpoint(self, callbacks: dict[str, Any], background: bool = False) -> Path:
+        return Path(ray.get(self.server.save_checkpoint.remote(callbacks, background),
+                            timeout=self.cfg.cluster.control_timeout_s))
+
+    def finish_checkpoint(self) -> None:
+        ray.get(self.server.finish_checkpoint.remote(), timeout=self.cfg.cluster.control_timeout_s)
 
     def query(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(server, *args)`` inside the server actor (``fn`` and ``args`` travel pickled)."""

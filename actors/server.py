@@ -63,9 +63,16 @@ class ServerActor:
         self.pools.refresh()
         return self.engine.run_round()
 
-    def save_checkpoint(self, callbacks: dict[str, Any]) -> str:
-        """Checkpoint the run with the driver's callbacks' state (by key); the directory, as text."""
-        return str(self.engine.save_checkpoint(callbacks))
+    def save_checkpoint(self, callbacks: dict[str, Any], background: bool = False) -> str:
+        """Checkpoint the run with the driver's callbacks' state (by key); the directory, as text.
+
+        ``background``: written on a thread of this actor while the next round runs.
+        """
+        return str(self.engine.save_checkpoint(callbacks, background))
+
+    def finish_checkpoint(self) -> None:
+        """Wait for the background checkpoint write, if one is in flight."""
+        self.engine.finish_checkpoint()
 
     def query(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(server, *args)`` on the engine's server (a callback's read of the live run)."""

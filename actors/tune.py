@@ -149,6 +149,8 @@ class TuneReporter(Callback):
     a scheduler may end the trial as soon as it sees the final round.
     """
 
+    needs_written_checkpoints = True  # each one is handed to Tune as soon as it is taken
+
     def __init__(self, spec: TuneSpec, baseline_bytes: list[int] | None) -> None:
         self.spec, self.baseline_bytes = spec, baseline_bytes
         self.history: list[RoundRecord] = []

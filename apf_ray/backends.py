@@ -32,7 +32,13 @@ T = TypeVar("T")
 
 
 class Backend(ABC):
-    """Hosts one run's round engine and its clients, for the round loop."""
+    """Hosts one run's round engine and its clients, for the round loop.
+
+    ``writes_in_background``: ``save_checkpoint(..., background=True)`` may return before the
+    checkpoint is on disk, and :meth:`finish_checkpoint` waits for it.
+    """
+
+    writes_in_background = False
 
     @classmethod
     def session(cls, cfg: ExperimentConfig, **options: Any) -> contextlib.AbstractContextManager:
@@ -52,9 +58,14 @@ class Backend(ABC):
         """Run the next round and return its event (without ``checkpoint``)."""
 
     @abstractmethod
-    def save_checkpoint(self, callbacks: dict[str, Any]) -> Path:
+    def save_checkpoint(self, callbacks: dict[str, Any], background: bool = False) -> Path:
         """Checkpoint the run as of its last finished round, with ``callbacks`` (each stateful
-        callback's state by key); returns the checkpoint directory."""
+        callback's state by key); returns the checkpoint directory. ``background``: the write
+        may go on while the next round runs (a backend may ignore it and write at once); the
+        directory exists after :meth:`finish_checkpoint`."""
+
+    def finish_checkpoint(self) -> None:  # noqa: B027 - only backends that write in the background need it
+        """Wait until a checkpoint written in the background is on disk (its errors raise here)."""
 
     @abstractmethod
     def query(self, fn: Callable[..., T], *args: Any) -> T:
@@ -80,6 +91,7 @@ class EngineBackend(Backend):
     """
 
     name = "engine"
+    writes_in_background = True
 
     @abstractmethod
     def executor(self, cfg: ExperimentConfig, workload: Workload) -> ClientExecutor:
@@ -93,8 +105,11 @@ class EngineBackend(Backend):
     def run_round(self) -> RoundEvent:
         return self.engine.run_round()
 
-    def save_checkpoint(self, callbacks: dict[str, Any]) -> Path:
-        return self.engine.save_checkpoint(callbacks)
+    def save_checkpoint(self, callbacks: dict[str, Any], background: bool = False) -> Path:
+        return self.engine.save_checkpoint(callbacks, background)
+
+    def finish_checkpoint(self) -> None:
+        self.engine.finish_checkpoint()
 
     def query(self, fn: Callable[..., T], *args: Any) -> T:
         return self.engine.query(fn, *args)

@@ -89,10 +89,14 @@ class Callback:
     """Base class; override the hooks you need. Define ``state_dict``/``load_state_dict`` to keep state.
 
     ``state_key`` names the state in the checkpoint (default: the class's qualified name); two
-    callbacks with state in one run need different keys.
+    callbacks with state in one run need different keys. ``needs_written_checkpoints``: this
+    callback reads ``event.checkpoint``'s folder in ``on_round`` (e.g. to hand it to Ray Tune),
+    so the run writes each checkpoint before the round's callbacks go on instead of in the
+    background.
     """
 
     state_key: str | None = None
+    needs_written_checkpoints: bool = False
 
     def on_start(self, view: RunView) -> None:
         """The backend is up; ``view.start_round`` rounds are already done (state already loaded)."""
@@ -138,12 +142,16 @@ def stateful_callbacks(callbacks: Iterable[Callback]) -> dict[str, Callback]:
 class Checkpointer(Callback):
     """Checkpoints every ``output.checkpoint_every`` rounds and at the end, through ``save``.
 
-    ``save()`` asks the backend's engine to write the checkpoint, with the callbacks' state,
-    and returns its directory (:func:`apf_ray.run.run` supplies it).
+    ``save(background)`` asks the backend's engine to write the checkpoint, with the callbacks'
+    state, and returns its directory (:func:`apf_ray.run.run` supplies it). With ``background``
+    the write goes on while the next round runs, so a round pays only for copying the state
+    (``phase_s["checkpoint"]``); the loop waits for it before the run ends. A callback that
+    hands each checkpoint on at once (Tune's reporter) sets ``needs_written_checkpoints``, and
+    the run's checkpoints are then written before ``on_round`` goes on.
     """
 
-    def __init__(self, save: Callable[[], Path]) -> None:
-        self.save = save
+    def __init__(self, save: Callable[[bool], Path], background: bool = False) -> None:
+        self.save, self.background = save, background
 
     def on_start(self, view: RunView) -> None:
         self.every = view.cfg.output.checkpoint_every
@@ -154,5 +162,5 @@ class Checkpointer(Callback):
         r = event.record.round
         if (self.every and r % self.every == 0) or r >= self.rounds:
             start = time.perf_counter()
-            event.checkpoint = self.save()
+            event.checkpoint = self.save(self.background)
             event.record.phase_s["checkpoint"] = time.perf_counter() - start

@@ -485,6 +485,10 @@ def _read_arrays(path: Path, names: set[str]) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- public API
 
 
+CHECKPOINT_FILES: Final = (MANIFEST, STATE_FILE, ARRAYS_FILE)
+"""What a checkpoint folder holds once written (known before a background write ends)."""
+
+
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     """(step, path) of every directory named like a checkpoint, oldest first; none are read."""
     root = Path(directory) / SUBDIR
@@ -639,8 +643,8 @@ class CheckpointWriter:
     a round's aggregation; written beside the next round it costs the round almost nothing.
     :meth:`submit` validates and encodes the state in the caller's thread (a bad state raises
     there, as :func:`save_checkpoint` does), waits for the previous write, then writes on a
-    thread; the caller must not change the state's arrays until that write is done (server and
-    client state dicts hand over fresh arrays each round). Crash safety is the synchronous
+    thread; the caller must not change the state's arrays until that write is done, or passes
+    ``copy=True``. Crash safety is the synchronous
     writer's: a write killed midway leaves only a ``.tmp-*`` folder that readers ignore, so the
     previous checkpoint is the one a resume loads. A failed write re-raises from the next
     :meth:`submit` or :meth:`wait`.
@@ -650,9 +654,17 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._outcome: Path | BaseException | None = None
 
-    def submit(self, directory: Path, step: int, state: Mapping[str, Any], *, keep: int = 3) -> Path:
-        """Start writing ``state`` as step ``step``; returns the folder it will have once written."""
-        encoded = _encode_state(step, state, keep)
+    def submit(self, directory: Path, step: int, state: Mapping[str, Any], *, keep: int = 3,
+               copy: bool = False) -> Path:
+        """Start writing ``state`` as step ``step``; returns the folder it will have once written.
+
+        ``copy``: write copies of the state's arrays (one memory copy of the state, ~0.1 s per
+        GB), for a caller whose arrays may change while the write runs.
+        """
+        step, arrays, state_bytes = _encode_state(step, state, keep)
+        if copy:
+            arrays = {name: np.array(array, copy=True, order="K") for name, array in arrays.items()}
+        encoded = (step, arrays, state_bytes)
         self.wait()
         directory = Path(directory)
 

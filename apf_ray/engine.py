@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from apf_ray.checkpoint import CheckpointWriter
 from apf_ray.config import ExperimentConfig
 from apf_ray.records import Broadcast, ClientResult, RoundEvent
 from apf_ray.resume import ResumePoint, save_run_checkpoint
@@ -60,6 +61,7 @@ class RoundEngine:
         self.cfg, self.run_dir, self.executor = cfg, Path(run_dir), executor
         self.server = ServerCore(cfg, workload)
         self.client_state: dict[int, dict] = {}
+        self.writer = CheckpointWriter()
         if resume is not None:
             self.server.load_state_dict(resume.server)
             self.client_state = dict(resume.clients)
@@ -81,9 +83,20 @@ class RoundEngine:
         event.pool_events = self.executor.take_events()
         return event
 
-    def save_checkpoint(self, callbacks: dict[str, Any] | None = None) -> Path:
-        """Checkpoint the run as of its last finished round, with the callbacks' state (by key)."""
-        return save_run_checkpoint(self.run_dir, self.cfg, self.server, self.client_state, callbacks or {})
+    def save_checkpoint(self, callbacks: dict[str, Any] | None = None, background: bool = False) -> Path:
+        """Checkpoint the run as of its last finished round, with the callbacks' state (by key).
+
+        ``background``: written on a thread while the next round runs (its folder exists after
+        :meth:`finish_checkpoint`); never two writes at once, so a save first waits for the last.
+        """
+        if not background:
+            self.writer.wait()
+        return save_run_checkpoint(self.run_dir, self.cfg, self.server, self.client_state, callbacks or {},
+                                   self.writer if background else None)
+
+    def finish_checkpoint(self) -> Path | None:
+        """Wait for a background checkpoint write; its folder, or None if none was in flight."""
+        return self.writer.wait()
 
     def query(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(server, *args)`` on this engine's :class:`ServerCore` (read it, never change it)."""

@@ -34,6 +34,7 @@ import re
 import shlex
 import socket
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -291,13 +292,15 @@ def record(folder: Path, *paths: str | Path) -> None:
     tmp.replace(folder / FILE_LIST)
 
 
-def record_tree(folder: Path, directory: Path) -> None:
+def record_tree(folder: Path, directory: Path, names: Sequence[str] | None = None) -> None:
     """List ``directory`` (inside ``folder``), its parents up to ``folder`` and everything in it:
-    for a directory apf-ray just wrote whole (a checkpoint, renamed into place)."""
+    for a directory apf-ray writes whole (a checkpoint, renamed into place). ``names``: its
+    files, when they are known before they exist (a checkpoint still being written)."""
     directory = Path(directory).resolve()
     base = Path(folder).resolve()
     parents = [p for p in directory.parents if p != base and base in p.parents]
-    record(folder, *parents, directory, *directory.rglob("*"))
+    inside = directory.rglob("*") if names is None else (directory / name for name in names)
+    record(folder, *parents, directory, *inside)
 
 
 def clear_run(folder: Path) -> list[str]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from apf_ray.checkpoint import load_checkpoint, load_latest, save_checkpoint
+from apf_ray.checkpoint import CheckpointWriter, load_checkpoint, load_latest, save_checkpoint
 from apf_ray.config import ConfigError, ExperimentConfig, build_config
 from apf_ray.downlink import DownlinkTracker
 from apf_ray.errors import SetupError, describe
@@ -32,10 +32,14 @@ FORMAT = "apf-ray-run"
 
 
 def save_run_checkpoint(run_dir: Path, cfg: ExperimentConfig, server: ServerCore,
-                        client_state: dict[int, dict], callbacks: dict[str, Any]) -> Path:
+                        client_state: dict[int, dict], callbacks: dict[str, Any],
+                        writer: CheckpointWriter | None = None) -> Path:
     """Checkpoint the run after ``server.round`` rounds; returns the checkpoint directory.
 
-    ``callbacks``: each stateful callback's ``state_dict()`` under its ``state_key``.
+    ``callbacks``: each stateful callback's ``state_dict()`` under its ``state_key``. With a
+    ``writer`` the checkpoint is written in the background, from copies of the state's arrays
+    (the next round may change client state in place): the folder exists once
+    ``writer.wait()`` returns.
     """
     state = {
         "format": FORMAT,
@@ -44,6 +48,8 @@ def save_run_checkpoint(run_dir: Path, cfg: ExperimentConfig, server: ServerCore
         "clients": {str(cid): s for cid, s in sorted(client_state.items())},
         "callbacks": callbacks,
     }
+    if writer is not None:
+        return writer.submit(Path(run_dir), server.round, state, keep=cfg.output.keep_checkpoints, copy=True)
     return save_checkpoint(Path(run_dir), server.round, state, keep=cfg.output.keep_checkpoints)
 
 

@@ -28,6 +28,7 @@ import yaml
 
 from apf_ray.backends import Backend, make_backend
 from apf_ray.callbacks import Callback, Checkpointer, RunView, stateful_callbacks
+from apf_ray.checkpoint import CHECKPOINT_FILES, list_checkpoints
 from apf_ray.config import ConfigError, ExperimentConfig
 from apf_ray.data import Dataset
 from apf_ray.errors import RunStopped, SetupError, describe
@@ -138,7 +139,14 @@ def run(
             raise RunStopped(start_round, stops.signal_of(stop), run_dir, checkpointed=resume is not None) from None
         stops.graceful = True  # from here on, a first signal lets the round in flight finish
         metrics = MetricsWriter()
-        checkpointer = Checkpointer(lambda: be.save_checkpoint({k: cb.state_dict() for k, cb in keyed.items()}))
+        def save(background: bool) -> Path:
+            states = {k: cb.state_dict() for k, cb in keyed.items()}
+            return be.save_checkpoint(states, background=True) if background else be.save_checkpoint(states)
+
+        # Written in the background while the next round runs where the backend can, unless a
+        # callback hands each checkpoint on as soon as it is taken (Tune's reporter).
+        checkpointer = Checkpointer(save, be.writes_in_background and not any(
+            getattr(cb, "needs_written_checkpoints", False) for cb in callbacks))
         others = [cb for cb in callbacks if cb not in keyed.values()]
         chain: list[Callback] = [*keyed.values(), checkpointer, metrics, *others]  # why: apf_ray.callbacks
         started: list[Callback] = []  # on_start ran, on_end not yet
@@ -165,11 +173,13 @@ def run(
                     cb.on_round(event)
                 if event.checkpoint is not None:
                     last_checkpoint = done
-                    record_tree(run_dir, event.checkpoint)
+                    record_tree(run_dir, event.checkpoint, CHECKPOINT_FILES)
             stopped = stops.requested and done < cfg.train.rounds
             if stopped and last_checkpoint != done:
-                record_tree(run_dir, checkpointer.save())  # the round that was in flight when the signal came
+                # the round that was in flight when the signal came
+                record_tree(run_dir, checkpointer.save(False), CHECKPOINT_FILES)
                 last_checkpoint = done
+            be.finish_checkpoint()
             summary = _summary(cfg, run_dir, metrics)
             if stopped:
                 summary["stopped"] = {"round": done, "signal": stops.signum}
@@ -182,9 +192,14 @@ def run(
         except KeyboardInterrupt as stop:
             abandoned = True
             _end(started, {**_summary(cfg, run_dir, metrics), "abandoned": {"round": done, "signal": stops.signum}})
-            raise RunStopped(last_checkpoint or 0, stops.signal_of(stop), run_dir, abandoned=True,
-                             checkpointed=last_checkpoint is not None) from None
+            written = list_checkpoints(run_dir)  # a background write cut short is not one of them
+            raise RunStopped(written[-1][0] if written else 0, stops.signal_of(stop), run_dir, abandoned=True,
+                             checkpointed=bool(written)) from None
         except Exception as err:
+            try:
+                be.finish_checkpoint()  # what was being written stays resumable
+            except Exception as late:
+                err.add_note(f"then the checkpoint being written failed too: {describe(late)}")
             for cb in started:
                 try:
                     cb.on_exception(err)

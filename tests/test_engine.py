@@ -12,9 +12,12 @@ import pytest
 
 from apf_ray.backends import EngineBackend, HostExecutor, InProcessBackend
 from apf_ray.callbacks import Callback, RunView, outcome
+from apf_ray.checkpoint import load_checkpoint
 from apf_ray.errors import SetupError
+from apf_ray.outputs import recorded
 from apf_ray.resume import load_resume_point
 from apf_ray.run import run
+from apf_ray.workload import build_workload
 from tests.helpers import Crash, CrashAfter, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,3 +200,56 @@ def test_on_ray_the_view_reads_the_server_actor_and_callback_state_survives_a_re
     resumed = Follower()
     run(cfg, tmp_path / "ray", backend="ray", callbacks=[resumed], resume=load_resume_point(tmp_path / "ray"))
     np.testing.assert_allclose(resumed.sums, reference.sums, rtol=1e-6)
+
+
+def _assert_equal(got, want, where: str) -> None:
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for key in want:
+            _assert_equal(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, np.ndarray):
+        assert got.dtype == want.dtype and np.array_equal(got, want), where
+    else:
+        assert got == want, where
+
+
+class SeesWrittenCheckpoints(Callback):
+    """Like Tune's reporter: reads each checkpoint's folder in ``on_round``."""
+
+    needs_written_checkpoints = True
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_round(self, event) -> None:
+        if event.checkpoint is not None:
+            assert (event.checkpoint / "MANIFEST.json").is_file(), event.checkpoint
+            self.seen.append(event.record.round)
+
+
+def test_background_checkpoints_equal_written_ones_and_a_callback_that_reads_them_gets_them_written(tmp_path):
+    cfg = tiny_config("output.checkpoint_every=1", "output.keep_checkpoints=10", rounds=3)
+    run(cfg, tmp_path / "background")  # checkpoints written while the next round trains
+    reader = SeesWrittenCheckpoints()
+    run(cfg, tmp_path / "written", callbacks=[reader])
+    assert reader.seen == [1, 2, 3]
+    for r in (1, 2, 3):  # the same as the checkpoints written before the round's callbacks went on
+        got, want = (load_checkpoint(tmp_path / run_name / "checkpoints" / f"round-{r:08d}")
+                     for run_name in ("background", "written"))
+        for state in (got, want):  # simulated seconds include measured compute time
+            state["server"].pop("cum_simulated_s")
+        _assert_equal(got, want, f"round {r}")
+    assert load_resume_point(tmp_path / "background").round == 3
+    assert "checkpoints/round-00000002/arrays.npz" in recorded(tmp_path / "background")  # --overwrite knows them
+
+
+def test_an_engine_checkpoint_written_in_the_background_is_on_disk_once_finished(tmp_path):
+    be = InProcessBackend()
+    cfg = tiny_config(rounds=2)
+    be.start(cfg, tmp_path, build_workload(cfg), None)
+    be.run_round()
+    path = be.save_checkpoint({}, background=True)
+    be.run_round()  # the next round runs while the write goes on; the checkpoint keeps round 1
+    be.finish_checkpoint()
+    assert load_resume_point(tmp_path).round == 1 and path.name == "round-00000001"
+    assert be.engine.finish_checkpoint() is None  # nothing left in flight
