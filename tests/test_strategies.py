@@ -37,11 +37,25 @@ def workload():
     return build_workload(tiny_config())
 
 
-def engine(cfg, workload) -> tuple[ServerCore, ClientHost]:
+class Clients:
+    """A :class:`ClientHost` with each client's strategy state kept between rounds, as the round
+    engine keeps it (``RoundEngine._execute``), so a test can step a round's halves by hand."""
+
+    def __init__(self, host: ClientHost) -> None:
+        self.host = host
+        self.state: dict[int, dict] = {}
+
+    def run(self, broadcast, clients: list[int]) -> list:
+        results = self.host.run(broadcast, [(c, self.state.get(c)) for c in clients])
+        self.state.update({r.client_id: r.state for r in results if r.state is not None})
+        return results
+
+
+def engine(cfg, workload) -> tuple[ServerCore, Clients]:
     ds = workload.dataset
     host = ClientHost(cfg, ds.x_train, ds.y_train, ds.num_classes, ds.input_shape)
     host.add_clients(dict(enumerate(workload.partitions)))
-    return ServerCore(cfg, workload), host
+    return ServerCore(cfg, workload), Clients(host)
 
 
 def final_params(run_dir) -> np.ndarray:
