@@ -614,10 +614,13 @@ def _row(trial_id: str, status: str, params: Mapping[str, Any], history: list[Ro
     return row
 
 
-def _status(result: Any, rounds: int) -> str:
+def _status(result: Any, history: list[RoundRecord], rounds: int) -> str:
+    """How a trial ended; ``completed`` when its run trained all its rounds, also when the compute
+    budget stopped the search before Tune received that last round (it is reported after the run's
+    tables are written)."""
     if result.error is not None:
         return "errored"
-    last = (result.metrics or {}).get("round", 0)
+    last = max((result.metrics or {}).get("round", 0), history[-1].round if history else 0)
     return "completed" if last >= rounds else "early_stopped"
 
 
@@ -835,9 +838,9 @@ def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: A
             continue
         trial_id = Path(result.path).name  # trial_dirname_creator names it after the trial id
         params = sampled_params(result.config, spec)
-        rows.append(_row(trial_id, _status(result, base.train.rounds), params,
-                         read_history(output / "trials" / trial_id), spec, baseline_total,
-                         trained.get(trial_id, 0), baseline_accuracies))
+        history = read_history(output / "trials" / trial_id)
+        rows.append(_row(trial_id, _status(result, history, base.train.rounds), params, history, spec,
+                         baseline_total, trained.get(trial_id, 0), baseline_accuracies))
     rows.sort(key=lambda r: r["trial_id"])
     base_row = _row("baseline", "completed", {}, baseline_rows, spec, baseline_total, trained[BASELINE_LEDGER],
                     baseline_accuracies) if baseline_rows else None

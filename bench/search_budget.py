@@ -121,9 +121,7 @@ def anytime(output: Path, rounds: int, budgets: list[float]) -> list[dict[str, A
     curve = []
     for budget in budgets:
         finished = finished_within(budget, ledgers, rounds, baseline["rounds_trained"])
-        # stopped by the budget just after its last round is still a whole run
-        candidates = [{**r, "status": "completed"} for r in trials
-                      if r["trial_id"] in finished and r["rounds"] == rounds]
+        candidates = [r for r in trials if r["trial_id"] in finished and r["status"] == "completed"]
         best = choose_best(candidates, spec, baseline[key])
         feasible = best is not None and candidates[best][key] >= baseline[key] - MAX_DROP
         curve.append({"run_equivalents": budget, "finished_trials": len(candidates),
