@@ -14,7 +14,7 @@ saving within 0.5 points of FedAvg, accuracies as means of the last 10 rounds) g
 curve's value, its total-bytes saving — 0 when the search could choose no feasible setting yet.
 
     nice -n 10 python3 bench/search_budget.py [--output runs/search-budget] [--json PATH]
-    nice -n 10 python3 bench/search_budget.py --quick   # minutes: digits, 3 rounds, a smoke test
+    nice -n 10 python3 bench/search_budget.py --quick   # digits, 3 rounds, one seed: a smoke test
 
 Rerunning the same command continues: finished searches are reused, an interrupted one is
 resumed (``apf-ray tune --resume``), the rest run. Needs Debian's ``dataset-fashion-mnist``
@@ -34,6 +34,7 @@ from typing import Any
 from provenance import RESULTS, code, command, machine, now
 
 from apf_ray.config import ExperimentConfig, build_config, read_yaml_mapping
+from apf_ray.errors import SetupError, Stopped
 from apf_ray.metrics import read_history
 from apf_ray.search_objective import finished_within, read_ledgers
 from apf_ray.tuning import TuneSpec, accuracy_key, choose_best
@@ -156,22 +157,35 @@ def plot(searches: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def main() -> None:
+    """The benchmark; a signal stops it with one line (rerun the command to continue), a set-up
+    error is one ``error:`` line, exit 2."""
+    try:
+        benchmark()
+    except Stopped as stop:
+        print(f"{stop.message}; or rerun the same command to continue every search", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def benchmark() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits, 3 rounds: a smoke test of the whole pipeline")
     parser.add_argument("--output", help="where the searches go (default runs/search-budget[-quick])")
     parser.add_argument("--json", help="the result file (default docs/results/search_budget[_quick].json); "
                                        "the plot goes beside it (.png)")
     parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="searcher seeds")
+    parser.add_argument("--seeds", nargs="+", type=int, help="searcher seeds (default 0 1; --quick: 0)")
     args = parser.parse_args()
     scale = "quick" if args.quick else "paper"
+    seeds = args.seeds or ([0] if args.quick else [0, 1])
     setting = SCALES[scale]
     base = workload(scale)
     data_path = base.data.options.get("path")
     if data_path and not Path(data_path).is_dir():
-        print(f"error: {base.data.dataset} is not at {data_path}: apt-get install dataset-fashion-mnist "
-              f"(or run --quick)", file=sys.stderr)
-        sys.exit(2)
+        raise SetupError(f"{base.data.dataset} is not at {data_path}: apt-get install dataset-fashion-mnist "
+                         "(or run --quick)")
     output = Path(args.output or REPO / setting["output"])
     result_path = Path(args.json or setting["json"])
     from actors.backend import ray_session
@@ -184,7 +198,7 @@ def main() -> None:
     started = now()
     with ray_session(base):  # one local cluster for every search
         for algorithm in args.algorithms:
-            for seed in args.seeds:
+            for seed in seeds:
                 folder = output / f"{algorithm}-seed{seed}"
                 print(f"{algorithm}, searcher seed {seed}: {folder}", flush=True)
                 clock = time.perf_counter()
