@@ -405,18 +405,19 @@ def _search_algorithm(spec: TuneSpec) -> Any:
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory ..."
-    if spec.search.algorithm == "optuna" and spec.constrained:
+    given = spec.search
+    if given.algorithm == "optuna":
         from actors.constrained_search import ConstrainedOptunaSearch
 
-        return ConstrainedOptunaSearch(metric=spec.objective[0].key, mode=spec.objective[0].mode,
-                                       sampler=optuna.samplers.TPESampler(seed=spec.search.seed))
-    if spec.search.algorithm == "optuna":
-        return OptunaSearch(metric=spec.objective[0].key, mode=spec.objective[0].mode,
-                            sampler=optuna.samplers.TPESampler(seed=spec.search.seed))
+        searcher = ConstrainedOptunaSearch if spec.constrained else OptunaSearch
+        startup = {} if given.startup_trials is None else {"n_startup_trials": given.startup_trials}
+        return searcher(metric=spec.objective[0].key, mode=spec.objective[0].mode,
+                        sampler=optuna.samplers.TPESampler(seed=given.seed, **startup))
     from actors.samplers import PicklableNSGAIISampler
 
+    population = {} if given.population is None else {"population_size": given.population}
     return OptunaSearch(metric=[o.key for o in spec.objective], mode=[o.mode for o in spec.objective],
-                        sampler=PicklableNSGAIISampler(seed=spec.search.seed))
+                        sampler=PicklableNSGAIISampler(seed=given.seed, **population))
 
 
 class KeepInDomains:

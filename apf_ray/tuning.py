@@ -133,6 +133,11 @@ class Objective(_Strict):
 class SearchSpec(_Strict):
     algorithm: Literal["random", "grid", "optuna", "optuna_nsga2"] = "random"
     seed: int | None = Field(0, description="seed of the searcher (None: nondeterministic)")
+    startup_trials: int | None = Field(None, ge=1, description="optuna (TPE): trials sampled at random before "
+                                       "TPE models the others (Optuna's default: 10, so a budget of fewer "
+                                       "trials would never leave random search)")
+    population: int | None = Field(None, ge=2, description="optuna_nsga2: trials per generation (Optuna's "
+                                   "default: 50; a budget of fewer trials never reaches a second generation)")
 
 
 class SchedulerSpec(_Strict):

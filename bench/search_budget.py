@@ -63,6 +63,9 @@ SCALES = {
 }
 POPULATION = 6
 """PBT's population: it trains every member to the end, so 6 runs + the baseline fit in 8."""
+GENERATION = 3
+"""TPE's random start-up trials and NSGA-II's generation: about 7 whole trials fit the budget, so
+Optuna's defaults (10 and 50) would leave both searchers random search with another seed."""
 
 
 def search_spec(algorithm: str, seed: int, rounds: int) -> TuneSpec:
@@ -72,8 +75,9 @@ def search_spec(algorithm: str, seed: int, rounds: int) -> TuneSpec:
     per_algorithm: dict[str, dict[str, Any]] = {
         "random": {"objective": constrained, "search": {"algorithm": "random", "seed": seed}},
         "nsga2": {"objective": [{"metric": "accuracy", "last_n": LAST_N}, {"metric": "bytes_total"}],
-                  "search": {"algorithm": "optuna_nsga2", "seed": seed}},
-        "tpe": {"objective": constrained, "search": {"algorithm": "optuna", "seed": seed}},
+                  "search": {"algorithm": "optuna_nsga2", "seed": seed, "population": GENERATION}},
+        "tpe": {"objective": constrained, "search": {"algorithm": "optuna", "seed": seed,
+                                                     "startup_trials": GENERATION}},
         "asha": {"objective": constrained, "search": {"algorithm": "random", "seed": seed},
                  "scheduler": {"name": "asha", "grace_period": step, "reduction_factor": 3}},
         "pbt": {"objective": constrained, "search": {"algorithm": "random", "seed": seed}, "num_samples": POPULATION,

@@ -133,6 +133,17 @@ def test_the_accuracy_constraint_reaches_optunas_sampler_and_survives_tunes_pick
     assert restored.suggest("t5") == searcher.suggest("t5")
 
 
+def test_a_budget_of_few_trials_can_shorten_tpes_random_start_and_nsga2s_generation():
+    from actors.tune import _search_algorithm
+
+    tpe = _search_algorithm(_constrained(search={"algorithm": "optuna", "startup_trials": 3}))
+    nsga2 = _search_algorithm(TuneSpec.model_validate({
+        "base": {}, "search_space": SPACE, "objective": [{"metric": "accuracy"}, {"metric": "bytes_total"}],
+        "search": {"algorithm": "optuna_nsga2", "population": 4}}))
+    assert tpe._sampler._n_startup_trials == 3 and nsga2._sampler._population_size == 4
+    assert _search_algorithm(_constrained(search={"algorithm": "optuna"}))._sampler._n_startup_trials == 10
+
+
 # --------------------------------------------------------------------------- a real search in a budget
 
 
