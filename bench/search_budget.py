@@ -1,7 +1,8 @@
 """Which search finds APF's savings within a budget: five searchers, each capped at 8 run-equivalents.
 
-For each algorithm — random search, NSGA-II, a constraint-aware TPE, ASHA and PBT (the last
-three on the constrained objective, see ``apf_ray/search_objective.py``) — and each of 2
+For each algorithm — random search, NSGA-II (accuracy against bytes), a constraint-aware TPE,
+ASHA and PBT (all but NSGA-II on the constrained objective, see
+``apf_ray/search_objective.py``) — and each of 2
 searcher seeds, one ``apf-ray tune`` search over APF's T, α, Fc and p on the paper's LeNet-5
 setting (Fashion-MNIST, 10 clients × 2 label shards, 300 rounds), stopped once it trained 8
 run-equivalents *including* its FedAvg baseline. The baseline is trained once (by the first
