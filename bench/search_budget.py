@@ -151,7 +151,7 @@ def plot(searches: list[dict[str, Any]], path: Path, title: str) -> None:
             xs = [p["run_equivalents"] for p in s["curve"]]
             ax.step(xs, [100 * p["saving"] for p in s["curve"]], where="post", c=colours[algorithm],
                     ls="-" if i == 0 else "--", label=f"{algorithm} (seed {s['seed']})")
-    ax.set_xlabel("compute spent: run-equivalents (rounds trained by all trials + baseline, / rounds of one run)")
+    ax.set_xlabel("compute spent (run-equivalents: rounds trained by all trials\nand the baseline / rounds of one run)")
     ax.set_ylabel(f"total-bytes saving of the chosen setting (%)\nwithin {100 * MAX_DROP:g} points of FedAvg")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
