@@ -63,7 +63,9 @@ from apf_ray.data import load_dataset
 from apf_ray.derived import (
     best_accuracy,
     bytes_to_target,
+    evaluated,
     final_accuracy,
+    mean_of_last,
     mean_of_last_accuracies,
     saving_at_round,
     total_bytes,
@@ -84,6 +86,13 @@ from apf_ray.placement import run_bundles
 from apf_ray.records import RoundEvent, RoundRecord
 from apf_ray.resume import read_resume_point
 from apf_ray.run import run
+from apf_ray.search_objective import (
+    BASELINE_LEDGER,
+    ledger_path,
+    record_round,
+    rounds_trained,
+    run_equivalents,
+)
 from apf_ray.stops import Abandon, StopSignals
 from apf_ray.tuning import (
     UNREACHED,
@@ -93,6 +102,7 @@ from apf_ray.tuning import (
     accuracy_rounds,
     baseline_config,
     choose_best,
+    constrained_metrics,
     pareto_front,
     round_metrics,
     trial_config,
@@ -146,13 +156,17 @@ class TuneReporter(Callback):
     """Reports every round to Tune and attaches the run's checkpoint when one was written.
 
     The last round is reported from ``on_end``, after the run wrote its tables and summary:
-    a scheduler may end the trial as soon as it sees the final round.
+    a scheduler may end the trial as soon as it sees the final round. Every round trained is
+    appended to the trial's ``ledger`` first (:mod:`apf_ray.search_objective`), so the search's
+    compute is counted before any scheduler or budget acts on the round.
     """
 
     needs_written_checkpoints = True  # each one is handed to Tune as soon as it is taken
 
-    def __init__(self, spec: TuneSpec, baseline_bytes: list[int] | None) -> None:
-        self.spec, self.baseline_bytes = spec, baseline_bytes
+    def __init__(self, spec: TuneSpec, baseline_bytes: list[int] | None, ledger: Path,
+                 baseline_accuracies: list[float] | None = None) -> None:
+        self.spec, self.baseline_bytes, self.baseline_accuracies = spec, baseline_bytes, baseline_accuracies
+        self.ledger = ledger
         self.history: list[RoundRecord] = []
         self.final: tuple[dict[str, float], Path | None] | None = None
 
@@ -162,8 +176,9 @@ class TuneReporter(Callback):
             self.history = [h for h in read_history(ctx.run_dir) if h.round <= ctx.start_round]
 
     def on_round(self, event: RoundEvent) -> None:
+        record_round(self.ledger, event.record.round)
         self.history.append(event.record)
-        metrics = round_metrics(self.history, self.spec, self.baseline_bytes)
+        metrics = self._metrics()
         if event.record.round >= self.rounds:
             self.final = (metrics, event.checkpoint)
         else:
@@ -173,7 +188,10 @@ class TuneReporter(Callback):
         if self.final is not None:
             self._report(*self.final)
         elif self.history:  # restored at the last round (a late PBT exploit): nothing ran, say where it stands
-            self._report(round_metrics(self.history, self.spec, self.baseline_bytes), None)
+            self._report(self._metrics(), None)
+
+    def _metrics(self) -> dict[str, float]:
+        return round_metrics(self.history, self.spec, self.baseline_bytes, self.baseline_accuracies)
 
     @staticmethod
     def _report(metrics: dict[str, float], checkpoint: Path | None) -> None:
@@ -204,6 +222,7 @@ def federated_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     spec = TuneSpec.model_validate(shared["spec"])
     base = build_config(shared["base"], source="search base")
     trial_id = tune.get_context().get_trial_id()
+    ledger = ledger_path(Path(shared["output"]), BASELINE_LEDGER if config.get("baseline") else trial_id)
     if config.get("baseline"):
         cfg, run_dir, baseline_bytes = baseline_config(base), Path(shared["output"]) / "baseline", None
     else:
@@ -221,7 +240,8 @@ def federated_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     # A PBT exploit continues a donor trial's run under this trial's name and hyperparameters. Without
     # a checkpoint the trial starts over, and its folder is Tune's: what an earlier attempt of this
     # trial left there (a failure, a killed search) is replaced, not refused.
-    run(cfg, run_dir, backend=RayBackend(dataset_ref=dataset_ref), callbacks=[TuneReporter(spec, baseline_bytes)],
+    reporter = TuneReporter(spec, baseline_bytes, ledger, shared.get("baseline_accuracy"))
+    run(cfg, run_dir, backend=RayBackend(dataset_ref=dataset_ref), callbacks=[reporter],
         resume=resume, dataset=ray.get(dataset_ref), resume_may_change=("name", *spec.search_space),
         overwrite=resume is None, claim=False)  # the search's driver holds the folder
 
@@ -406,13 +426,19 @@ def _search_algorithm(spec: TuneSpec) -> Any:
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory ..."
-    if spec.search.algorithm == "optuna":
-        return OptunaSearch(metric=spec.objective[0].key, mode=spec.objective[0].mode,
-                            sampler=optuna.samplers.TPESampler(seed=spec.search.seed))
+    given = spec.search
+    if given.algorithm == "optuna":
+        from actors.constrained_search import ConstrainedOptunaSearch
+
+        searcher = ConstrainedOptunaSearch if spec.constrained else OptunaSearch
+        startup = {} if given.startup_trials is None else {"n_startup_trials": given.startup_trials}
+        return searcher(metric=spec.objective[0].key, mode=spec.objective[0].mode,
+                        sampler=optuna.samplers.TPESampler(seed=given.seed, **startup))
     from actors.samplers import PicklableNSGAIISampler
 
+    population = {} if given.population is None else {"population_size": given.population}
     return OptunaSearch(metric=[o.key for o in spec.objective], mode=[o.mode for o in spec.objective],
-                        sampler=PicklableNSGAIISampler(seed=spec.search.seed))
+                        sampler=PicklableNSGAIISampler(seed=given.seed, **population))
 
 
 class KeepInDomains:
@@ -479,6 +505,35 @@ class ResilientPBT(PopulationBasedTraining):
         return chosen
 
 
+class ComputeBudget(tune.Stopper):
+    """Stops the whole search once its trials and baseline trained ``max_run_equivalents`` runs'
+    worth of rounds (:mod:`apf_ray.search_objective`); trials running then stop where they are
+    (each overshoots by at most the round it was training). The spend is read from the ledgers
+    on disk after each result, so a resumed search starts from what it already spent.
+    """
+
+    def __init__(self, output: Path, rounds_per_run: int, budget: float, baseline_rounds: int) -> None:
+        self.output, self.rounds_per_run, self.budget = output, rounds_per_run, budget
+        self.baseline_rounds = baseline_rounds
+        self.spent = self._spent()
+
+    def _spent(self) -> float:
+        return run_equivalents(rounds_trained(self.output, self.baseline_rounds), self.rounds_per_run)
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        self.spent = self._spent()
+        return False
+
+    def stop_all(self) -> bool:
+        return self.spent >= self.budget
+
+
+def _budget(spec: TuneSpec, output: Path, rounds: int, baseline_rounds: int) -> ComputeBudget | None:
+    if spec.max_run_equivalents is None:
+        return None
+    return ComputeBudget(output, rounds, spec.max_run_equivalents, baseline_rounds)
+
+
 def _scheduler(spec: TuneSpec, rounds: int) -> Any:
     metric, mode = spec.scheduler_metric
     s = spec.scheduler
@@ -522,7 +577,7 @@ def _restorable(path: Path) -> bool:
 
 def _experiment(name: str, output: Path, cfg: ExperimentConfig, shared: dict[str, Any], spec: TuneSpec,
                 param_space: dict[str, Any], tune_config: tune.TuneConfig, console: Console,
-                resume: bool, quiet: bool) -> Any:
+                resume: bool, quiet: bool, stop: tune.Stopper | None = None) -> Any:
     tune_config.trial_dirname_creator = _trial_dirname
     progress = SearchProgress(console, spec, cfg.train.rounds, name, silent=quiet)
     storage = (output / "tune").resolve()
@@ -534,7 +589,7 @@ def _experiment(name: str, output: Path, cfg: ExperimentConfig, shared: dict[str
     # of the run's checkpoint per perturbation interval per trial); otherwise the last two suffice.
     keep = None if spec.scheduler.name == "pbt" else 2
     run_config = tune.RunConfig(
-        name=name, storage_path=str(storage), verbose=0, callbacks=[progress],
+        name=name, storage_path=str(storage), verbose=0, callbacks=[progress], stop=stop,
         failure_config=tune.FailureConfig(max_failures=spec.trial_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
     )
@@ -543,8 +598,11 @@ def _experiment(name: str, output: Path, cfg: ExperimentConfig, shared: dict[str
 
 
 def _row(trial_id: str, status: str, params: Mapping[str, Any], history: list[RoundRecord], spec: TuneSpec,
-         baseline_total: list[int] | None) -> dict[str, Any]:
-    """One trial's line of trials.parquet, from its own journal (the numbers: :mod:`apf_ray.derived`)."""
+         baseline_total: list[int] | None, trained: int, baseline_accuracies: list[float] | None = None
+         ) -> dict[str, Any]:
+    """One trial's line of trials.parquet, from its own journal (the numbers: :mod:`apf_ray.derived`);
+    ``trained``: the rounds it trained (its ledger: rounds lost to a failure or replaced by a PBT
+    exploit included)."""
     last = history[-1] if history else None
     row: dict[str, Any] = {
         "trial_id": trial_id, "status": status, **{f"param:{k}": _encode(v) for k, v in params.items()},
@@ -556,6 +614,7 @@ def _row(trial_id: str, status: str, params: Mapping[str, Any], history: list[Ro
         "bytes_total": total_bytes(last) if last else None,
         "saving": saving_at_round(last, baseline_total) if last else None,
         "frozen_fraction_final": last.frozen_fraction if last else None,
+        "rounds_trained": trained,
     }
     if spec.target_accuracy is not None:
         reached = bytes_to_target(history, spec.target_accuracy)
@@ -563,13 +622,23 @@ def _row(trial_id: str, status: str, params: Mapping[str, Any], history: list[Ro
     for objective in spec.objective:
         if objective.metric == "accuracy":
             row[objective.key] = mean_of_last_accuracies(history, objective.last_n)
+    if spec.constrained:
+        accs = [h.test_accuracy for h in evaluated(history)]
+        row[accuracy_key(spec)] = mean_of_last(accs, accuracy_rounds(spec)) if accs else None
+        row["constrained_saving"] = None
+        if row["saving"] is not None and baseline_accuracies and accs:
+            row["constrained_saving"] = constrained_metrics(accs, row["saving"], spec,
+                                                            baseline_accuracies)["constrained_saving"]
     return row
 
 
-def _status(result: Any, rounds: int) -> str:
+def _status(result: Any, history: list[RoundRecord], rounds: int) -> str:
+    """How a trial ended; ``completed`` when its run trained all its rounds, also when the compute
+    budget stopped the search before Tune received that last round (it is reported after the run's
+    tables are written)."""
     if result.error is not None:
         return "errored"
-    last = (result.metrics or {}).get("round", 0)
+    last = max((result.metrics or {}).get("round", 0), history[-1].round if history else 0)
     return "completed" if last >= rounds else "early_stopped"
 
 
@@ -734,12 +803,14 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
                         baseline_rows = read_history(output / "baseline")
                         _check_baseline(output, baseline_rows, base.train.rounds)
                     shared["baseline_bytes"] = [total_bytes(h) for h in baseline_rows]
+                    shared["baseline_accuracy"] = [h.test_accuracy for h in baseline_rows]
                 phase = "search"
                 say(f"[bold]search[/bold]: {spec.num_samples} sample(s) of {len(spec.search_space)} key(s), "
                     f"{spec.search.algorithm}, scheduler {spec.scheduler.name}")
                 with stops.tune_running():
                     grid = _experiment("search", output, base, shared, spec, _param_space(spec),
-                                       _tune_config(spec, base), console, resume, quiet)
+                                       _tune_config(spec, base), console, resume, quiet,
+                                       stop=_budget(spec, output, base.train.rounds, len(baseline_rows)))
                 if stops.requested:
                     raise SearchStopped(stops.signum, output, phase)
         except Abandon as stop:
@@ -774,17 +845,24 @@ def _check_baseline(output: Path, rows: list[RoundRecord], rounds: int) -> None:
 def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: Any,
                    baseline_rows: list[RoundRecord], elapsed: float, console: Console) -> dict[str, Any]:
     baseline_total = [total_bytes(h) for h in baseline_rows] or None
+    baseline_accuracies = [h.test_accuracy for h in baseline_rows] or None
+    trained = rounds_trained(output, len(baseline_rows))
     for run_dir in [output / "baseline", *sorted((output / "trials").glob("*"))]:
         if (run_dir / JOURNAL / "rounds.jsonl").is_file():
             write_tables(run_dir)  # trials a scheduler stopped early never wrote theirs
     rows = []
     for result in grid:
+        if result.config is None or result.path is None:  # the compute budget ended the search before it started
+            continue
         trial_id = Path(result.path).name  # trial_dirname_creator names it after the trial id
         params = sampled_params(result.config, spec)
-        rows.append(_row(trial_id, _status(result, base.train.rounds), params,
-                         read_history(output / "trials" / trial_id), spec, baseline_total))
+        history = read_history(output / "trials" / trial_id)
+        rows.append(_row(trial_id, _status(result, history, base.train.rounds), params, history, spec,
+                         baseline_total, trained.get(trial_id, 0), baseline_accuracies))
     rows.sort(key=lambda r: r["trial_id"])
-    base_row = _row("baseline", "completed", {}, baseline_rows, spec, baseline_total) if baseline_rows else None
+    base_row = _row("baseline", "completed", {}, baseline_rows, spec, baseline_total, trained[BASELINE_LEDGER],
+                    baseline_accuracies) if baseline_rows else None
+    spent = run_equivalents(trained, base.train.rounds)
     key = accuracy_key(spec)
     best = choose_best(rows, spec, base_row[key] if base_row else None)
     done = [i for i, r in enumerate(rows) if r.get(key) is not None and r["status"] == "completed"]
@@ -803,6 +881,7 @@ def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: A
                 output / "pareto.png")
     summary: dict[str, Any] = {
         "name": spec.name, "trials": len(rows), "search_time_s": elapsed,
+        "rounds_trained": sum(trained.values()), "run_equivalents": spent,
         "statuses": {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "errored")},
         "baseline": _jsonable(base_row), "best": _jsonable(rows[best]) if best is not None else None,
         "pareto": [rows[i]["trial_id"] for i in front],
@@ -824,6 +903,12 @@ def _write_outputs(output: Path, spec: TuneSpec, base: ExperimentConfig, grid: A
     console.print(f"wrote {output / 'trials.parquet'}, {output / 'pareto.png'}"
                   + (f", {output / 'best.yaml'}" if best is not None else "")
                   + f"; search took {elapsed:.0f} s; tensorboard --logdir {output}")
+    console.print(f"compute: {sum(trained.values())} rounds trained (trials and baseline) = {spent:.2f} "
+                  f"run-equivalents of {base.train.rounds} rounds"
+                  + (f" (budget {spec.max_run_equivalents:g})" if spec.max_run_equivalents else ""))
+    if best is None and spec.constrained and rows:
+        console.print(f"no completed trial is within {spec.max_accuracy_drop:g} of the baseline's accuracy: "
+                      "no best.yaml")
     return summary
 
 

@@ -58,13 +58,18 @@ def smoothed_accuracy(accuracies: Sequence[float], k: int) -> np.ndarray:
     return np.array([_mean(values[max(0, i + 1 - k):i + 1]) for i in range(len(values))], dtype=np.float64)
 
 
+def mean_of_last(values: Sequence[float], n: int) -> float:
+    """Mean of the last ``n`` values (all of them if fewer; at least one), summed in order."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1 evaluation, got {n}")
+    return _mean(list(values)[-n:])
+
+
 def mean_of_last_accuracies(history: Sequence[RoundRecord], n: int) -> float | None:
     """Mean test accuracy (fraction) of the last ``n`` evaluated rounds (all of them if fewer);
     None before the first evaluation. ``n = 1`` is the final accuracy."""
-    if n < 1:
-        raise ValueError(f"n must be at least 1 evaluation, got {n}")
-    accs = [h.test_accuracy for h in evaluated(history)][-n:]
-    return _mean(accs) if accs else None
+    accs = [h.test_accuracy for h in evaluated(history)]
+    return mean_of_last(accs, n) if accs else None
 
 
 @dataclass(frozen=True)

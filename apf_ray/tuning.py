@@ -31,6 +31,7 @@ from apf_ray.config import (
 )
 from apf_ray.config import build_config as build_experiment
 from apf_ray.derived import bytes_to_target, mean_of_last_accuracies, saving_at_round, total_bytes
+from apf_ray.search_objective import constrained_score, constraint_excess
 
 SEARCH_DRIVER = {"run": "actors.tune:run_search", "resume": "actors.tune:resume_search"}
 """The Ray half of the search, imported by path by the CLI (the core never imports Ray)."""
@@ -41,7 +42,9 @@ finite stand-in for "never" (schedulers need finite metrics); tables show it as 
 Also the ``test_loss`` reported for a round whose loss overflowed (recorded as None)."""
 
 DOMAINS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
-OBJECTIVE_METRICS = ("accuracy", "bytes_total", "bytes_up", "bytes_to_target")
+OBJECTIVE_METRICS = ("accuracy", "bytes_total", "bytes_up", "bytes_to_target", "constrained_saving")
+MAXIMISED = ("accuracy", "constrained_saving")
+"""Objectives whose default mode is max (the others are bytes: min)."""
 
 
 class _Strict(BaseModel):
@@ -111,14 +114,16 @@ class Domain(_Strict):
 class Objective(_Strict):
     """One quantity to optimise, computed from a trial's round records."""
 
-    metric: Literal["accuracy", "bytes_total", "bytes_up", "bytes_to_target"]
-    mode: Literal["max", "min"] | None = Field(None, description="default: max for accuracy, min for bytes")
-    last_n: int = Field(1, ge=1, description="accuracy: mean of the last N evaluations (1 = final)")
+    metric: Literal["accuracy", "bytes_total", "bytes_up", "bytes_to_target", "constrained_saving"]
+    mode: Literal["max", "min"] | None = Field(None, description="default: max for accuracy and "
+                                                               "constrained_saving, min for bytes")
+    last_n: int = Field(1, ge=1, description="accuracy, constrained_saving: mean of the last N evaluations "
+                                             "(1 = final)")
 
     @model_validator(mode="after")
     def _default_mode(self) -> Objective:
         if self.mode is None:
-            self.mode = "max" if self.metric == "accuracy" else "min"
+            self.mode = "max" if self.metric in MAXIMISED else "min"
         return self
 
     @property
@@ -130,6 +135,11 @@ class Objective(_Strict):
 class SearchSpec(_Strict):
     algorithm: Literal["random", "grid", "optuna", "optuna_nsga2"] = "random"
     seed: int | None = Field(0, description="seed of the searcher (None: nondeterministic)")
+    startup_trials: int | None = Field(None, ge=1, description="optuna (TPE): trials sampled at random before "
+                                       "TPE models the others (Optuna's default: 10, so a budget of fewer "
+                                       "trials would never leave random search)")
+    population: int | None = Field(None, ge=2, description="optuna_nsga2: trials per generation (Optuna's "
+                                   "default: 50; a budget of fewer trials never reaches a second generation)")
 
 
 class SchedulerSpec(_Strict):
@@ -163,12 +173,23 @@ class TuneSpec(_Strict):
     max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the cluster fits")
     baseline: bool = Field(True, description="run one FedAvg trial on the same workload and seed first")
     trial_failures: int = Field(1, ge=0, description="restarts of a failing trial from its last checkpoint")
+    max_run_equivalents: float | None = Field(
+        None, gt=1, description="stop the search once its trials and baseline trained this many runs' worth of "
+                                "rounds (apf_ray.search_objective); None: num_samples alone bounds it")
 
     @model_validator(mode="after")
     def _consistent(self) -> TuneSpec:
         metrics = [o.metric for o in self.objective]
         if len(set(o.key for o in self.objective)) != len(self.objective):
             raise ValueError(f"objective lists a metric twice: {metrics}")
+        if "constrained_saving" in metrics and not self.baseline:
+            raise ValueError("objective constrained_saving is measured against the FedAvg baseline: "
+                             "set baseline: true")
+        if "constrained_saving" in metrics and "accuracy" in metrics:
+            raise ValueError("objective constrained_saving judges accuracy itself (its last_n): "
+                             "list no accuracy objective beside it")
+        if self.max_run_equivalents is not None and not self.baseline:
+            raise ValueError("max_run_equivalents counts the baseline's rounds: set baseline: true")
         if "bytes_to_target" in metrics and self.target_accuracy is None:
             raise ValueError("objective bytes_to_target needs target_accuracy")
         multi = len(self.objective) > 1
@@ -188,6 +209,11 @@ class TuneSpec(_Strict):
     @property
     def multi_objective(self) -> bool:
         return len(self.objective) > 1
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the search optimises ``constrained_saving`` (then best.yaml is always feasible)."""
+        return any(o.metric == "constrained_saving" for o in self.objective)
 
     @property
     def scheduler_metric(self) -> tuple[str, str]:
@@ -268,11 +294,13 @@ def baseline_config(base: ExperimentConfig) -> ExperimentConfig:
                             source="baseline")
 
 
-def round_metrics(history: Sequence[Any], spec: TuneSpec, baseline_bytes: Sequence[int] | None) -> dict[str, float]:
+def round_metrics(history: Sequence[Any], spec: TuneSpec, baseline_bytes: Sequence[int] | None,
+                  baseline_accuracies: Sequence[float] | None = None) -> dict[str, float]:
     """What a trial reports after its latest round: every value finite (see :data:`UNREACHED`).
 
     ``history`` are the trial's :class:`~apf_ray.records.RoundRecord` so far (evaluated every
-    round); ``baseline_bytes[r-1]`` is the baseline's cumulative total bytes after round r. The
+    round); ``baseline_bytes[r-1]`` is the baseline's cumulative total bytes after round r, and
+    ``baseline_accuracies[r-1]`` its test accuracy at round r (for ``constrained_saving``). The
     numbers are :mod:`apf_ray.derived`'s. A test loss the server recorded as None (it overflowed:
     the model diverged) is reported as :data:`UNREACHED`, worse than any real loss.
     """
@@ -298,7 +326,20 @@ def round_metrics(history: Sequence[Any], spec: TuneSpec, baseline_bytes: Sequen
     saving = saving_at_round(rec, baseline_bytes)
     if saving is not None:
         out["saving"] = saving
+        if spec.constrained and baseline_accuracies is not None:
+            out.update(constrained_metrics([h.test_accuracy for h in history], saving, spec,
+                                           baseline_accuracies))
     return out
+
+
+def constrained_metrics(accuracies: Sequence[float], saving: float, spec: TuneSpec,
+                        baseline_accuracies: Sequence[float]) -> dict[str, float]:
+    """``constrained_saving`` at a trial's latest round (:mod:`apf_ray.search_objective`) and
+    ``accuracy_excess``, the accuracy gap beyond ``max_accuracy_drop`` (≤ 0: feasible), which a
+    constraint-aware searcher receives as its constraint."""
+    last_n = accuracy_rounds(spec)
+    excess = constraint_excess(accuracies, baseline_accuracies, last_n, spec.max_accuracy_drop)
+    return {"constrained_saving": constrained_score(saving, excess), "accuracy_excess": excess}
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -317,7 +358,8 @@ def choose_best(rows: Sequence[Mapping[str, Any]], spec: TuneSpec, baseline_accu
     Accuracy is the search's own accuracy objective (e.g. the mean of the last 10 rounds, less
     noisy than the final round), else the final accuracy. Only trials within
     ``max_accuracy_drop`` of the baseline's qualify (all completed ones when there is no
-    baseline; when none qualifies, the most accurate). One objective: its best value. Several:
+    baseline; when none qualifies, the most accurate — or None for a ``constrained_saving``
+    search, which recommends only a feasible setting). One objective: its best value. Several:
     the Pareto point (accuracy, total bytes) with the fewest bytes.
     """
     key = accuracy_key(spec)
@@ -328,7 +370,7 @@ def choose_best(rows: Sequence[Mapping[str, Any]], spec: TuneSpec, baseline_accu
     if baseline_accuracy is not None:
         eligible = [i for i in done if rows[i][key] >= baseline_accuracy - spec.max_accuracy_drop]
         if not eligible:
-            return max(done, key=lambda i: rows[i][key])
+            return None if spec.constrained else max(done, key=lambda i: rows[i][key])
     if spec.multi_objective:
         front = pareto_front([(rows[i][key], rows[i]["bytes_total"]) for i in eligible])
         return eligible[front[0]]
@@ -338,9 +380,9 @@ def choose_best(rows: Sequence[Mapping[str, Any]], spec: TuneSpec, baseline_accu
 
 
 def accuracy_rounds(spec: TuneSpec) -> int:
-    """How many of a trial's last evaluations its judged accuracy averages: the accuracy
-    objective's ``last_n``, else 1 (the final accuracy)."""
-    return next((o.last_n for o in spec.objective if o.metric == "accuracy"), 1)
+    """How many of a trial's last evaluations its judged accuracy averages: the accuracy (or
+    constrained_saving) objective's ``last_n``, else 1 (the final accuracy)."""
+    return next((o.last_n for o in spec.objective if o.metric in MAXIMISED), 1)
 
 
 def accuracy_key(spec: TuneSpec) -> str:

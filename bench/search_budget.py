@@ -1,0 +1,244 @@
+"""Which search finds APF's savings within a budget: five searchers, each capped at 8 run-equivalents.
+
+For each algorithm — random search, NSGA-II (accuracy against bytes), a constraint-aware TPE,
+ASHA and PBT (all but NSGA-II on the constrained objective, see
+``apf_ray/search_objective.py``) — and each of 2
+searcher seeds, one ``apf-ray tune`` search over APF's T, α, Fc and p on the paper's LeNet-5
+setting (Fashion-MNIST, 10 clients × 2 label shards, 300 rounds), stopped once it trained 8
+run-equivalents *including* its FedAvg baseline. The baseline is trained once (by the first
+search) and copied into the others: same workload, same seed, same numbers.
+
+Each search is then read as an anytime curve: after b run-equivalents (b = 2, 4, 8 in the
+table; every quarter in the plot), the trials that had finished all their rounds by then are
+the ones the search could have chosen from; the one best.yaml's rule chooses (the largest
+saving within 0.5 points of FedAvg, accuracies as means of the last 10 rounds) gives the
+curve's value, its total-bytes saving — 0 when the search could choose no feasible setting yet.
+
+    nice -n 10 python3 bench/search_budget.py [--output runs/search-budget] [--json PATH]
+    nice -n 10 python3 bench/search_budget.py --quick   # digits, 3 rounds, one seed: a smoke test
+
+Rerunning the same command continues: finished searches are reused, an interrupted one is
+resumed (``apf-ray tune --resume``), the rest run. Needs Debian's ``dataset-fashion-mnist``
+(not ``--quick``). Long: 10 searches × 8 runs of 300 rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from provenance import RESULTS, code, command, machine, now
+
+from apf_ray.config import ExperimentConfig, build_config, read_yaml_mapping
+from apf_ray.errors import SetupError, Stopped
+from apf_ray.metrics import read_history
+from apf_ray.search_objective import finished_within, read_ledgers
+from apf_ray.tuning import TuneSpec, accuracy_key, choose_best
+
+REPO = RESULTS.parent.parent
+ALGORITHMS = ("random", "nsga2", "tpe", "asha", "pbt")
+BUDGET = 8.0
+"""Run-equivalents per search, the baseline's included."""
+READ_AT = (2.0, 4.0, 8.0)
+MAX_DROP = 0.005
+"""Accuracy (fraction) a chosen setting may lose against FedAvg: 0.5 points."""
+LAST_N = 10
+SPACE = {
+    "strategy.options.threshold": {"loguniform": [0.05, 0.5]},
+    "strategy.options.alpha": {"uniform": [0.9, 0.995]},
+    "strategy.options.check_every": {"choice": [1, 2, 5]},
+    "strategy.options.aggressive_prob": {"uniform": [0.0, 0.5]},
+}
+SCALES = {
+    "paper": {"config": "configs/fashion-mnist-lenet5.yaml", "overrides": {}, "output": "runs/search-budget",
+              "json": RESULTS / "search_budget.json"},
+    "quick": {"config": "configs/digits-lenet5.yaml",
+              "overrides": {"train.rounds": 3, "data.num_clients": 6, "train.clients_per_round": 3,
+                            "train.local_steps": 3},
+              "output": "runs/search-budget-quick", "json": RESULTS / "search_budget_quick.json"},
+}
+POPULATION = 6
+"""PBT's population: it trains every member to the end, so 6 runs + the baseline fit in 8."""
+GENERATION = 3
+"""TPE's random start-up trials and NSGA-II's generation: about 7 whole trials fit the budget, so
+Optuna's defaults (10 and 50) would leave both searchers random search with another seed."""
+
+
+def search_spec(algorithm: str, seed: int, rounds: int) -> TuneSpec:
+    """One search of the benchmark: every algorithm shares the space, budget and accuracy rule."""
+    constrained = [{"metric": "constrained_saving", "last_n": LAST_N}]
+    step = max(1, rounds // 10)  # ASHA's first rung and PBT's perturbation interval: a tenth of a run
+    per_algorithm: dict[str, dict[str, Any]] = {
+        "random": {"objective": constrained, "search": {"algorithm": "random", "seed": seed}},
+        "nsga2": {"objective": [{"metric": "accuracy", "last_n": LAST_N}, {"metric": "bytes_total"}],
+                  "search": {"algorithm": "optuna_nsga2", "seed": seed, "population": GENERATION}},
+        "tpe": {"objective": constrained, "search": {"algorithm": "optuna", "seed": seed,
+                                                     "startup_trials": GENERATION}},
+        "asha": {"objective": constrained, "search": {"algorithm": "random", "seed": seed},
+                 "scheduler": {"name": "asha", "grace_period": step, "reduction_factor": 3}},
+        "pbt": {"objective": constrained, "search": {"algorithm": "random", "seed": seed}, "num_samples": POPULATION,
+                "scheduler": {"name": "pbt", "perturbation_interval": step, "synch": False}},
+    }
+    return TuneSpec.model_validate({
+        "name": f"{algorithm}-seed{seed}", "base": {}, "search_space": SPACE, "max_accuracy_drop": MAX_DROP,
+        "max_run_equivalents": BUDGET, "max_concurrent_trials": 2, "num_samples": 64,
+        **per_algorithm[algorithm]})
+
+
+def workload(scale: str) -> ExperimentConfig:
+    """The base train config: one client actor per trial (two trials at a time on 2 cores)."""
+    setting = SCALES[scale]
+    raw = read_yaml_mapping(REPO / setting["config"])
+    overrides = {"cluster.pools": [{"name": "cpu", "num_actors": 1, "num_cpus": 1}],
+                 "output.checkpoint_every": 50, **setting["overrides"]}
+    return build_config(raw, overrides, source=setting["config"])
+
+
+def run_one(algorithm: str, seed: int, base: ExperimentConfig, output: Path, shared_baseline: Path) -> str:
+    """Run, resume or reuse one search in ``output``; says which it did."""
+    from actors.tune import resume_search, run_search
+
+    if (output / "summary.json").is_file():
+        return "reused"
+    if (output / "search.json").is_file():
+        resume_search(output, quiet=True)
+        return "resumed"
+    if (shared_baseline / "summary.json").is_file():  # trained by an earlier search: same workload, same seed
+        shutil.copytree(shared_baseline, output / "baseline")
+    run_search(search_spec(algorithm, seed, base.train.rounds), base, output, quiet=True)
+    return "ran"
+
+
+def anytime(output: Path, rounds: int, budgets: list[float]) -> list[dict[str, Any]]:
+    """What the search in ``output`` would have chosen after each budget (run-equivalents)."""
+    import pyarrow.parquet as pq
+
+    spec = TuneSpec.model_validate(json.loads((output / "search.json").read_text())["spec"])
+    table = pq.read_table(output / "trials.parquet").to_pylist()
+    baseline = next(r for r in table if r["baseline"])
+    trials = [r for r in table if not r["baseline"]]
+    ledgers = read_ledgers(output)
+    key = accuracy_key(spec)
+    curve = []
+    for budget in budgets:
+        finished = finished_within(budget, ledgers, rounds, baseline["rounds_trained"])
+        candidates = [r for r in trials if r["trial_id"] in finished and r["status"] == "completed"]
+        best = choose_best(candidates, spec, baseline[key])
+        feasible = best is not None and candidates[best][key] >= baseline[key] - MAX_DROP
+        curve.append({"run_equivalents": budget, "finished_trials": len(candidates),
+                      "chosen": candidates[best]["trial_id"] if feasible else None,
+                      "saving": candidates[best]["saving"] if feasible else 0.0,
+                      "accuracy_gap": baseline[key] - candidates[best][key] if feasible else None})
+    return curve
+
+
+def plot(searches: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = dict(zip(ALGORITHMS, ("tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:purple"), strict=True))
+    for algorithm in ALGORITHMS:
+        mine = [s for s in searches if s["algorithm"] == algorithm]
+        for i, s in enumerate(mine):
+            xs = [p["run_equivalents"] for p in s["curve"]]
+            ax.step(xs, [100 * p["saving"] for p in s["curve"]], where="post", c=colours[algorithm],
+                    ls="-" if i == 0 else "--", label=f"{algorithm} (seed {s['seed']})")
+    ax.set_xlabel("compute spent (run-equivalents: rounds trained by all trials\nand the baseline / rounds of one run)")
+    ax.set_ylabel(f"total-bytes saving of the chosen setting (%)\nwithin {100 * MAX_DROP:g} points of FedAvg")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    """The benchmark; a signal stops it with one line (rerun the command to continue), a set-up
+    error is one ``error:`` line, exit 2."""
+    try:
+        benchmark()
+    except Stopped as stop:
+        print(f"{stop.message}; or rerun the same command to continue every search", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def benchmark() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="digits, 3 rounds: a smoke test of the whole pipeline")
+    parser.add_argument("--output", help="where the searches go (default runs/search-budget[-quick])")
+    parser.add_argument("--json", help="the result file (default docs/results/search_budget[_quick].json); "
+                                       "the plot goes beside it (.png)")
+    parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
+    parser.add_argument("--seeds", nargs="+", type=int, help="searcher seeds (default 0 1; --quick: 0)")
+    args = parser.parse_args()
+    scale = "quick" if args.quick else "paper"
+    seeds = args.seeds or ([0] if args.quick else [0, 1])
+    setting = SCALES[scale]
+    base = workload(scale)
+    data_path = base.data.options.get("path")
+    if data_path and not Path(data_path).is_dir():
+        raise SetupError(f"{base.data.dataset} is not at {data_path}: apt-get install dataset-fashion-mnist "
+                         "(or run --quick)")
+    output = Path(args.output or REPO / setting["output"])
+    result_path = Path(args.json or setting["json"])
+    from actors.backend import ray_session
+
+    output.mkdir(parents=True, exist_ok=True)
+    shared_baseline = output / "shared-baseline"
+    rounds = base.train.rounds
+    budgets = [b / 4 for b in range(4, int(4 * BUDGET) + 1)]
+    searches = []
+    started = now()
+    with ray_session(base):  # one local cluster for every search
+        for algorithm in args.algorithms:
+            for seed in seeds:
+                folder = output / f"{algorithm}-seed{seed}"
+                print(f"{algorithm}, searcher seed {seed}: {folder}", flush=True)
+                clock = time.perf_counter()
+                how = run_one(algorithm, seed, base, folder, shared_baseline)
+                if not shared_baseline.exists() and read_history(folder / "baseline"):
+                    shutil.copytree(folder / "baseline", shared_baseline)
+                summary = json.loads((folder / "summary.json").read_text())
+                curve = anytime(folder, rounds, budgets)
+                at = {f"{b:g}": next(p for p in curve if p["run_equivalents"] == b) for b in READ_AT}
+                print(f"  {how} in {time.perf_counter() - clock:.0f} s: {summary['run_equivalents']:.2f} "
+                      f"run-equivalents, {summary['trials']} trials; saving chosen at "
+                      + ", ".join(f"{b}: {p['saving']:.1%}" for b, p in at.items()), flush=True)
+                searches.append({"algorithm": algorithm, "seed": seed, "folder": str(folder), "how": how,
+                                 "run_equivalents": summary["run_equivalents"], "trials": summary["trials"],
+                                 "statuses": summary["statuses"], "search_time_s": summary["search_time_s"],
+                                 "at": at, "curve": curve})
+    means = {a: {b: sum(s["at"][b]["saving"] for s in searches if s["algorithm"] == a)
+                 / max(1, sum(s["algorithm"] == a for s in searches)) for b in searches[0]["at"]}
+             for a in args.algorithms}
+    result = {
+        "what": "saving of total bytes (uplink + downlink) of the setting each search would choose after "
+                f"b run-equivalents, within {100 * MAX_DROP:g} points of FedAvg (means of the last {LAST_N} "
+                f"rounds); budget {BUDGET:g} run-equivalents including the baseline"
+                + (" -- QUICK SMOKE SCALE (digits, 3 rounds), not the benchmark" if args.quick else ""),
+        "scale": scale, "workload": base.to_dict(), "search_space": SPACE, "command": command(), "code": code(),
+        "machine": machine(), "started": started, "finished": now(), "mean_saving_chosen": means,
+        "searches": searches,
+    }
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(result, indent=1) + "\n")
+    plot(searches, result_path.with_suffix(".png"),
+         f"saving chosen against compute ({base.data.dataset}, LeNet-5, {rounds} rounds"
+         + (", quick smoke scale)" if args.quick else ")"))
+    print(f"wrote {result_path} and {result_path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
