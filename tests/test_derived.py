@@ -102,8 +102,9 @@ def test_a_trials_row_holds_the_derived_numbers():
     from actors.tune import _row
 
     history = _history([0.5, None, 0.9, 0.7])
-    row = _row("t_00000", "completed", {}, history, _spec(), [300, 600, 900, 1800])
+    row = _row("t_00000", "completed", {}, history, _spec(), [300, 600, 900, 1800], trained=4)
     assert row["accuracy_last2"] == mean_of_last_accuracies(history, 2) == (0.9 + 0.7) / 2
     assert row["bytes_to_target"] == bytes_to_target(history, 0.8).bytes_total == 450
     assert row["saving"] == saving_at_round(history[-1], [300, 600, 900, 1800]) == 1 - 600 / 1800
     assert row["bytes_total"] == total_bytes(history[-1]) and row["final_accuracy"] == 0.7
+    assert row["rounds_trained"] == 4
