@@ -448,10 +448,15 @@ def _error(err: BaseException) -> int:
     return 2
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, as_program: bool = False) -> int:
     """Exit status: 0 done, 1 a run finished in which no round aggregated (its summary is written),
     2 a usage, config, data, checkpoint or cluster error (one ``error:`` line per problem, on
-    standard error), 130 / 143 stopped by SIGINT / SIGTERM (resumable from the printed folder)."""
+    standard error), 130 / 143 stopped by SIGINT / SIGTERM (resumable from the printed folder).
+
+    ``as_program``: this is the ``apf-ray`` process (:func:`program`), so once a command has
+    stopped, later SIGINT/SIGTERM are ignored while it says so and exits: everything is saved,
+    and a second Ctrl-C that comes after the stop finished must not kill the exit midway.
+    """
     args = build_parser().parse_args(argv)
     from apf_ray.config import ConfigError
 
@@ -465,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as stop:
         from rich.markup import escape
 
+        if as_program:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         console().print(f"[yellow]{escape(stop.message)}", soft_wrap=True, highlight=False)
         return stop.exit_code
     except KeyboardInterrupt:
@@ -476,5 +484,18 @@ def main(argv: list[str] | None = None) -> int:
         logger.setLevel(previous)
 
 
+def program() -> None:
+    """The ``apf-ray`` executable (and ``python -m apf_ray.cli``): :func:`main`, then exit with its status.
+
+    A signal in the moment between a stopped run restoring the default handlers and
+    :func:`main` reporting the stop is a stop too: exit 130 without a traceback.
+    """
+    try:
+        code = main(as_program=True)
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

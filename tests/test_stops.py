@@ -218,9 +218,10 @@ def test_a_second_signal_stops_a_compare_at_once_and_resume_still_finishes_it(tm
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, text
     done = len(read_history(out / "apf"))
-    assert text.strip().splitlines()[-1] == (
+    assert text.strip().splitlines()[-1] in (  # the first signal came between rounds: nothing left to abandon
         f"abandoned the round in flight (second signal); stopped variant apf after round {done}, the last "
-        f"checkpoint; resume with apf-ray compare --resume {out}")
+        f"checkpoint; resume with apf-ray compare --resume {out}",
+        f"stopped variant apf after round {done}; resume with apf-ray compare --resume {out}")
     assert "Traceback" not in text and not (out / "compare.json").exists()
     resumed = _compare("--inprocess", "--resume", str(out))
     text, _ = resumed.communicate(timeout=600)
@@ -312,3 +313,32 @@ def test_reproduce_resume_repeats_the_saved_invocation_only(tmp_path, capsys):
     assert main(["reproduce", "--resume", str(tmp_path), "--only", "lenet5"]) == 2
     assert _printed(capsys) == (f"error: --only cannot be used with --resume: it repeats the invocation "
                                        f"saved in {tmp_path}\n")
+
+
+AFTER_THE_STOP = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from apf_ray import cli
+
+out = Path(sys.argv[2])
+
+def first_signal():  # Ctrl-C once the first round is in the journal
+    while not (out / "journal" / "rounds.jsonl").is_file():
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGINT)
+
+threading.Thread(target=first_signal, daemon=True).start()
+code = cli.main(["train", "--inprocess", "--quiet", "--config", sys.argv[1], "--output", str(out)], as_program=True)
+os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C that comes after the stop was reported
+time.sleep(0.5)
+print("exited with", code)
+"""
+
+
+def test_a_signal_after_a_stop_was_reported_does_not_kill_the_exiting_program(tmp_path):
+    _, cfg_file = _config(tmp_path, rounds=50)
+    proc = subprocess.run([sys.executable, "-c", AFTER_THE_STOP, str(cfg_file), str(tmp_path / "run")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "exited with 130", proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert load_resume_point(tmp_path / "run").round < 50
