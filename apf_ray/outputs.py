@@ -292,15 +292,14 @@ def record(folder: Path, *paths: str | Path) -> None:
     tmp.replace(folder / FILE_LIST)
 
 
-def record_tree(folder: Path, directory: Path, names: Sequence[str] | None = None) -> None:
-    """List ``directory`` (inside ``folder``), its parents up to ``folder`` and everything in it:
-    for a directory apf-ray writes whole (a checkpoint, renamed into place). ``names``: its
-    files, when they are known before they exist (a checkpoint still being written)."""
+def record_tree(folder: Path, directory: Path, names: Sequence[str]) -> None:
+    """List ``directory`` (inside ``folder``), its parents up to ``folder`` and its files ``names``:
+    for a directory apf-ray writes whole (a checkpoint, renamed into place), listed by the names
+    it will hold, since a checkpoint written in the background may not exist yet."""
     directory = Path(directory).resolve()
     base = Path(folder).resolve()
     parents = [p for p in directory.parents if p != base and base in p.parents]
-    inside = directory.rglob("*") if names is None else (directory / name for name in names)
-    record(folder, *parents, directory, *inside)
+    record(folder, *parents, directory, *(directory / name for name in names))
 
 
 def clear_run(folder: Path) -> list[str]:
