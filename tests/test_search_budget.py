@@ -154,7 +154,9 @@ def test_a_budgeted_asha_search_on_the_constrained_objective_counts_every_round_
     rounds, budget = 4, 6.0
     base = tiny_config("cluster.pools=[{name: cpu, num_actors: 1, num_cpus: 1}]", "output.checkpoint_every=2",
                        rounds=rounds)
-    spec = _constrained(max_accuracy_drop=0.05, num_samples=20, max_concurrent_trials=2, max_run_equivalents=budget,
+    # One trial at a time: ASHA's cuts depend on the order results reach a rung, so concurrent trials
+    # would make which (if any) it stops a race.
+    spec = _constrained(max_accuracy_drop=0.05, num_samples=20, max_concurrent_trials=1, max_run_equivalents=budget,
                         scheduler={"name": "asha", "grace_period": 2, "reduction_factor": 2})
     summary = run_search(spec, base, tmp_path, console=Console(file=io.StringIO()))
     rows = pq.read_table(tmp_path / "trials.parquet").to_pylist()
