@@ -29,7 +29,7 @@ from apf_ray.config import build_config
 from apf_ray.data.loaders import FASHION_MNIST_DIR
 from apf_ray.variants import variant_overrides
 
-REPO = Path(__file__).resolve().parent.parent.parent
+REPO = Path(__file__).resolve().parent.parent
 TUNE_RESULT = REPO / "docs" / "results" / "tune_fashion_mnist.json"
 """The lead's Ray Tune search on the same LeNet-5 / Fashion-MNIST workload (its best trial)."""
 

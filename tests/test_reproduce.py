@@ -118,6 +118,7 @@ def test_every_run_of_the_plan_is_a_valid_config_and_the_lenet5_workload_is_the_
     quick, full = build_plan(quick=True), build_plan(quick=False)
     assert set(quick.runs) == set(full.runs) - {"lenet5-fedavg-600", "lenet5-apf-600"} | {"lenet5-fedavg-24",
                                                                                             "lenet5-apf-24"}
+    assert full.tuned is not None and "lenet5-apf-tuned" in full.runs  # the committed Ray Tune result, by default
     cont = full.runs["lenet5-apf-600"]
     assert cont.extends == "lenet5-apf" and cont.rounds == 600
     assert full.runs["lenet5-partial-sync"].config["strategy"]["options"]["threshold"] == 0.2  # same T as APF
