@@ -83,7 +83,7 @@ def reproduce(output: str | Path, *, quick: bool = False, only: list[str] | None
                             phase = "while measuring overheads"
                             overhead = measure_overhead(plan, say)  # first, while no run of ours shares the cores
                             overhead_file.parent.mkdir(parents=True, exist_ok=True)
-                            overhead_file.write_text(json.dumps({"scale": plan.scale, "models": overhead}, indent=2))
+                            overhead_file.write_text(json.dumps(overhead, indent=2))
                         phase = "between runs"
                         run_all(specs, out, jobs=jobs, say=say, status=statuses)
             except BaseException:  # stopped (or failed): the runs that finished still count, and the time spent
@@ -119,10 +119,11 @@ def _save_options(out: Path, *, quick: bool, only: list[str] | None, jobs: int, 
 
 
 def _cached_overhead(path: Path, scale: str) -> dict[str, Any] | None:
+    """Table III's measurement from an earlier invocation at this scale (:func:`.overhead.measure_overhead`)."""
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    return data["models"] if data.get("scale") == scale else None
+    return data if data.get("scale") == scale else None
 
 
 def _record_invocation(out: Path, command: str, wall_s: float, load: dict[str, Any], statuses: dict[str, str],

@@ -148,7 +148,7 @@ class Markdown:
                 + f"\n\n{_fig(exp['figures'][0])}\n")
         return self.section(model, body)
 
-    # ---- Figs 5/6, 12, 13, 14 -----------------------------------------------------------------
+    # ---- Figs 5/6, 12, 13, 14 and the rivals ---------------------------------------------------
     def lenet5_section(self, name: str, lead: str, after: str, *, to_target: bool = True) -> str:
         """A LeNet-5 experiment: ``lead``, how accuracy and savings are measured, its table, ``after``, its plot."""
         exp = self.exps[name]
@@ -196,12 +196,24 @@ class Markdown:
                 "skips a client whose update agrees in sign with the last global update on fewer than half the "
                 "scalars; Top-k sends the 10% largest |update + residual|; both sparsifiers keep an error-feedback "
                 "residual. *At equal accuracy* means the bytes each needed to reach the same target accuracy.")
-        reached = sorted((r for r in rows if r["bytes_to_target"] is not None), key=lambda r: r["bytes_to_target"])
-        missed = [r["label"] for r in rows if r["bytes_to_target"] is None]
-        order = ("From fewest to most bytes to the target: " + ", ".join(
-            f"{r['label']} {_mb(r['bytes_to_target'])} MB" for r in reached) + "."
-                 + (f" Never reached it: {', '.join(missed)}." if missed else ""))
-        return self.lenet5_section("baselines", f"{text} ", order)
+        return self.lenet5_section("baselines", f"{text} ", _target_order(rows))
+
+    def rivals(self) -> str:
+        exp = self.exps["rivals"]
+        if "rows" not in exp:
+            return self.section("rivals", self.missing("rivals"))
+        rows = exp["rows"]
+        text = ("FedProx adds the proximal term μ/2·‖w − w_global‖² to every client's local loss and sends every "
+                "scalar, as FedAvg does; GWPF (Computer Networks 2024) freezes, on the server, the scalars whose "
+                "moving average of relative update per round falls under its threshold, and thaws one when enough "
+                "clients vote that its local change has grown (the votes are counted in the uplink) — "
+                "`apf_ray/strategies/gwpf.py` says where it differs from the paper. Top-k (10%, error feedback) is "
+                "composed after each strategy's own encoding, as with APF in Fig. 13. One seed: a comparison at "
+                "this workload and length, not a verdict between the methods.")
+        apf = next(r for r in rows if r["key"] == "lenet5-apf")
+        others = [r for r in rows if r["key"] not in ("lenet5-fedavg", "lenet5-apf")]
+        summary = "Against APF: " + "; ".join(_versus(r, apf) for r in others) + ". " + _target_order(rows)
+        return self.lenet5_section("rivals", f"{text} ", summary)
 
     def threshold(self) -> str:
         exp = self.exps["threshold"]
@@ -252,6 +264,12 @@ class Markdown:
                 "against one copy of the model's weights + gradients (+ momentum), and against the APF run's peak "
                 "resident memory (the whole process: framework, data, model copies — closer to what the paper "
                 "measured). A client holds only the mask (1 byte per scalar while training; n/8 bytes on the wire).")
+        when = self.exps["overhead"].get("measured") or {}
+        if when.get("date"):
+            text += (f" The micro-benchmark ran {when['date'][:10]} on a {when['machine']['cpus']}-core "
+                     f"{when['machine']['cpu_model']} (mean 1-minute load {when['load_average']['mean_1min_during']}); "
+                     "the figures *in the run* and the peak RSS are the runs', from when and where they trained "
+                     "(the report's head and the runs table).")
         table = _table(["model", "parameters", "controller update: alone / in the run", "local round s: FedAvg / APF",
                         "masked step", "APF extra per round", "compute inflation", "paper: extra (inflation)",
                         "state", "of weights + gradients (+ momentum)", "APF run peak RSS", "of peak RSS",
@@ -434,6 +452,15 @@ def _versus(row: dict[str, Any], ref: dict[str, Any]) -> str:
             f"{_pts(row['accuracy_delta'] - ref['accuracy_delta'])} points of accuracy")
 
 
+def _target_order(rows: list[dict[str, Any]]) -> str:
+    """The runs from fewest to most bytes to the target accuracy, then those that never reached it."""
+    reached = sorted((r for r in rows if r["bytes_to_target"] is not None), key=lambda r: r["bytes_to_target"])
+    missed = [r["label"] for r in rows if r["bytes_to_target"] is None]
+    return ("From fewest to most bytes to the target: "
+            + ", ".join(f"{r['label']} {_mb(r['bytes_to_target'])} MB" for r in reached) + "."
+            + (f" Never reached it: {', '.join(missed)}." if missed else ""))
+
+
 def _strawman_sentence(name: str, row: dict[str, Any], apf: dict[str, Any], why: str) -> str:
     """Whether a strawman lost accuracy against APF here (1 point is the margin), and the paper's reason."""
     gap = row["accuracy_delta"] - apf["accuracy_delta"]
@@ -459,6 +486,6 @@ def render(data: dict[str, Any]) -> str:
     """``report.md`` for ``data`` (``reproduce.json``'s content)."""
     md = Markdown(data)
     sections = [md.headline(), *(md.table1(m) for m in MODELS), md.gap(), md.strawmen(), md.periods(),
-                md.baselines(), md.threshold(), md.overhead(), md.stability(), md.runs_table()]
+                md.baselines(), md.rivals(), md.threshold(), md.overhead(), md.stability(), md.runs_table()]
     return md.head() + "\n" + "\n".join(sections)
 

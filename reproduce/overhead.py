@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from apf_ray.config import build_config
+from apf_ray.provenance import LoadSampler, machine, now
 from reproduce.plan import Plan
 
 
@@ -90,11 +91,14 @@ def measure_model(base: dict[str, Any], *, reps: int, controller_calls: int, sam
 
 
 def measure_overhead(plan: Plan, say=print) -> dict[str, Any]:
+    """Every workload's :func:`measure_model` under ``models``, with when, where and at what load it was
+    measured: the runs it is read beside may have trained on another day or machine."""
     quick = plan.scale == "quick"
-    out = {}
-    for model in plan.workloads:
-        reps = {"lenet5": 10, "lstm": 6, "resnet18": 3}[model] if not quick else 2
-        calls = {"lenet5": 50, "lstm": 30, "resnet18": 10}[model] if not quick else 5
-        say(f"Table III: timing {model} (controller × {calls}, local round × {reps} each way)")
-        out[model] = measure_model(plan.workloads[model].base, reps=reps, controller_calls=calls)
-    return out
+    models = {}
+    with LoadSampler() as load:
+        for model in plan.workloads:
+            reps = {"lenet5": 10, "lstm": 6, "resnet18": 3}[model] if not quick else 2
+            calls = {"lenet5": 50, "lstm": 30, "resnet18": 10}[model] if not quick else 5
+            say(f"Table III: timing {model} (controller × {calls}, local round × {reps} each way)")
+            models[model] = measure_model(plan.workloads[model].base, reps=reps, controller_calls=calls)
+    return {"scale": plan.scale, "date": now(), "machine": machine(), "load_average": load.report(), "models": models}

@@ -37,6 +37,8 @@ CIFAR10_DEFAULT = Path("data") / "cifar-10-batches-py"
 APF_T = 0.2  # one stability threshold for every model: the project's default-workload value (SPEC §6)
 AGGRESSIVE_P = 0.3
 TARGET_FRACTION = 0.95  # "bytes to reach a target": target = this × FedAvg's smoothed final accuracy
+FEDPROX_MU = 0.01  # the rivals' settings, as bench/rivals.py's: FedProx's proximal weight (its default)
+GWPF_THRESHOLD = 0.01  # GWPF freezes below this EMA of relative update per round (its default)
 
 PAPER = {
     # SPEC §6 (paper Tables I–III): total transmission volume, per-round time, APF's overheads
@@ -287,6 +289,12 @@ def build_plan(*, quick: bool, cifar10: Path | None = None, tuned_file: Path | N
     add(L, "lenet5-apf-int8", "APF + int8", "apf+int8")
     add(L, "lenet5-apf-topk", "APF + Top-k (10%)", "apf+topk:ratio=0.1")
     add(L, "lenet5-apf-loose", "APF, loose T = 0.8", "apf:threshold=0.8")
+    add(L, "lenet5-fedprox", f"FedProx (μ = {FEDPROX_MU})", f"fedprox:mu={FEDPROX_MU}")
+    add(L, "lenet5-gwpf", f"GWPF (threshold {GWPF_THRESHOLD})", f"gwpf:threshold={GWPF_THRESHOLD}")
+    add(L, "lenet5-fedprox-topk", f"FedProx (μ = {FEDPROX_MU}) + Top-k (10%)",
+        f"fedprox:mu={FEDPROX_MU}+topk:ratio=0.1")
+    add(L, "lenet5-gwpf-topk", f"GWPF (threshold {GWPF_THRESHOLD}) + Top-k (10%)",
+        f"gwpf:threshold={GWPF_THRESHOLD}+topk:ratio=0.1")
     tuned = read_tuned(tuned_file)
     notes: list[str] = [n for w in workloads.values() for n in w.notes]
     if tuned is not None:
@@ -320,6 +328,10 @@ def build_plan(*, quick: bool, cifar10: Path | None = None, tuned_file: Path | N
                    ("lenet5-fedavg", "lenet5-apf", "lenet5-gaia", "lenet5-cmfl", "lenet5-topk", "lenet5-apf-int8",
                     "lenet5-apf-topk"),
                    "bytes each needs to reach the same accuracy"),
+        Experiment("rivals", "APF against FedProx and GWPF, alone and composed with Top-k",
+                   ("lenet5-fedavg", "lenet5-apf", "lenet5-fedprox", "lenet5-gwpf", "lenet5-apf-topk",
+                    "lenet5-fedprox-topk", "lenet5-gwpf-topk"),
+                   "a proximal client term and a published freezing rival (GWPF, 2024) at APF's rounds and bytes"),
         Experiment("periods", "Fig. 12 — AIMD against pure additive, pure multiplicative and fixed periods",
                    ("lenet5-fedavg", "lenet5-apf", "lenet5-apf-additive", "lenet5-apf-multiplicative",
                     "lenet5-apf-fixed10"),

@@ -140,7 +140,7 @@ class Summary:
         self.section(model, {"rows": rows, "paper": PAPER[model], "network": net,
                              "figures": [f"table1_{model}.png"]})
 
-    # ---- Figs 5/6, 12, 13, 14 -----------------------------------------------------------------
+    # ---- Figs 5/6, 12, 13, 14 and the rivals ---------------------------------------------------
     def _lenet5_experiment(self, name: str, file: str, title: str, panels: list[str], *,
                            relabel: dict[str, str] | None = None, fedavg_last: bool = False,
                            kind: str = "curves", target: bool = False) -> None:
@@ -172,6 +172,11 @@ class Summary:
                                 "LeNet-5: APF against Gaia, CMFL and Top-k, and composed with int8 and Top-k",
                                 [], kind="traffic", target=True)
 
+    def rivals(self) -> None:
+        self._lenet5_experiment("rivals", "rivals_lenet5.png",
+                                "LeNet-5: APF against FedProx and GWPF, alone and composed with Top-k",
+                                ["accuracy", "total_mb", "frozen"], target=True)
+
     def threshold(self) -> None:
         self._lenet5_experiment(
             "threshold", "fig14_threshold.png",
@@ -183,7 +188,7 @@ class Summary:
         if not measured:
             return self.section("overhead")
         data = {}
-        for model, x in measured.items():
+        for model, x in measured["models"].items():
             apf, fed = self.m.get(f"{model}-apf"), self.m.get(f"{model}-fedavg")
             ctrl = (apf or {}).get("controller") or {}
             rss = (apf or {}).get("peak_rss_bytes")
@@ -207,7 +212,8 @@ class Summary:
                 "extra_s_per_round": extra,
                 "compute_inflation": extra / x["local_round_s_fedavg"],
             }
-        self.section("overhead", {"models": data})
+        self.section("overhead", {"models": data, "measured": {k: measured.get(k) for k in ("date", "machine",
+                                                                                           "load_average")}})
 
     # ---- Figs 1–3 -----------------------------------------------------------------------------
     def stability(self) -> None:
@@ -365,6 +371,7 @@ def summarise(plan: Plan, out: Path, *, statuses: dict[str, str], meta: dict[str
     s.strawmen()
     s.periods()
     s.baselines()
+    s.rivals()
     s.threshold()
     s.overhead(overhead)
     s.stability()

@@ -7,6 +7,7 @@ Nothing here asserts a timing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pkgutil
 import re
@@ -26,8 +27,10 @@ from apf_ray.metrics import read_history
 from apf_ray.run import run
 from apf_ray.stability_probe import StabilityProbe, read_probe
 from reproduce.analysis import smoothed
+from reproduce.markdown import render
+from reproduce.overhead import measure_overhead
 from reproduce.plan import build_plan
-from reproduce.report import render_report
+from reproduce.report import render_report, write_report
 from reproduce.worker import main as worker_main
 from tests.helpers import Crash, CrashAfter, tiny_config
 
@@ -37,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_quick_reproduce_writes_the_report_plots_and_json_and_reuses_finished_runs(tmp_path: Path) -> None:
     out = tmp_path / "quick"
-    argv = ["reproduce", "--quick", "--only", "stability", "strawmen", "--output", str(out), "--quiet"]
+    argv = ["reproduce", "--quick", "--only", "stability", "strawmen", "rivals", "--output", str(out), "--quiet"]
     assert main(argv) == 0
 
     data = json.loads((out / "reproduce.json").read_text())
@@ -53,6 +56,17 @@ def test_quick_reproduce_writes_the_report_plots_and_json_and_reuses_finished_ru
     assert all(0.3 < r["accuracy_smoothed"] <= 1 and r["rounds"] == 12 for r in rows.values())
     assert rows["lenet5-permanent"]["frozen_final"] >= apf["frozen_final"]  # frozen for good never thaws
 
+    rivals = {r["key"]: r for r in data["experiments"]["rivals"]["rows"]}  # FedProx and GWPF, alone and + Top-k
+    assert list(rivals) == ["lenet5-fedavg", "lenet5-apf", "lenet5-fedprox", "lenet5-gwpf", "lenet5-apf-topk",
+                            "lenet5-fedprox-topk", "lenet5-gwpf-topk"]
+    assert rivals["lenet5-fedprox"]["bytes_up"] == fedavg["bytes_up"] and rivals["lenet5-fedprox"]["frozen_final"] == 0
+    assert rivals["lenet5-gwpf"]["frozen_final"] > 0 and 0 < rivals["lenet5-gwpf"]["saving_total"] < 1
+    for alone in ("lenet5-apf", "lenet5-fedprox", "lenet5-gwpf"):  # Top-k composed after each strategy's encoding
+        assert rivals[f"{alone}-topk"]["bytes_up"] < rivals[alone]["bytes_up"] / 2
+    drawn = data["figures"]["rivals_lenet5.png"]
+    assert drawn["runs"] == [[r["label"], key] for key, r in rivals.items()] and drawn["target"] == fedavg["target"]
+    assert "## APF against FedProx and GWPF" in report and "](rivals_lenet5.png)" in report
+    assert (out / "rivals_lenet5.png").read_bytes()[:8] == PNG
     stability = data["experiments"]["stability"]
     assert stability["complete"] and len(stability["layers_apf"]) == 5  # LeNet-5's five layers
     assert all(0 <= p <= 1 for _, p in stability["p_mean_fedavg"] if p is not None)
@@ -76,6 +90,11 @@ def test_quick_reproduce_writes_the_report_plots_and_json_and_reuses_finished_ru
     assert (alone / "report.md").read_text() == (out / "report.md").read_text()
     for plot in data["plots"]:
         assert (alone / plot).read_bytes() == (out / plot).read_bytes(), plot
+    not_run = json.loads(json.dumps(data))  # the rivals' section without its runs says so, from the JSON alone
+    not_run["experiments"]["rivals"] = {k: data["experiments"]["rivals"][k] for k in ("title", "what", "runs")}
+    not_run["runs"]["lenet5-gwpf"]["status"] = "not run"
+    assert (f"*Not run in this output folder yet* (missing: `lenet5-gwpf`): `apf-ray reproduce --quick --only rivals "
+            f"--output {out}`") in render(not_run)
     series = data["series"]["lenet5-apf"]  # what the curves draw, per round, from the journal
     assert series["rounds"] == list(range(1, 13)) and len(series["frozen_fraction"]) == 12
     assert series["cum_bytes_total"][-1] == rows["lenet5-apf"]["bytes_total"]
@@ -126,6 +145,24 @@ def test_every_run_of_the_plan_is_a_valid_config_and_the_lenet5_workload_is_the_
     if lenet["data"]["dataset"] == "fashion_mnist":  # SPEC §6's probe, as tune_configs/fashion-mnist-lenet5.yaml
         assert (lenet["data"]["num_clients"], lenet["train"]["clients_per_round"], lenet["train"]["local_steps"],
                 lenet["train"]["rounds"]) == (10, 10, 50, 300)
+
+
+def test_table_iii_says_when_where_and_at_what_load_its_micro_benchmark_ran(tmp_path: Path) -> None:
+    """The overhead measurement is cached and read beside runs trained another day, perhaps on another
+    machine: the report names its own date, machine and load, measured by a real (quick) run of it."""
+    plan = build_plan(quick=True)
+    one_workload = dataclasses.replace(plan, workloads={"lenet5": plan.workloads["lenet5"]})  # keeps it short
+    measured = measure_overhead(one_workload, say=lambda _: None)
+    assert measured["scale"] == "quick" and measured["machine"]["cpus"] >= 1
+    lenet = measured["models"]["lenet5"]
+    assert lenet["num_params"] == 61706 and lenet["local_round_s_fedavg"] > 0 and lenet["local_round_s_apf"] > 0
+    meta = {"command": "apf-ray reproduce --quick --only overhead", "date": measured["date"],
+            "machine": measured["machine"], "wall_s": 1.0, "load_average": measured["load_average"], "jobs": 1}
+    data = write_report(plan, tmp_path, statuses={}, meta=meta, overhead=measured)
+    assert data["experiments"]["overhead"]["measured"]["date"] == measured["date"]
+    machine, report = measured["machine"], (tmp_path / "report.md").read_text()
+    assert (f"The micro-benchmark ran {measured['date'][:10]} on a {machine['cpus']}-core {machine['cpu_model']} "
+            f"(mean 1-minute load {measured['load_average']['mean_1min_during']})") in report
 
 
 def test_smoothed_accuracy_is_the_trailing_mean() -> None:
