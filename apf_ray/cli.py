@@ -409,8 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "run resumes from its last checkpoint.")
     r.add_argument("--quick", action="store_true", help="toy scale, every experiment in minutes (not evidence)")
     r.add_argument("--only", nargs="+", metavar="NAME",
-                   help="only these experiments: lenet5 lstm resnet18 gap strawmen baselines periods threshold "
-                        "overhead stability")
+                   help="only these experiments: lenet5 lstm resnet18 gap strawmen baselines rivals periods "
+                        "threshold overhead stability")
     r.add_argument("--output", help="output folder (default runs/reproduce, or runs/reproduce-quick)")
     r.add_argument("--jobs", type=int, help="runs trained at a time, each in its own process (2)")
     r.add_argument("--cifar10", metavar="DIR", help="CIFAR-10 python batches for ResNet-18 (default "
