@@ -270,6 +270,9 @@ class Markdown:
                      f"{when['machine']['cpu_model']} (mean 1-minute load {when['load_average']['mean_1min_during']}); "
                      "the figures *in the run* and the peak RSS are the runs', from when and where they trained "
                      "(the report's head and the runs table).")
+        else:
+            text += (" When, where, at what load and with which masked step the micro-benchmark ran was not recorded "
+                     "with it; the notes at the report's head say what is known.")
         table = _table(["model", "parameters", "controller update: alone / in the run", "local round s: FedAvg / APF",
                         "masked step", "APF extra per round", "compute inflation", "paper: extra (inflation)",
                         "state", "of weights + gradients (+ momentum)", "APF run peak RSS", "of peak RSS",

@@ -163,6 +163,9 @@ def test_table_iii_says_when_where_and_at_what_load_its_micro_benchmark_ran(tmp_
     machine, report = measured["machine"], (tmp_path / "report.md").read_text()
     assert (f"The micro-benchmark ran {measured['date'][:10]} on a {machine['cpus']}-core {machine['cpu_model']} "
             f"(mean 1-minute load {measured['load_average']['mean_1min_during']})") in report
+    unrecorded = json.loads(json.dumps(data))  # a measurement cached before its provenance was recorded
+    unrecorded["experiments"]["overhead"]["measured"] = {"date": None, "machine": None, "load_average": None}
+    assert "at what load and with which masked step the micro-benchmark ran was not recorded" in render(unrecorded)
 
 
 def test_smoothed_accuracy_is_the_trailing_mean() -> None:
