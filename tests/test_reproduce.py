@@ -100,6 +100,18 @@ def test_quick_reproduce_writes_the_report_plots_and_json_and_reuses_finished_ru
     assert series["cum_bytes_total"][-1] == rows["lenet5-apf"]["bytes_total"]
 
 
+def test_the_committed_report_is_what_the_current_renderer_makes_of_the_committed_reproduce_json(tmp_path) -> None:
+    """docs/results/reproduce/report.md can drift from the code's prose only by being stale: rendered again from
+    its reproduce.json alone, it comes out the same (its plots too, for the figures whose series the file holds)."""
+    committed = REPO / "docs" / "results" / "reproduce"
+    shutil.copy(committed / "reproduce.json", tmp_path)
+    drawn = render_report(tmp_path)
+    assert (tmp_path / "report.md").read_text() == (committed / "report.md").read_text()
+    for plot in drawn:
+        assert (tmp_path / plot).read_bytes() == (committed / plot).read_bytes(), plot
+    assert all((committed / plot).is_file() for plot in json.loads((committed / "reproduce.json").read_text())["plots"])
+
+
 def test_a_stopped_reproduce_records_its_finished_runs_and_the_next_resumes_the_one_in_flight(tmp_path: Path) -> None:
     out = tmp_path / "stopped"
     argv = [sys.executable, "-m", "apf_ray.cli", "reproduce", "--quick", "--only", "strawmen", "--jobs", "1",
