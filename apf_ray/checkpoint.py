@@ -615,11 +615,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(Path(path), str(err)) from None
 
 
-def load_latest(directory: Path) -> LoadedCheckpoint:
+def load_latest(directory: Path, check: Callable[[Path, dict[str, Any]], None] | None = None) -> LoadedCheckpoint:
     """The newest checkpoint under ``directory`` that reads cleanly, and why newer ones did not.
 
-    Raises FileNotFoundError if there is no checkpoint at all, and :class:`CheckpointError`
-    listing every checkpoint and its reason if none is readable.
+    ``check(path, state)`` may refuse a checkpoint that read cleanly by raising
+    :class:`CheckpointError` (a run checkpoint whose clients' state files are damaged): it is
+    passed over like an unreadable one. Raises FileNotFoundError if there is no checkpoint at
+    all, and :class:`CheckpointError` listing every checkpoint and its reason if none is readable.
     """
     found = list_checkpoints(directory)
     if not found:
@@ -628,6 +630,8 @@ def load_latest(directory: Path) -> LoadedCheckpoint:
     for step, path in reversed(found):
         try:
             state = load_checkpoint(path)
+            if check is not None:
+                check(path, state)
         except CheckpointError as err:
             skipped.append((path, err.reason))
             continue
@@ -655,11 +659,12 @@ class CheckpointWriter:
         self._outcome: Path | BaseException | None = None
 
     def submit(self, directory: Path, step: int, state: Mapping[str, Any], *, keep: int = 3,
-               copy: bool = False) -> Path:
+               copy: bool = False, before_write: Callable[[], None] | None = None) -> Path:
         """Start writing ``state`` as step ``step``; returns the folder it will have once written.
 
         ``copy``: write copies of the state's arrays (one memory copy of the state, ~0.1 s per
-        GB), for a caller whose arrays may change while the write runs.
+        GB), for a caller whose arrays may change while the write runs. ``before_write``: run on
+        the thread first (making files the state refers to durable); its failure is the write's.
         """
         step, arrays, state_bytes = _encode_state(step, state, keep)
         if copy:
@@ -670,6 +675,8 @@ class CheckpointWriter:
 
         def write() -> None:
             try:
+                if before_write is not None:
+                    before_write()
                 self._outcome = _write(directory, *encoded, keep=keep)
             except BaseException as err:  # handed to the caller by wait()
                 self._outcome = err
