@@ -254,7 +254,8 @@ def _decode(node: Any, where: str, slots: list[_Slot]) -> Any:
 # --------------------------------------------------------------------------- files
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a read-only descriptor of either), so its data or its entries are durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -269,7 +270,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-class _HashingWriter:
+class HashingWriter:
     """A write-only stream that hashes and counts what passes through it (one pass, no re-read).
 
     It answers ``tell`` but refuses ``seek``, so :mod:`zipfile` streams each member and puts
@@ -299,7 +300,8 @@ class _HashingWriter:
         self.file.flush()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 (hex) of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     buf = bytearray(_HASH_CHUNK)
     view = memoryview(buf)
@@ -432,7 +434,7 @@ def _read_verified(path: Path, files: dict[str, dict[str, Any]]) -> bytes:
         _check_size(STATE_FILE, len(state_bytes), files[STATE_FILE]["size"])
         if hashlib.sha256(state_bytes).hexdigest() != files[STATE_FILE]["sha256"]:
             raise _Damaged(f"checksum mismatch in {STATE_FILE}")
-        if _sha256_file(path / ARRAYS_FILE) != files[ARRAYS_FILE]["sha256"]:
+        if sha256_file(path / ARRAYS_FILE) != files[ARRAYS_FILE]["sha256"]:
             raise _Damaged(f"checksum mismatch in {ARRAYS_FILE}")
     except FileNotFoundError as err:
         raise _Damaged(f"missing {Path(err.filename).name}") from None
@@ -543,7 +545,7 @@ def _write(directory: Path, step: int, arrays: dict[str, np.ndarray], state_byte
     tmp.mkdir()
     try:
         with (tmp / ARRAYS_FILE).open("xb") as f:
-            stream = _HashingWriter(f)
+            stream = HashingWriter(f)
             with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for name, array in arrays.items():  # what np.savez writes, to a stream it cannot take
                     with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
@@ -557,12 +559,12 @@ def _write(directory: Path, step: int, arrays: dict[str, np.ndarray], state_byte
         }
         manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
         _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode("ascii"))
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         _move_into_place(tmp, final, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
+    fsync_path(root)
 
     existing = list_checkpoints(directory)
     survivors = {path for _, path in existing[-keep:]} | {final}
@@ -571,7 +573,7 @@ def _write(directory: Path, step: int, arrays: dict[str, np.ndarray], state_byte
             doomed = _temp_name(root, f"pruned-{path.name}")
             os.rename(path, doomed)  # atomic: a half-deleted checkpoint never looks damaged
             shutil.rmtree(doomed)
-    _fsync_dir(root)
+    fsync_path(root)
     return final
 
 

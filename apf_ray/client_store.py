@@ -39,7 +39,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from apf_ray.checkpoint import STATE_FILE, _fsync_dir, _HashingWriter, _sha256_file, list_checkpoints
+from apf_ray.checkpoint import STATE_FILE, HashingWriter, fsync_path, list_checkpoints, sha256_file
 
 STORE_DIR: Final = "client_state"
 """The store's folder inside a run folder."""
@@ -131,7 +131,7 @@ def _write_array(root: Path, name: str, array: np.ndarray) -> tuple[str, int, st
     tmp = root / f"{name}{_TMP_MARK}{uuid.uuid4().hex}"
     try:
         with tmp.open("xb") as f:
-            stream = _HashingWriter(f)
+            stream = HashingWriter(f)
             np.lib.format.write_array(stream, np.asarray(array), allow_pickle=False)
         os.replace(tmp, root / name)
     except BaseException:
@@ -248,7 +248,7 @@ def fsync_files(location: StoreLocation, names: Iterable[str]) -> None:
     """Make ``names`` (and their renames) durable before a checkpoint that refers to them is."""
     root = Path(location.root)
     for path in [*(root / name for name in names), root]:
-        _fsync_dir(path)  # an fsync of what a read-only descriptor opens: a file or a folder
+        fsync_path(path)
 
 
 def verify(root: Path, states: Mapping[int, StoredState]) -> None:
@@ -261,7 +261,7 @@ def verify(root: Path, states: Mapping[int, StoredState]) -> None:
                 actual = path.stat().st_size
             except OSError:
                 raise ValueError(f"client {cid}'s state file {path} is missing") from None
-            if actual != size or _sha256_file(path) != sha:
+            if actual != size or sha256_file(path) != sha:
                 raise ValueError(f"client {cid}'s state file {path} ({key}) does not match its checksum")
 
 
