@@ -207,3 +207,31 @@ def test_a_copy_of_a_checkpoint_resumed_in_another_folder_brings_the_states_it_n
     run(cfg, tmp_path / "trial", resume=point)
     assert final_params(tmp_path / "trial") == final_params(tmp_path / "ref")
     assert load_resume_point(tmp_path / "trial").store_root == (tmp_path / "trial" / "client_state").resolve()
+
+
+@pytest.mark.ray
+def test_on_ray_an_actor_that_cannot_see_the_store_gets_states_shipped_and_returns_them_whole(local_ray, tmp_path):
+    import ray
+
+    from actors.pools import ClientPools
+
+    cfg = tiny_config(*TOPK, "cluster.pools=[{name: cpu, num_actors: 1, num_cpus: 0.5}]")
+    workload = build_workload(cfg)
+    ds, here = workload.dataset, open_store(tmp_path)
+    host = ClientHost(cfg, ds.x_train, ds.y_train, ds.num_classes, ds.input_shape)
+    host.add_clients(dict(enumerate(workload.partitions)))
+    plan = RoundPlan(round=1, sync_mask=None, train_mask=None)
+    rounds = [Broadcast(r, workload.init_params, workload.init_buffers, plan, client_store=here) for r in (1, 2)]
+    [first] = host.run(rounds[0], [(0, None)])
+    [second] = host.run(rounds[1], [(0, first.state)])  # the reference: read and written here
+    # the pools' actor checks a token of another store: it does not see this one, as on another node
+    pools = ClientPools(cfg, workload.pool_of_client, workload.partitions, ray.put(ds),
+                        StoreLocation(here.root, "another node's store"))
+    try:
+        results, missing = pools.execute(rounds[1], [(0, first.state)])
+    finally:
+        pools.shutdown()
+    [shipped] = results
+    assert not missing and shipped.error is None and isinstance(shipped.state, dict)
+    assert shipped.state["residual"].tobytes() == ClientStateStore(here).load(0, second.state)["residual"].tobytes()
+    assert shipped.upload.tobytes() == second.upload.tobytes()
