@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import ray
 
 from apf_ray.client import ClientHost
+from apf_ray.client_store import StoredState, StoreLocation
 from apf_ray.config import ExperimentConfig
 from apf_ray.data import Dataset
 from apf_ray.records import Broadcast, ClientResult
@@ -37,11 +38,15 @@ class ClientPoolActor:
         self._cancelled_through = 0
         self._lock = threading.Lock()
 
-    def add_clients(self, partitions: dict[int, object]) -> int:
-        return self.host.add_clients(partitions)
+    def add_clients(self, partitions: dict[int, object], store: StoreLocation) -> bool:
+        """Host these clients; whether this actor sees the run's client-state store (else its
+        clients' states are shipped with each call, :mod:`apf_ray.client_store`)."""
+        self.host.add_clients(partitions)
+        return store.visible()
 
     @ray.method(num_returns="streaming")
-    def train(self, broadcast: Broadcast, clients: list[tuple[int, dict | None]]) -> Iterator[ClientResult]:
+    def train(self, broadcast: Broadcast,
+              clients: list[tuple[int, StoredState | dict | None]]) -> Iterator[ClientResult]:
         """Train this actor's share of a round, ``(client id, strategy state)`` in turn, streaming each result.
 
         One call per actor per round instead of one per client: on a loaded 2-core machine each

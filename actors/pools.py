@@ -12,6 +12,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from actors.client import ClientPoolActor
+from apf_ray.client_store import ClientStateStore, StoreLocation
 from apf_ray.config import ExperimentConfig, PoolConfig
 from apf_ray.engine import ClientCall, ClientExecutor
 from apf_ray.placement import plan_pool_sizes, pool_request
@@ -42,6 +43,7 @@ class _Member:
     ready_ref: ray.ObjectRef
     ready: bool = False
     created: float = field(default_factory=time.monotonic)
+    sees_store: bool = True  # reads the run's client-state folder (else states are shipped with its calls)
 
 
 @dataclass(eq=False)
@@ -59,12 +61,15 @@ class ClientPools(ClientExecutor):
     """All client actors of a run, grouped by pool; replaces dead ones, grows with the cluster.
 
     The executor of the Ray server actor's round engine: any actor of a client's pool can
-    train it, since its strategy state comes from the engine with each call.
+    train it, since its strategy state is in the run's store (``store``), which the actor reads
+    by path; an actor that cannot see it (another node, no shared filesystem) gets the states
+    of its clients shipped with the call instead.
     """
 
     def __init__(self, cfg: ExperimentConfig, pool_of_client: list[str], partitions: list[np.ndarray],
-                 dataset_ref: ray.ObjectRef) -> None:
+                 dataset_ref: ray.ObjectRef, store: StoreLocation) -> None:
         self.cfg = cfg
+        self.store = ClientStateStore(store)
         self.pools = {p.name: p for p in cfg.cluster.pools}
         self.pool_of_client = pool_of_client
         self.cfg_dict = cfg.to_dict()
@@ -82,7 +87,7 @@ class ClientPools(ClientExecutor):
         if pool.resources:
             opts["resources"] = dict(pool.resources)
         handle = ClientPoolActor.options(**opts).remote(self.cfg_dict, pool.name, self.dataset_ref)
-        ready = handle.add_clients.remote(self.partition_refs[pool.name])
+        ready = handle.add_clients.remote(self.partition_refs[pool.name], self.store.location)
         return _Member(handle, ready)
 
     def _mark_started(self, pool: str) -> None:
@@ -90,7 +95,7 @@ class ClientPools(ClientExecutor):
         for m in [m for m in self.members[pool] if not m.ready]:
             if ray.wait([m.ready_ref], timeout=0)[0]:
                 try:
-                    ray.get(m.ready_ref, timeout=self.cfg.cluster.result_timeout_s)
+                    m.sees_store = ray.get(m.ready_ref, timeout=self.cfg.cluster.result_timeout_s)
                     m.ready = True
                 except RayError as err:
                     self._drop(pool, m, f"start-up failed: {type(err).__name__}")
@@ -188,6 +193,8 @@ class ClientPools(ClientExecutor):
                 continue
             for i, member in enumerate(ready):
                 share = pool_calls[i :: len(ready)]
+                if share and not member.sees_store:
+                    share = self.store.ship(share)
                 if share:
                     stream = member.handle.train.remote(bref, share)
                     shares.append(_Share(pool, member, stream, deque(c for c, _ in share)))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ray
 
 from actors.pools import ClientPools
+from apf_ray.client_store import open_store
 from apf_ray.config import ExperimentConfig
 from apf_ray.data import Dataset
 from apf_ray.engine import RoundEngine
@@ -39,7 +41,8 @@ class ServerActor:
         self.cfg = cfg
         # ``workload`` travels without its dataset; ``dataset`` is the shared object-store copy.
         workload.dataset = dataset
-        self.pools = ClientPools(cfg, workload.pool_of_client, workload.partitions, dataset_ref[0])
+        self.pools = ClientPools(cfg, workload.pool_of_client, workload.partitions, dataset_ref[0],
+                                 open_store(Path(run_dir)))
         self.engine = RoundEngine(cfg, run_dir, workload, resume, self.pools)
         del self._args
 

@@ -254,7 +254,8 @@ def _decode(node: Any, where: str, slots: list[_Slot]) -> Any:
 # --------------------------------------------------------------------------- files
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a read-only descriptor of either), so its data or its entries are durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -269,7 +270,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-class _HashingWriter:
+class HashingWriter:
     """A write-only stream that hashes and counts what passes through it (one pass, no re-read).
 
     It answers ``tell`` but refuses ``seek``, so :mod:`zipfile` streams each member and puts
@@ -299,7 +300,8 @@ class _HashingWriter:
         self.file.flush()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 (hex) of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     buf = bytearray(_HASH_CHUNK)
     view = memoryview(buf)
@@ -432,7 +434,7 @@ def _read_verified(path: Path, files: dict[str, dict[str, Any]]) -> bytes:
         _check_size(STATE_FILE, len(state_bytes), files[STATE_FILE]["size"])
         if hashlib.sha256(state_bytes).hexdigest() != files[STATE_FILE]["sha256"]:
             raise _Damaged(f"checksum mismatch in {STATE_FILE}")
-        if _sha256_file(path / ARRAYS_FILE) != files[ARRAYS_FILE]["sha256"]:
+        if sha256_file(path / ARRAYS_FILE) != files[ARRAYS_FILE]["sha256"]:
             raise _Damaged(f"checksum mismatch in {ARRAYS_FILE}")
     except FileNotFoundError as err:
         raise _Damaged(f"missing {Path(err.filename).name}") from None
@@ -543,7 +545,7 @@ def _write(directory: Path, step: int, arrays: dict[str, np.ndarray], state_byte
     tmp.mkdir()
     try:
         with (tmp / ARRAYS_FILE).open("xb") as f:
-            stream = _HashingWriter(f)
+            stream = HashingWriter(f)
             with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for name, array in arrays.items():  # what np.savez writes, to a stream it cannot take
                     with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
@@ -557,12 +559,12 @@ def _write(directory: Path, step: int, arrays: dict[str, np.ndarray], state_byte
         }
         manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
         _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode("ascii"))
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         _move_into_place(tmp, final, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
+    fsync_path(root)
 
     existing = list_checkpoints(directory)
     survivors = {path for _, path in existing[-keep:]} | {final}
@@ -571,7 +573,7 @@ def _write(directory: Path, step: int, arrays: dict[str, np.ndarray], state_byte
             doomed = _temp_name(root, f"pruned-{path.name}")
             os.rename(path, doomed)  # atomic: a half-deleted checkpoint never looks damaged
             shutil.rmtree(doomed)
-    _fsync_dir(root)
+    fsync_path(root)
     return final
 
 
@@ -615,11 +617,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(Path(path), str(err)) from None
 
 
-def load_latest(directory: Path) -> LoadedCheckpoint:
+def load_latest(directory: Path, check: Callable[[Path, dict[str, Any]], None] | None = None) -> LoadedCheckpoint:
     """The newest checkpoint under ``directory`` that reads cleanly, and why newer ones did not.
 
-    Raises FileNotFoundError if there is no checkpoint at all, and :class:`CheckpointError`
-    listing every checkpoint and its reason if none is readable.
+    ``check(path, state)`` may refuse a checkpoint that read cleanly by raising
+    :class:`CheckpointError` (a run checkpoint whose clients' state files are damaged): it is
+    passed over like an unreadable one. Raises FileNotFoundError if there is no checkpoint at
+    all, and :class:`CheckpointError` listing every checkpoint and its reason if none is readable.
     """
     found = list_checkpoints(directory)
     if not found:
@@ -628,6 +632,8 @@ def load_latest(directory: Path) -> LoadedCheckpoint:
     for step, path in reversed(found):
         try:
             state = load_checkpoint(path)
+            if check is not None:
+                check(path, state)
         except CheckpointError as err:
             skipped.append((path, err.reason))
             continue
@@ -655,11 +661,12 @@ class CheckpointWriter:
         self._outcome: Path | BaseException | None = None
 
     def submit(self, directory: Path, step: int, state: Mapping[str, Any], *, keep: int = 3,
-               copy: bool = False) -> Path:
+               copy: bool = False, before_write: Callable[[], None] | None = None) -> Path:
         """Start writing ``state`` as step ``step``; returns the folder it will have once written.
 
         ``copy``: write copies of the state's arrays (one memory copy of the state, ~0.1 s per
-        GB), for a caller whose arrays may change while the write runs.
+        GB), for a caller whose arrays may change while the write runs. ``before_write``: run on
+        the thread first (making files the state refers to durable); its failure is the write's.
         """
         step, arrays, state_bytes = _encode_state(step, state, keep)
         if copy:
@@ -670,6 +677,8 @@ class CheckpointWriter:
 
         def write() -> None:
             try:
+                if before_write is not None:
+                    before_write()
                 self._outcome = _write(directory, *encoded, keep=keep)
             except BaseException as err:  # handed to the caller by wait()
                 self._outcome = err

@@ -12,6 +12,7 @@ import traceback
 import numpy as np
 import torch
 
+from apf_ray.client_store import HostStates, StoredState
 from apf_ray.config import ExperimentConfig
 from apf_ray.faults import client_fails, corrupt_rng, corrupt_upload
 from apf_ray.flat import layout_of
@@ -25,8 +26,10 @@ class ClientHost:
     """Trains virtual clients one after another.
 
     Per-client state is only what a strategy needs between rounds (error-feedback residuals,
-    a partial-sync client's local values); APF clients are stateless. The host keeps none of
-    it: the round engine (:mod:`apf_ray.engine`) owns it and passes it with each client.
+    a partial-sync client's local values); APF clients are stateless. The round engine
+    (:mod:`apf_ray.engine`) owns each client's record of it; the host reads and writes the
+    state itself in the run's store (:mod:`apf_ray.client_store`), keeping the last ones it
+    wrote in memory (``cluster.client_state_cache_mb``).
     """
 
     def __init__(self, cfg: ExperimentConfig, x_train: np.ndarray, y_train: np.ndarray, num_classes: int,
@@ -47,22 +50,28 @@ class ClientHost:
             weight_decay=cfg.train.weight_decay,
         )
         self.partitions: dict[int, np.ndarray] = {}
+        self.states = HostStates(cfg.cluster.client_state_cache_mb)
 
     def add_clients(self, partitions: dict[int, np.ndarray]) -> int:
         """Host these clients (id → training indices); returns how many this host now has."""
         self.partitions.update({int(k): np.asarray(v, dtype=np.int64) for k, v in partitions.items()})
         return len(self.partitions)
 
-    def train_one(self, broadcast: Broadcast, client_id: int, state: dict | None = None) -> ClientResult:
+    def train_one(self, broadcast: Broadcast, client_id: int, state: StoredState | dict | None = None) -> ClientResult:
         """Train one virtual client; any failure becomes an error result, never an exception.
 
-        ``state`` is the client's strategy state from its previous round (None before its first:
-        the strategy's ``new_client_state``); the updated state comes back in the result, so any
-        host can train any client.
+        ``state`` is the client's strategy state from its previous round: its record in the
+        run's store (``broadcast.client_store``), the state itself (shipped to a host that cannot
+        see the store), or None before its first round (the strategy's ``new_client_state``).
+        The result carries the updated state's record (written here) or, shipped, the state, so
+        any host can train any client.
         """
         start = time.perf_counter()
-        state = dict(state) if state is not None else self.strategy.new_client_state(client_id)
         try:
+            shipped = isinstance(state, dict)
+            state = self.states.open(broadcast.client_store, client_id, state)
+            if state is None:
+                state = self.strategy.new_client_state(client_id)
             faults = self.cfg.faults
             if client_fails(self.cfg.seed, faults.client_failure_prob, broadcast.round, client_id):
                 raise RuntimeError(f"injected failure (faults.client_failure_prob={faults.client_failure_prob})")
@@ -88,12 +97,13 @@ class ClientHost:
             corrupt = corrupt_rng(self.cfg.seed, faults.corrupt_upload_prob, broadcast.round, client_id)
             if corrupt is not None:
                 upload = corrupt_upload(upload, faults.corrupt_kind, corrupt, faults.corrupt_scale)
-            return ClientResult(client_id, upload, local.compute_s, device=self.device, state=state or None)
+            saved = self.states.close(broadcast.client_store, broadcast.round, client_id, shipped, state)
+            return ClientResult(client_id, upload, local.compute_s, device=self.device, state=saved)
         except Exception as err:  # a failing client must never take the round down
             detail = "".join(traceback.format_exception_only(type(err), err)).strip()
             return ClientResult(client_id, None, time.perf_counter() - start,
                                 error=detail[: self.cfg.cluster.max_error_chars], device=self.device)
 
-    def run(self, broadcast: Broadcast, calls: list[tuple[int, dict | None]]) -> list[ClientResult]:
+    def run(self, broadcast: Broadcast, calls: list[tuple[int, StoredState | dict | None]]) -> list[ClientResult]:
         """Train ``(client id, strategy state)`` in order; each updated state is in its result."""
         return [self.train_one(broadcast, cid, state) for cid, state in calls]

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from apf_ray.client_store import StoredState, StoreLocation
 
 ClientStatus = Literal["ok", "skipped", "discarded", "rejected", "error", "timeout", "died", "no_actor"]
 """How a sampled client's round ended (``ClientRecord.error`` says why for all but ``ok``).
@@ -66,6 +69,7 @@ class Broadcast:
     buffers: np.ndarray
     plan: RoundPlan
     client_plans: dict[int, RoundPlan] = field(default_factory=dict)  # clients with a plan of their own
+    client_store: StoreLocation | None = None  # where clients' strategy state is (set by the round engine)
 
     def plan_for(self, client_id: int) -> RoundPlan:
         """The plan client ``client_id`` trains and uploads by (``Strategy.client_plan``)."""
@@ -81,7 +85,9 @@ class ClientResult:
     compute_s: float = 0.0
     error: str | None = None
     device: str = "cpu"
-    state: dict | None = None  # the client's strategy state after this round (residuals), if any
+    # the client's strategy state after this round, if any: its record once written to the run's
+    # store (apf_ray/client_store.py), or the state itself from a host that cannot see the store
+    state: StoredState | dict | None = None
 
 
 @dataclass

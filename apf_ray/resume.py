@@ -10,14 +10,15 @@ continues exactly where it stopped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from apf_ray.checkpoint import CheckpointWriter, load_checkpoint, load_latest, save_checkpoint
+from apf_ray.checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, load_latest, save_checkpoint
+from apf_ray.client_store import STORE_DIR, StoredState, StoreLocation, states_from_json, verify
 from apf_ray.config import ConfigError, ExperimentConfig, build_config
 from apf_ray.downlink import DownlinkTracker
 from apf_ray.errors import SetupError, describe
@@ -32,24 +33,31 @@ FORMAT = "apf-ray-run"
 
 
 def save_run_checkpoint(run_dir: Path, cfg: ExperimentConfig, server: ServerCore,
-                        client_state: dict[int, dict], callbacks: dict[str, Any],
-                        writer: CheckpointWriter | None = None) -> Path:
+                        client_state: dict[int, StoredState], callbacks: dict[str, Any],
+                        writer: CheckpointWriter | None = None, *, store: StoreLocation,
+                        before_write: Callable[[], None] | None = None) -> Path:
     """Checkpoint the run after ``server.round`` rounds; returns the checkpoint directory.
 
-    ``callbacks``: each stateful callback's ``state_dict()`` under its ``state_key``. With a
-    ``writer`` the checkpoint is written in the background, from copies of the state's arrays
-    (the next round may change client state in place): the folder exists once
+    ``client_state``: each client's record in ``store`` (its files are never changed later:
+    a client's next round writes new ones). ``callbacks``: each stateful callback's
+    ``state_dict()`` under its ``state_key``. ``before_write`` runs first, where the write
+    runs (the engine makes the state files durable). With a ``writer`` the checkpoint is
+    written in the background, from copies of the state's arrays: the folder exists once
     ``writer.wait()`` returns.
     """
     state = {
         "format": FORMAT,
         "config": cfg.to_dict(),
         "server": server.state_dict(),
-        "clients": {str(cid): s for cid, s in sorted(client_state.items())},
+        "client_store": {"root": store.root,
+                         "clients": {str(cid): s.to_json() for cid, s in sorted(client_state.items())}},
         "callbacks": callbacks,
     }
     if writer is not None:
-        return writer.submit(Path(run_dir), server.round, state, keep=cfg.output.keep_checkpoints, copy=True)
+        return writer.submit(Path(run_dir), server.round, state, keep=cfg.output.keep_checkpoints, copy=True,
+                             before_write=before_write)
+    if before_write is not None:
+        before_write()
     return save_checkpoint(Path(run_dir), server.round, state, keep=cfg.output.keep_checkpoints)
 
 
@@ -60,30 +68,68 @@ class ResumePoint:
     round: int
     config: dict[str, Any]
     server: dict[str, Any]
-    clients: dict[int, dict]
+    clients: dict[int, dict]  # clients' states held in the checkpoint itself (written before the store)
     path: Path
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # newer checkpoints that were damaged
     callbacks: dict[str, Any] = field(default_factory=dict)  # callbacks' state by state_key
+    stored: dict[int, StoredState] = field(default_factory=dict)  # clients' records in the store at store_root
+    store_root: Path | None = None  # the store holding their files (checked: every file's size and SHA-256)
+
+    def client_ids(self) -> set[int]:
+        """Every client with strategy state in this checkpoint."""
+        return set(self.clients) | set(self.stored)
+
+
+def _store_root(path: Path, recorded: str, stored: dict[int, StoredState]) -> Path:
+    """Where a checkpoint's state files are, checked (ValueError naming a bad file): the store beside
+    it (``<run>/checkpoints/round-N`` → ``<run>/client_state``, wherever the run folder was moved),
+    else the store it was taken in (a copy of the checkpoint elsewhere: Tune's)."""
+    beside = (path.parent.parent / STORE_DIR).resolve()
+    if beside != Path(recorded) and beside.is_dir():
+        try:
+            verify(beside, stored)
+            return beside
+        except ValueError:
+            pass
+    verify(Path(recorded), stored)
+    return Path(recorded)
 
 
 def _resume_point(state: Any, path: Path, skipped: list[tuple[Path, str]]) -> ResumePoint:
+    """The resume point of a loaded checkpoint, its state files checked (CheckpointError if one is not right)."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not an apf-ray run checkpoint")
-    return ResumePoint(
+    point = ResumePoint(
         round=int(state["server"]["round"]),
         config=state["config"],
         server=state["server"],
-        clients={int(cid): s for cid, s in state["clients"].items()},
+        clients={int(cid): s for cid, s in state.get("clients", {}).items()},
         path=path,
         skipped=skipped,
         callbacks=dict(state.get("callbacks", {})),  # none in checkpoints written before callbacks had state
     )
+    store = state.get("client_store")
+    if store is not None:
+        try:
+            point.stored = states_from_json(store["clients"])
+            point.store_root = _store_root(path, store["root"], point.stored)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(path, f"clients' state: {err}") from None
+    return point
 
 
 def load_resume_point(run_dir: Path) -> ResumePoint:
-    """The newest valid checkpoint under ``run_dir`` (FileNotFoundError if there is none)."""
-    loaded = load_latest(Path(run_dir))
-    return _resume_point(loaded.state, loaded.path, list(loaded.skipped))
+    """The newest valid checkpoint under ``run_dir`` (FileNotFoundError if there is none); one whose
+    clients' state files are missing or damaged is passed over like a damaged checkpoint."""
+    points: dict[Path, ResumePoint] = {}
+
+    def check(path: Path, state: dict[str, Any]) -> None:
+        points[path] = _resume_point(state, path, [])
+
+    loaded = load_latest(Path(run_dir), check=check)
+    point = points[loaded.path]
+    point.skipped = list(loaded.skipped)
+    return point
 
 
 def read_resume_point(checkpoint_dir: Path) -> ResumePoint:
@@ -174,7 +220,7 @@ def check_resume(cfg: ExperimentConfig, point: ResumePoint, workload: Workload, 
         check_server_state(cfg, workload, point.server)
     except Exception as err:
         raise SetupError(f"checkpoint {point.path} does not fit the configured run: {describe(err)}") from None
-    strangers = sorted(c for c in point.clients if not 0 <= c < workload.num_clients)
+    strangers = sorted(c for c in point.client_ids() if not 0 <= c < workload.num_clients)
     if strangers:
         raise SetupError(f"checkpoint {point.path} holds state of clients {strangers[:10]}, "
                          f"the run has {workload.num_clients}")

@@ -29,6 +29,7 @@ import yaml
 from apf_ray.backends import Backend, make_backend
 from apf_ray.callbacks import Callback, Checkpointer, RunView, stateful_callbacks
 from apf_ray.checkpoint import CHECKPOINT_FILES, list_checkpoints
+from apf_ray.client_store import STORE_DIR
 from apf_ray.config import ConfigError, ExperimentConfig
 from apf_ray.data import Dataset
 from apf_ray.errors import RunStopped, SetupError, describe
@@ -157,7 +158,7 @@ def run(
             if overwrite and resume is None:
                 info["replaced"] = clear_run(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            record(run_dir, "config.yaml")
+            record(run_dir, "config.yaml", STORE_DIR)  # the store's files: apf_ray.client_store cleans up its own
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             for key, cb in keyed.items():
                 if resume is not None:

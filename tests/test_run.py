@@ -78,7 +78,7 @@ def test_resume_restores_error_feedback_residuals_so_topk_reproduces_the_uninter
     with pytest.raises(Crash):
         run(cfg, tmp_path / "crash", callbacks=[CrashAfter(3)])
     point = load_resume_point(tmp_path / "crash")
-    assert point.clients and all("residual" in s for s in point.clients.values())
+    assert point.stored and all("residual" in s.arrays for s in point.stored.values())
     run(cfg, tmp_path / "crash", resume=point)
     assert (load_resume_point(tmp_path / "crash").server["params"].tobytes()
             == load_resume_point(tmp_path / "full").server["params"].tobytes())

@@ -171,7 +171,7 @@ def test_gwpf_resumes_with_its_clients_accumulated_changes_and_equals_the_uninte
         run(cfg, tmp_path / "crash", callbacks=[CrashAfter(5)])
     point = load_resume_point(tmp_path / "crash")
     assert point.round == 4
-    assert any(ACCUMULATED in state for state in point.clients.values())  # the client half's state was saved
+    assert any(ACCUMULATED in state.arrays for state in point.stored.values())  # the client half's state was saved
     run(cfg, tmp_path / "crash", resume=point)
     assert final_params(tmp_path / "crash").tobytes() == final_params(tmp_path / "full").tobytes()
     assert [r.bytes_up for r in read_history(tmp_path / "crash")] == [
