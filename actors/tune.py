@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -58,6 +59,7 @@ from rich.table import Table
 from actors import ray_private
 from actors.backend import RayBackend, await_trial_capacity, ray_session, trials_at_a_time
 from apf_ray.callbacks import Callback, RunContext
+from apf_ray.client_store import self_contained
 from apf_ray.config import ExperimentConfig, build_config
 from apf_ray.data import load_dataset
 from apf_ray.derived import (
@@ -195,10 +197,15 @@ class TuneReporter(Callback):
 
     @staticmethod
     def _report(metrics: dict[str, float], checkpoint: Path | None) -> None:
-        if checkpoint is not None:
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint)))
-        else:
+        """Report ``metrics``, with a copy of ``checkpoint`` carrying its clients' state files:
+        Tune copies it into the trial's storage before ``report`` returns, so the staging copy
+        (hard links) goes at once."""
+        if checkpoint is None:
             tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix=".tune-", dir=checkpoint.parent) as tmp:
+            staged = self_contained(checkpoint, Path(tmp) / checkpoint.name)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(staged)))
 
 
 def _log_resume(run_dir: Path, resume: Any, cfg: ExperimentConfig) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -279,6 +280,34 @@ def import_states(states: Mapping[int, StoredState], source: Path, location: Sto
         for name in stored.files():
             if not (target / name).exists():
                 _write_array(target, name, np.load(Path(source) / name, allow_pickle=False))
+
+
+def self_contained(checkpoint: Path, staging: Path) -> Path:
+    """``staging`` made a copy of ``checkpoint`` that carries its clients' state files in
+    ``staging/client_state/`` (hard links where the filesystem allows, else copies): what is
+    handed to Tune, which copies a trial's checkpoint into its own storage. A PBT exploit or a
+    restart elsewhere then restores from files no longer the donor run's to delete (its next
+    checkpoint's clean-up) and that need not be on the donor's node."""
+    staging.mkdir(parents=True)
+    for path in Path(checkpoint).iterdir():
+        _link_or_copy(path, staging / path.name)
+    tree = json.loads((Path(checkpoint) / STATE_FILE).read_bytes())
+    store = tree.get("client_store") or {}
+    names = sorted({entry["file"] for client in store.get("clients", {}).values()
+                    for entry in client["arrays"].values()})
+    if names:
+        (staging / STORE_DIR).mkdir()
+        for name in names:
+            _link_or_copy(Path(store["root"]) / name, staging / STORE_DIR / name)
+    return staging
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link of the file ``source`` at ``target`` (no bytes copied), or a copy across devices."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def checkpointed_files(run_dir: Path) -> set[str] | None:

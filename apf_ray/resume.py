@@ -81,16 +81,17 @@ class ResumePoint:
 
 
 def _store_root(path: Path, recorded: str, stored: dict[int, StoredState]) -> Path:
-    """Where a checkpoint's state files are, checked (ValueError naming a bad file): the store beside
-    it (``<run>/checkpoints/round-N`` → ``<run>/client_state``, wherever the run folder was moved),
-    else the store it was taken in (a copy of the checkpoint elsewhere: Tune's)."""
-    beside = (path.parent.parent / STORE_DIR).resolve()
-    if beside != Path(recorded) and beside.is_dir():
-        try:
-            verify(beside, stored)
-            return beside
-        except ValueError:
-            pass
+    """Where a checkpoint's state files are, checked (ValueError naming a bad file): inside it (a
+    copy handed to Tune, :func:`apf_ray.client_store.self_contained`), the store beside it
+    (``<run>/checkpoints/round-N`` → ``<run>/client_state``, wherever the run folder was moved),
+    else the store it was taken in."""
+    for candidate in (Path(path) / STORE_DIR, (path.parent.parent / STORE_DIR).resolve()):
+        if candidate != Path(recorded) and candidate.is_dir():
+            try:
+                verify(candidate, stored)
+                return candidate
+            except ValueError:
+                pass
     verify(Path(recorded), stored)
     return Path(recorded)
 

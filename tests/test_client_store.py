@@ -19,6 +19,7 @@ from apf_ray.client_store import (
     checkpointed_files,
     collect_garbage,
     open_store,
+    self_contained,
 )
 from apf_ray.engine import ClientCall, ClientExecutor
 from apf_ray.records import Broadcast, ClientResult, RoundPlan
@@ -207,6 +208,25 @@ def test_a_copy_of_a_checkpoint_resumed_in_another_folder_brings_the_states_it_n
     run(cfg, tmp_path / "trial", resume=point)
     assert final_params(tmp_path / "trial") == final_params(tmp_path / "ref")
     assert load_resume_point(tmp_path / "trial").store_root == (tmp_path / "trial" / "client_state").resolve()
+
+
+def test_the_copy_handed_to_tune_carries_its_states_and_resumes_after_the_donors_store_is_gone(tmp_path):
+    """What Tune is given (a PBT donor's checkpoint) must not depend on the donor's store, which the
+    donor's next checkpoint may clean up or which may be on another node."""
+    cfg = tiny_config(*TOPK, "output.checkpoint_every=2", rounds=4)
+    run(cfg, tmp_path / "ref")
+    with pytest.raises(Crash):
+        run(cfg, tmp_path / "donor", callbacks=[CrashAfter(3)])
+    donor_checkpoint = load_resume_point(tmp_path / "donor").path
+    staged = self_contained(donor_checkpoint, tmp_path / "staging" / donor_checkpoint.name)
+    copy = tmp_path / "tune" / "checkpoint_000002"
+    shutil.copytree(staged, copy)  # as Tune persists it
+    shutil.rmtree(tmp_path / "staging")
+    shutil.rmtree(tmp_path / "donor" / "client_state")
+    point = read_resume_point(copy)
+    assert point.stored and point.store_root == copy / "client_state"
+    run(cfg, tmp_path / "trial", resume=point)
+    assert final_params(tmp_path / "trial") == final_params(tmp_path / "ref")
 
 
 @pytest.mark.ray
