@@ -136,6 +136,9 @@ class ClusterConfig(_Strict):
     control_timeout_s: float = Field(120.0, gt=0, description="bound on a control call to the server actor, s")
     result_timeout_s: float = Field(30.0, gt=0, description="fetch a finished client's result, seconds")
     max_error_chars: int = Field(500, ge=20, description="error text kept per failed client, characters")
+    server_memory_gb: float | None = Field(
+        None, gt=0, description="memory the server may give a round's uploads where it keeps them all (defence."
+        "aggregation median/trimmed_mean, a strategy reading every upload), GB; None: what is available at start")
     expose: bool = Field(False, description="a local cluster listens on every interface (other machines can "
                                             "reach it; token auth stays on); False: 127.0.0.1 only")
     metrics_export: bool = Field(False, description="run Ray's Prometheus metrics exporter, which has no "
