@@ -7,8 +7,10 @@ built from the same config on both sides. Its hooks, in the order a round calls 
 because counting real bytes is the point):
 
 server  ``setup`` (once) → ``select_clients`` → ``plan`` → ``client_plan`` per client →
-        [clients] → ``decode_upload`` per client → (validation, robust consensus) →
-        ``aggregate`` → ``observe_uploads`` → ``observe`` (the new global vector; APF runs
+        [clients] → ``decode_upload`` per client (beside the clients when the round is
+        summed on the way in: :meth:`Strategy.streams`, :mod:`apf_ray.edge`) → (validation,
+        robust consensus) → ``apply_partial`` of the summed uploads, or ``aggregate`` of
+        every upload → ``observe_uploads`` → ``observe`` (the new global vector; APF runs
         its controller here). ``state_dict`` / ``load_state_dict`` checkpoint it.
 client  ``setup_client`` (once per host) → ``new_client_state`` (a client's first round) →
         ``start_params`` → local training with ``plan.train_mask`` and ``gradient_term`` →
