@@ -141,12 +141,6 @@ class Partial:
             raise ValueError("nothing to aggregate")
         return (self.sums / self.weight).astype(np.float32), (self.buffer_sums / self.weight).astype(np.float32)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes the partial holds (what crosses from an edge to the server)."""
-        arrays = (self.sums, self.sync_mask, self.buffer_sums)
-        return sum(a.nbytes for a in arrays if a is not None)
-
 
 def _same_mask(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))

@@ -16,7 +16,7 @@ so a server that stays within ``3K + 30`` copies does no work that grows faster 
 
 Combinations that cannot fit this machine are skipped and recorded as such. APF aggregates on the
 way in (``apf_ray.edge``): each client actor sums its clients' uploads into one float64 partial
-(16 B per parameter: sums, and the sync mask's byte is noise beside them), so a round's uploads
+(8 B per parameter, and a float64 term while it adds one), so a round's uploads
 take one partial per actor in the object store and the server merges them into one more, whatever
 K is (ResNet-18: ~0.5 GB with 2 actors); a combination runs when that fits beside the cluster
 itself in the memory available when the benchmark starts.
@@ -67,8 +67,8 @@ MB = 2**20
 
 
 PARTIAL_BYTES_PER_PARAM = 16
-"""An edge's partial: float64 sums of the values (8 B) and of the buffers, over at most every parameter;
-its transfer and the server's merge target double it at worst (``apf_ray.aggregation.Partial``)."""
+"""A partial while it grows: float64 sums (8 B a parameter) and the float64 term being added
+(``apf_ray.aggregation.Partial.add``, ``merge``)."""
 
 
 def partials_gb(model: str) -> float:
