@@ -100,6 +100,7 @@ class Partial:
         self.buffer_sums: np.ndarray | None = None
         self.weight = 0.0
         self.count = 0  # uploads summed (with values)
+        self.tallies: dict[str, np.ndarray] = {}  # integer counts of the strategy's (Strategy.tally_upload)
 
     @property
     def empty(self) -> bool:
@@ -115,10 +116,17 @@ class Partial:
         buffer_terms *= w
         self._add(terms, sync_mask, buffer_terms, w, 1)
 
+    def tally(self, counts: dict[str, np.ndarray]) -> None:
+        """Add integer counts by name (exact, so in any order the same: GWPF's thaw votes)."""
+        for name, value in counts.items():
+            value = np.asarray(value, dtype=np.int64)
+            self.tallies[name] = self.tallies[name] + value if name in self.tallies else value.copy()
+
     def merge(self, other: Partial) -> None:
-        """Add another partial's sums (the server combining the edges' partials, in order)."""
+        """Add another partial's sums and tallies (the server combining the edges' partials, in order)."""
         if not other.empty:
             self._add(other.sums, other.sync_mask, other.buffer_sums, other.weight, other.count)
+        self.tally(other.tallies)
 
     def _add(self, terms: np.ndarray, mask: np.ndarray | None, buffer_terms: np.ndarray, w: float, n: int) -> None:
         if self.empty:

@@ -74,10 +74,11 @@ def judge(strategy: Strategy, validator: UploadValidator, plan: RoundPlan, res: 
     return verdict, up
 
 
-def sum_upload(partial: Partial, up: DecodedUpload) -> None:
-    """Add a valid upload to ``partial`` (a skip adds nothing)."""
+def sum_upload(strategy: Strategy, partial: Partial, up: DecodedUpload) -> None:
+    """Add a valid upload to ``partial``: its values (a skip has none) and the strategy's tally of it."""
     if up.values is not None:
         partial.add(up.values, up.sync_mask, up.buffers, up.num_samples)
+    partial.tally(strategy.tally_upload(up))
 
 
 def aggregate_at_edge(strategy: Strategy, cfg: ExperimentConfig, broadcast: Broadcast,
@@ -94,7 +95,7 @@ def aggregate_at_edge(strategy: Strategy, cfg: ExperimentConfig, broadcast: Broa
         verdict, up = judge(strategy, validator, broadcast.plan_for(res.client_id), res, broadcast.params,
                             broadcast.buffers, broadcast.edge_bounds, cfg.cluster.max_error_chars)
         if up is not None:
-            sum_upload(partial, up)
+            sum_upload(strategy, partial, up)
         yield replace(res, upload=None, verdict=verdict)
     yield partial
 

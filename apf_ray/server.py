@@ -173,9 +173,10 @@ class ServerCore:
                 rec.status, rec.error, rec.bytes_up = verdict.status, verdict.error, verdict.bytes_up
                 rec.num_samples, rec.train_loss = verdict.num_samples, verdict.train_loss
                 if up is not None and broadcast.edge_bounds is not None:
-                    sum_upload(total, up)
+                    sum_upload(self.strategy, total, up)
                 elif up is not None:
                     uploads.append(up)
+                    total.tally(self.strategy.tally_upload(up))
         for cid, reason in missing.items():
             records[cid] = ClientRecord(r, cid, self.pool_of_client[cid], reason,
                                         bytes_down=0 if reason == "no_actor" else down.get(cid, 0), error=reason)
@@ -206,6 +207,7 @@ class ServerCore:
             with timer("controller"):
                 old_mask = self.active_mask()
                 self.strategy.observe_uploads(uploads)  # none when streamed: the strategy reads none
+                self.strategy.observe_tallies(total.tallies)
                 self.strategy.observe(self.params)
                 if not np.array_equal(old_mask, self.active_mask()):
                     self.downlink.record_mask_change(r)

@@ -16,6 +16,7 @@ from apf_ray.aggregation import Partial, weighted_mean
 from apf_ray.backends import InProcessBackend
 from apf_ray.edge import check_round_memory, upload_bytes_on_server
 from apf_ray.errors import SetupError
+from apf_ray.metrics import read_history
 from apf_ray.resume import load_resume_point
 from apf_ray.run import run
 from apf_ray.server import ServerCore
@@ -24,8 +25,12 @@ from tests.helpers import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 ONE_GROUP = "cluster.pools=[{name: cpu, num_actors: 1}]"
-ALL_UPLOADS = ("strategy.name=tests.plugins.all_uploads:AllUploadsAPF",
-               "strategy.options={threshold: 0.5, alpha: 0.5}")  # tiny_config's APF options, which a new name drops
+STRATEGIES = {  # (streamed, all uploads kept): the plug-ins override aggregate with the inherited one
+    "apf": ("strategy.name=apf", "strategy.name=tests.plugins.all_uploads:AllUploadsAPF"),
+    "gwpf": ("strategy.name=gwpf", "strategy.name=tests.plugins.all_uploads:AllUploadsGWPF"),
+}
+OPTIONS = {"apf": "strategy.options={threshold: 0.5, alpha: 0.5}",  # a new strategy.name drops tiny_config's
+           "gwpf": "strategy.options={threshold: 0.02, thaw_threshold: 0.02}"}  # freezes and thaws in 6 rounds
 CORRUPT = ("faults.corrupt_upload_prob=0.4", "faults.corrupt_kind=garbage", "cluster.min_clients=1")
 CLIENT_FIELDS = ("round", "client_id", "status", "error", "bytes_up", "bytes_down", "num_samples", "train_loss")
 
@@ -68,21 +73,28 @@ def test_a_partial_of_uploads_in_order_is_their_one_pass_weighted_mean_bit_for_b
 
 
 # ---- whole runs, in-process -----------------------------------------------------------------------
-@pytest.mark.parametrize("faults", [(), CORRUPT], ids=["honest", "corrupt-uploads"])
-def test_streamed_run_equals_the_all_uploads_run_bit_for_bit_with_one_group(tmp_path, faults):
-    # The same APF arithmetic twice: summed at the edge (one group) vs every upload decoded and kept on
-    # the server (the plug-in overrides aggregate). Garbage uploads are rejected at the edge with the
-    # reason and bytes the server would record, and never touch the model.
-    cfg = tiny_config(ONE_GROUP, *faults, "output.tensorboard=false", rounds=4)
-    run(cfg, tmp_path / "edge")
-    run(tiny_config(ONE_GROUP, *ALL_UPLOADS, *faults, "output.tensorboard=false", rounds=4), tmp_path / "all")
+@pytest.mark.parametrize(("strategy", "faults"), [("apf", ()), ("apf", CORRUPT), ("gwpf", ())],
+                         ids=["apf", "apf-corrupt-uploads", "gwpf"])
+def test_streamed_run_equals_the_all_uploads_run_bit_for_bit_with_one_group(tmp_path, strategy, faults):
+    # The same arithmetic twice: summed at the edge (one group) vs every upload decoded and kept on the
+    # server. Garbage uploads are rejected at the edge with the reason and bytes the server would record,
+    # and never touch the model; GWPF's thaw votes are tallied on the way in as the server counted them.
+    rounds = 6
+    for name, path in zip(STRATEGIES[strategy], ("edge", "all"), strict=True):
+        run(tiny_config(ONE_GROUP, name, OPTIONS[strategy], *faults, "output.tensorboard=false", rounds=rounds),
+            tmp_path / path)
     edge, everything = load_resume_point(tmp_path / "edge"), load_resume_point(tmp_path / "all")
-    assert edge.server["strategy"]["controller"]["threshold"] == 0.5 and edge.round == 4
+    assert edge.round == rounds
     assert edge.server["params"].tobytes() == everything.server["params"].tobytes()
     assert edge.server["buffers"].tobytes() == everything.server["buffers"].tobytes()
+    for key, value in edge.server["strategy"].items():  # APF's controller, GWPF's significance and mask
+        if isinstance(value, np.ndarray):
+            assert value.tobytes() == everything.server["strategy"][key].tobytes(), key
     assert _clients(tmp_path / "edge") == _clients(tmp_path / "all")
     statuses = {row[2] for row in _clients(tmp_path / "edge")}
     assert statuses == ({"ok", "rejected"} if faults else {"ok"})
+    frozen = [r.frozen_fraction for r in read_history(tmp_path / "edge")]
+    assert max(frozen) > 0 and (strategy != "gwpf" or frozen[-1] < max(frozen)), frozen  # froze (GWPF: thawed)
 
 
 def test_every_pool_layout_gives_the_same_model_to_float_tolerance(tmp_path):
@@ -146,6 +158,8 @@ def test_a_round_of_kept_uploads_that_cannot_fit_is_refused_up_front(tmp_path):
     assert "defence.aggregation=median" in lines[0] and "at most 1 clients per round fit" in lines[0], lines[0]
     assert not out.exists()
     # a strategy that reads every upload is checked too; a streamed round holds no uploads, so it fits
-    with pytest.raises(SetupError, match="strategy gwpf reads every upload"):
-        check_round_memory(tiny_config("strategy.name=gwpf"), 61706, 0, available=10**6)
-    check_round_memory(tiny_config(), 61706, 0, available=10**6)
+    plugin = "tests.plugins.median_strategy:Median"  # overrides aggregate
+    with pytest.raises(SetupError, match=f"strategy {plugin} reads every upload"):
+        check_round_memory(tiny_config(f"strategy.name={plugin}"), 61706, 0, available=10**6)
+    for streamed in ("strategy.name=apf", "strategy.name=gwpf"):  # GWPF's votes are tallied on the way in
+        check_round_memory(tiny_config(streamed), 61706, 0, available=10**6)

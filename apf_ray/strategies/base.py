@@ -10,8 +10,9 @@ server  ``setup`` (once) → ``select_clients`` → ``plan`` → ``client_plan``
         [clients] → ``decode_upload`` per client (beside the clients when the round is
         summed on the way in: :meth:`Strategy.streams`, :mod:`apf_ray.edge`) → (validation,
         robust consensus) → ``apply_partial`` of the summed uploads, or ``aggregate`` of
-        every upload → ``observe_uploads`` → ``observe`` (the new global vector; APF runs
-        its controller here). ``state_dict`` / ``load_state_dict`` checkpoint it.
+        every upload → ``observe_uploads`` (every upload kept) / ``observe_tallies`` (the
+        uploads' summed ``tally_upload`` counts) → ``observe`` (the new global vector; APF
+        runs its controller here). ``state_dict`` / ``load_state_dict`` checkpoint it.
 client  ``setup_client`` (once per host) → ``new_client_state`` (a client's first round) →
         ``start_params`` → local training with ``plan.train_mask`` and ``gradient_term`` →
         ``encode_upload``
@@ -206,9 +207,10 @@ class Strategy(ABC):
         True when the strategy keeps the default :meth:`aggregate` (whatever it does in
         :meth:`apply_partial`) and reads no upload one by one in :meth:`observe_uploads`: its
         aggregate is then a function of the uploads' sample-weighted sums, which each client
-        actor computes for its own clients. A strategy overriding either (GWPF reads each
-        upload's thaw votes) gets every decoded upload on the server, as before, and the run
-        is refused up front when a round's uploads cannot fit there (:func:`apf_ray.edge.check_round_memory`).
+        actor computes for its own clients, and what it learns from each upload is a count
+        (:meth:`tally_upload`, summed likewise; GWPF's thaw votes). A strategy overriding
+        either gets every decoded upload on the server, as before, and the run is refused up
+        front when a round's uploads cannot fit there (:func:`apf_ray.edge.check_round_memory`).
         """
         return cls.aggregate is Strategy.aggregate and cls.observe_uploads is Strategy.observe_uploads
 
@@ -251,8 +253,20 @@ class Strategy(ABC):
     def observe_uploads(self, uploads: list[DecodedUpload]) -> None:  # noqa: B027 - an optional hook
         """Called with the round's valid uploads, one per client (skips included), after the
         round was aggregated and before :meth:`observe`: what a strategy learns from each client
-        beyond the model (GWPF's thaw votes). Under a robust defence ``aggregate`` sees one
-        consensus upload, so per-client side data is read here, never combined values."""
+        beyond the model. Under a robust defence ``aggregate`` sees one consensus upload, so
+        per-client side data is read here (or counted by :meth:`tally_upload`), never combined
+        values. Overriding it keeps every upload on the server (:meth:`streams`); a count per
+        upload streams instead through :meth:`tally_upload`."""
+
+    def tally_upload(self, upload: DecodedUpload) -> dict[str, np.ndarray]:
+        """Integer counts (by name) that one valid upload adds to its round, skips included:
+        summed beside the clients with the values (exact, so in any grouping the same) and
+        handed to :meth:`observe_tallies`. The streaming form of :meth:`observe_uploads`."""
+        return {}
+
+    def observe_tallies(self, tallies: dict[str, np.ndarray]) -> None:  # noqa: B027 - an optional hook
+        """Called with the round's summed :meth:`tally_upload` counts (int64 arrays), after the
+        round was aggregated and before :meth:`observe` (GWPF thaws on its votes here)."""
 
     def observe(self, params: np.ndarray) -> None:  # noqa: B027 - an optional hook
         """Called with the new global vector after every aggregated round.
