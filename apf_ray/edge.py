@@ -173,6 +173,7 @@ def check_round_memory(cfg: ExperimentConfig, num_params: int, num_buffers: int,
     if k * per_upload <= available:
         return
     fit = math.floor(available / per_upload)
+    fits = f"train.clients_per_round ≤ {fit} fits" if fit else "not even one upload fits"
     raise SetupError(f"{why}: {k} clients per round (train.clients_per_round) of a {num_params:,}-parameter "
-                     f"model need ~{k * per_upload / 1e9:.1f} GB, and {available / 1e9:.1f} GB is available "
-                     f"(cluster.server_memory_gb); at most {fit} clients per round fit")
+                     f"model need ~{k * per_upload / 1e9:.3g} GB, and {available / 1e9:.3g} GB is available "
+                     f"(cluster.server_memory_gb); {fits}")

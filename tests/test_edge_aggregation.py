@@ -155,7 +155,7 @@ def test_a_round_of_kept_uploads_that_cannot_fit_is_refused_up_front(tmp_path):
                           timeout=300, cwd=REPO)
     lines = (proc.stdout + proc.stderr).splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
-    assert "defence.aggregation=median" in lines[0] and "at most 1 clients per round fit" in lines[0], lines[0]
+    assert "defence.aggregation=median" in lines[0] and "train.clients_per_round ≤ 1 fits" in lines[0], lines[0]
     assert not out.exists()
     # a strategy that reads every upload is checked too; a streamed round holds no uploads, so it fits
     plugin = "tests.plugins.median_strategy:Median"  # overrides aggregate
