@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import ray
 
+from apf_ray.aggregation import Partial
 from apf_ray.client import ClientHost
 from apf_ray.client_store import StoredState, StoreLocation
 from apf_ray.config import ExperimentConfig
@@ -46,7 +47,7 @@ class ClientPoolActor:
 
     @ray.method(num_returns="streaming")
     def train(self, broadcast: Broadcast,
-              clients: list[tuple[int, StoredState | dict | None]]) -> Iterator[ClientResult]:
+              clients: list[tuple[int, StoredState | dict | None]]) -> Iterator[ClientResult | Partial]:
         """Train this actor's share of a round, ``(client id, strategy state)`` in turn, streaming each result.
 
         One call per actor per round instead of one per client: on a loaded 2-core machine each
@@ -54,13 +55,16 @@ class ClientPoolActor:
         ~23 ms of training CPU; one stream per round costs ~1 ms less per client. Each result
         is yielded as soon as its client finishes, so
         the server still sees clients one by one against its deadline; after ``cancel_round``
-        for this round the remaining clients are not started.
+        for this round the remaining clients are not started. Under aggregation on the way in
+        (``broadcast.edge_bounds``) this actor is its share's edge aggregator: each result
+        carries its verdict, not its upload, and the share's partial is the last item, also
+        after a cancel (it then sums the clients trained so far).
         """
-        for client_id, state in clients:
+        def cancelled() -> bool:
             with self._lock:
-                if broadcast.round <= self._cancelled_through:
-                    return
-            yield self.host.train_one(broadcast, client_id, state)
+                return broadcast.round <= self._cancelled_through
+
+        yield from self.host.stream(broadcast, clients, cancelled)
 
     @ray.method(concurrency_group="control")
     def cancel_round(self, round_idx: int) -> None:

@@ -12,8 +12,10 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from actors.client import ClientPoolActor
+from apf_ray.aggregation import Partial
 from apf_ray.client_store import ClientStateStore, StoreLocation
 from apf_ray.config import ExperimentConfig, PoolConfig
+from apf_ray.edge import edge_groups
 from apf_ray.engine import ClientCall, ClientExecutor
 from apf_ray.placement import plan_pool_sizes, pool_request
 from apf_ray.records import Broadcast, ClientResult
@@ -48,13 +50,16 @@ class _Member:
 
 @dataclass(eq=False)
 class _Share:
-    """One actor's part of a round: its streaming call and its clients not yet back, in order."""
+    """One actor's part of a round: its streaming call, its clients not yet back (in order), what came back."""
 
     pool: str
     member: _Member
     stream: ray.ObjectRefGenerator
     waiting: deque[int]
     error: str | None = None  # the last failure the stream gave, for clients it never reached
+    results: list[ClientResult] = field(default_factory=list)
+    partial: Partial | None = None  # aggregation on the way in: the share's sums, its last item
+    lost: str | None = None  # why its partial will never come: died, timeout
 
 
 class ClientPools(ClientExecutor):
@@ -169,73 +174,96 @@ class ClientPools(ClientExecutor):
         return events
 
     def execute(self, broadcast: Broadcast,
-                calls: list[ClientCall]) -> tuple[list[ClientResult], dict[int, str]]:
+                calls: list[ClientCall]) -> tuple[list[ClientResult], dict[int, str], list[Partial]]:
         """Run ``calls`` on their pools; whatever is not back by ``cluster.round_timeout_s`` is dropped.
 
         Each ready actor of a pool gets every n-th of the pool's clients (balanced: shares differ
-        by at most one) in one streaming call (``ClientPoolActor.train``), and results are taken
-        as they arrive. A client whose result fails to arrive is an error result; an actor that
-        dies costs its clients not yet back (``died``) and is replaced by the next ``refresh``;
-        at the deadline the clients not back are ``timeout`` and their actors skip the rest.
+        by at most one; :func:`apf_ray.edge.edge_groups`) in one streaming call
+        (``ClientPoolActor.train``), and results are taken as they arrive. A client whose result
+        fails to arrive is an error result; an actor that dies costs its clients not yet back
+        (``died``) and is replaced by the next ``refresh``; at the deadline the clients not back
+        are ``timeout`` and their actors skip the rest. Under aggregation on the way in
+        (``broadcast.edge_bounds``) each actor's last item is its share's partial, which holds
+        the sums of all its valid clients: a share whose partial does not arrive (its actor
+        died, or its share was not done by the deadline) loses those clients too (``died``,
+        ``timeout``), since their updates never reached the server. Partials are returned in
+        share order (pools in config order, actors in pool order).
         """
         needed = {self.pool_of_client[c] for c, _ in calls}
         self.wait_ready(needed, self.cfg.cluster.startup_timeout_s)
         bref = ray.put(broadcast)  # once per round; every actor's call gets the reference
-        by_pool: dict[str, list[ClientCall]] = {}
-        for call in calls:
-            by_pool.setdefault(self.pool_of_client[call[0]], []).append(call)
+        ready = {pool: self.ready_members(pool) for pool in self.pools}
         missing: dict[int, str] = {}
         shares: list[_Share] = []
-        for pool, pool_calls in by_pool.items():
-            ready = self.ready_members(pool)
-            if not ready:
-                missing.update(dict.fromkeys((c for c, _ in pool_calls), "no_actor"))
+        taken = dict.fromkeys(self.pools, 0)  # actors of each pool given a share so far
+        for pool, share in edge_groups(calls, self.pool_of_client, list(self.pools),
+                                       {p: len(m) for p, m in ready.items()}):
+            if not ready[pool]:
+                missing.update(dict.fromkeys((c for c, _ in share), "no_actor"))
                 continue
-            for i, member in enumerate(ready):
-                share = pool_calls[i :: len(ready)]
-                if share and not member.sees_store:
-                    share = self.store.ship(share)
-                if share:
-                    stream = member.handle.train.remote(bref, share)
-                    shares.append(_Share(pool, member, stream, deque(c for c, _ in share)))
-        results: list[ClientResult] = []
-        deadline = time.monotonic() + self.cfg.cluster.round_timeout_s
+            member = ready[pool][taken[pool]]
+            taken[pool] += 1
+            if not member.sees_store:
+                share = self.store.ship(share)
+            stream = member.handle.train.remote(bref, share)
+            shares.append(_Share(pool, member, stream, deque(c for c, _ in share)))
         live = {id(s.stream): s for s in shares}
+        self._drain(live, missing, time.monotonic() + self.cfg.cluster.round_timeout_s)
+        for share in live.values():
+            missing.update(dict.fromkeys(share.waiting, "timeout"))
+            share.lost = "timeout"
+            share.member.handle.cancel_round.remote(broadcast.round)
+        streamed = broadcast.edge_bounds is not None
+        partials = []
+        for share in shares:
+            if share.partial is not None:
+                partials.append(share.partial)
+            elif streamed:  # its valid uploads' sums never came: they did not reach the server
+                missing.update({r.client_id: share.lost or "error" for r in share.results
+                                if r.verdict is not None and r.verdict.status == "ok"})
+        results = [r for share in shares for r in share.results if r.client_id not in missing]
+        return results, missing, partials
+
+    def _drain(self, live: dict[int, _Share], missing: dict[int, str], deadline: float) -> None:
+        """Take the ``live`` shares' items until each stream ends or ``deadline`` (monotonic s) passes."""
         while live:
             left = deadline - time.monotonic()
             if left <= 0:
-                break
+                return
             done, _ = ray.wait([s.stream for s in live.values()], num_returns=1, timeout=left)
             for stream in done:
                 share = live[id(stream)]
-                if not self._take(share, results, missing):
+                if not self._take(share, missing):
                     del live[id(stream)]
-        for share in live.values():
-            missing.update(dict.fromkeys(share.waiting, "timeout"))
-            share.member.handle.cancel_round.remote(broadcast.round)
-        return results, missing
 
-    def _take(self, share: _Share, results: list[ClientResult], missing: dict[int, str]) -> bool:
-        """Take the next result of an actor's stream; False once it has nothing more to give."""
+    def _take(self, share: _Share, missing: dict[int, str]) -> bool:
+        """Take the next item of an actor's stream; False once it has nothing more to give."""
         try:
             ref = next(share.stream)
         except StopIteration:  # ended early: its last error (or none) stands for the rest
             detail = share.error or "the actor's call ended before this client trained"
-            results.extend(ClientResult(cid, None, error=detail) for cid in share.waiting)
+            share.results.extend(ClientResult(cid, None, error=detail) for cid in share.waiting)
+            share.waiting.clear()
             return False
-        cid = share.waiting.popleft()
         try:
-            res = ray.get(ref, timeout=self.cfg.cluster.result_timeout_s)
+            item = ray.get(ref, timeout=self.cfg.cluster.result_timeout_s)
         except RayActorError:
-            missing.update(dict.fromkeys([cid, *share.waiting], "died"))
+            missing.update(dict.fromkeys(share.waiting, "died"))
+            share.waiting.clear()
+            share.lost = "died"
             self._drop(share.pool, share.member, "actor died")
             return False
         except RayError as err:  # the call itself failed: an error result, not a crash
             share.error = f"{type(err).__name__}: {err}"[: self.cfg.cluster.max_error_chars]
-            results.append(ClientResult(cid, None, error=share.error))
-            return bool(share.waiting)
-        results.append(res)
-        return bool(share.waiting)
+            if share.waiting:
+                share.results.append(ClientResult(share.waiting.popleft(), None, error=share.error))
+            return True  # what follows (a client, its partial) or the stream's end tells
+        if isinstance(item, Partial):
+            share.partial = item
+            return False  # the stream's last item, after its every client
+        share.waiting.remove(item.client_id)
+        share.results.append(item)
+        return bool(share.waiting) or item.verdict is not None  # a verdict: the partial follows
 
     def shutdown(self) -> None:
         for members in self.members.values():

@@ -11,6 +11,7 @@ every other position gets exactly ``+0.0``, as under the mean.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -79,3 +80,84 @@ def coordinate_wise(vectors: Sequence[np.ndarray], method: str, trim_fraction: f
         stat = np.median(block, axis=0) if method == "median" else _trimmed(block, trim)
         out[sel] = stat.astype(np.float32)
     return out
+
+
+class Partial:
+    """Sample-weighted sums of a group of uploads: an edge aggregator's one message to the server.
+
+    ``sums`` holds Σ wᵢ·vᵢ in float64 over ``sync_mask``'s positions (compact; None: every
+    scalar), ``buffer_sums`` Σ wᵢ·bᵢ, ``weight`` Σ wᵢ (samples). Uploads that synchronised
+    different scalars (per-client plans) are summed over the union of their masks, an upload
+    adding nothing where it sent nothing. Every sum starts from +0.0 and adds its terms in the
+    order they come, as :func:`weighted_mean` does, so one partial of uploads in order, divided
+    by its weight, equals their weighted mean bit for bit; partials of other groupings agree
+    to float64 rounding. Memory: two float64 model-sized vectors, whatever the group's size.
+    """
+
+    def __init__(self) -> None:
+        self.sums: np.ndarray | None = None
+        self.sync_mask: np.ndarray | None = None
+        self.buffer_sums: np.ndarray | None = None
+        self.weight = 0.0
+        self.count = 0  # uploads summed (with values)
+        self.tallies: dict[str, np.ndarray] = {}  # integer counts of the strategy's (Strategy.tally_upload)
+
+    @property
+    def empty(self) -> bool:
+        return self.count == 0
+
+    def add(self, values: np.ndarray, sync_mask: np.ndarray | None, buffers: np.ndarray, weight: float) -> None:
+        """Add one upload's compact float32 ``values`` over ``sync_mask``, weighted by ``weight`` samples."""
+        w = float(weight)
+        if not (math.isfinite(w) and w > 0):
+            raise ValueError(f"aggregation weights must be finite and positive, got {w}")
+        terms, buffer_terms = values.astype(np.float64), buffers.astype(np.float64)
+        terms *= w  # exact: a float32 times a sample count fits float64's mantissa
+        buffer_terms *= w
+        self._add(terms, sync_mask, buffer_terms, w, 1)
+
+    def tally(self, counts: dict[str, np.ndarray]) -> None:
+        """Add integer counts by name (exact, so in any order the same: GWPF's thaw votes)."""
+        for name, value in counts.items():
+            value = np.asarray(value, dtype=np.int64)
+            self.tallies[name] = self.tallies[name] + value if name in self.tallies else value.copy()
+
+    def merge(self, other: Partial) -> None:
+        """Add another partial's sums and tallies (the server combining the edges' partials, in order)."""
+        if not other.empty:
+            self._add(other.sums, other.sync_mask, other.buffer_sums, other.weight, other.count)
+        self.tally(other.tallies)
+
+    def _add(self, terms: np.ndarray, mask: np.ndarray | None, buffer_terms: np.ndarray, w: float, n: int) -> None:
+        if self.empty:
+            self.sync_mask = None if mask is None else mask.copy()
+            self.sums = np.zeros(terms.size)
+            self.buffer_sums = np.zeros(buffer_terms.size)
+        elif not _same_mask(self.sync_mask, mask):
+            union = None if self.sync_mask is None or mask is None else self.sync_mask | mask
+            self.sums = _spread(self.sums, self.sync_mask, union)
+            terms = _spread(terms, mask, union)
+            self.sync_mask = union
+        self.sums += terms
+        self.buffer_sums += buffer_terms
+        self.weight += w
+        self.count += n
+
+    def mean(self) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 mean over ``sync_mask``'s positions, float32 mean buffers)."""
+        if self.empty:
+            raise ValueError("nothing to aggregate")
+        return (self.sums / self.weight).astype(np.float32), (self.buffer_sums / self.weight).astype(np.float32)
+
+
+def _same_mask(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
+def _spread(compact: np.ndarray, mask: np.ndarray | None, union: np.ndarray | None) -> np.ndarray:
+    """``compact`` (over ``mask``) laid out over ``union`` ⊇ ``mask``, +0.0 at the positions it lacks."""
+    if mask is None:  # every scalar: the union is every scalar too
+        return compact
+    dense = np.zeros(mask.size)
+    dense[mask] = compact
+    return dense if union is None else dense[union]

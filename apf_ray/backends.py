@@ -20,8 +20,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from apf_ray.aggregation import Partial
 from apf_ray.client import ClientHost
 from apf_ray.config import ExperimentConfig
+from apf_ray.edge import edge_groups
 from apf_ray.engine import ClientCall, ClientExecutor, RoundEngine
 from apf_ray.plugins import resolve, subclass_of
 from apf_ray.records import Broadcast, ClientResult, RoundEvent
@@ -119,14 +121,29 @@ class EngineBackend(Backend):
 
 
 class HostExecutor(ClientExecutor):
-    """Trains every client on one :class:`ClientHost` in this process, one after another."""
+    """Trains every client on one :class:`ClientHost` in this process, one after another.
 
-    def __init__(self, host: ClientHost) -> None:
+    Under aggregation on the way in it forms the groups the Ray backend's actors would
+    (:func:`apf_ray.edge.edge_groups`: ``actors`` per pool, pools in ``pools`` order; a pool
+    not named: one group) and returns one partial per group, so a run equals the Ray run with
+    that layout bit for bit. Without ``pool_of_client``, all of a round's clients are one group.
+    """
+
+    def __init__(self, host: ClientHost, pool_of_client: Sequence[str] | None = None,
+                 pools: Sequence[str] = (), actors: dict[str, int] | None = None) -> None:
         self.host = host
+        self.pool_of_client, self.pools, self.actors = pool_of_client, list(pools), actors or {}
 
     def execute(self, broadcast: Broadcast,
-                calls: Sequence[ClientCall]) -> tuple[list[ClientResult], dict[int, str]]:
-        return self.host.run(broadcast, list(calls)), {}
+                calls: Sequence[ClientCall]) -> tuple[list[ClientResult], dict[int, str], list[Partial]]:
+        groups = ([share for _, share in edge_groups(calls, self.pool_of_client, self.pools, self.actors)]
+                  if self.pool_of_client is not None else [list(calls)])
+        results: list[ClientResult] = []
+        partials: list[Partial] = []
+        for group in groups:
+            for item in self.host.stream(broadcast, group):
+                (partials if isinstance(item, Partial) else results).append(item)
+        return results, {}, partials
 
 
 class InProcessBackend(EngineBackend):
@@ -141,7 +158,8 @@ class InProcessBackend(EngineBackend):
         ds = workload.dataset
         host = ClientHost(cfg, ds.x_train, ds.y_train, ds.num_classes, ds.input_shape)
         host.add_clients(dict(enumerate(workload.partitions)))
-        return HostExecutor(host)
+        actors = {p.name: p.num_actors if isinstance(p.num_actors, int) else 1 for p in cfg.cluster.pools}
+        return HostExecutor(host, workload.pool_of_client, [p.name for p in cfg.cluster.pools], actors)
 
 
 BACKENDS: dict[str, type[Backend] | str] = {

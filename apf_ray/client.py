@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from apf_ray.aggregation import Partial
 from apf_ray.client_store import HostStates, StoredState
 from apf_ray.config import ExperimentConfig
+from apf_ray.edge import aggregate_at_edge
 from apf_ray.faults import client_fails, corrupt_rng, corrupt_upload
 from apf_ray.flat import layout_of
 from apf_ray.records import Broadcast, ClientResult
@@ -107,3 +110,22 @@ class ClientHost:
     def run(self, broadcast: Broadcast, calls: list[tuple[int, StoredState | dict | None]]) -> list[ClientResult]:
         """Train ``(client id, strategy state)`` in order; each updated state is in its result."""
         return [self.train_one(broadcast, cid, state) for cid, state in calls]
+
+    def stream(self, broadcast: Broadcast, calls: Sequence[tuple[int, StoredState | dict | None]],
+               stop: Callable[[], bool] = lambda: False) -> Iterator[ClientResult | Partial]:
+        """Train ``calls`` in order, yielding each result as it finishes; once ``stop()`` is true, start no more.
+
+        Under aggregation on the way in (``broadcast.edge_bounds``) this host is its group's
+        edge aggregator (:func:`apf_ray.edge.aggregate_at_edge`): each result comes with its
+        verdict instead of its upload, and the group's partial follows the last one.
+        """
+        def trained() -> Iterator[ClientResult]:
+            for cid, state in calls:
+                if stop():
+                    return
+                yield self.train_one(broadcast, cid, state)
+
+        if broadcast.edge_bounds is None:
+            return trained()
+        sizes = {cid: len(self.partitions[cid]) for cid, _ in calls if cid in self.partitions}
+        return aggregate_at_edge(self.strategy, self.cfg, broadcast, sizes, trained())

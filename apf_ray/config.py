@@ -139,6 +139,9 @@ class ClusterConfig(_Strict):
     client_state_cache_mb: float = Field(256.0, ge=0, description="per-client strategy state (Top-k/Gaia "
                                          "residuals, partial-sync values) each client host keeps in memory, MiB; "
                                          "the rest is memory-mapped from the run's client_state/ folder")
+    server_memory_gb: float | None = Field(
+        None, gt=0, description="memory the server may give a round's uploads where it keeps them all (defence."
+        "aggregation median/trimmed_mean, a strategy reading every upload), GB; None: what is available at start")
     expose: bool = Field(False, description="a local cluster listens on every interface (other machines can "
                                             "reach it; token auth stays on); False: 127.0.0.1 only")
     metrics_export: bool = Field(False, description="run Ray's Prometheus metrics exporter, which has no "

@@ -12,7 +12,7 @@ computes from the robust statistic. The mean of one upload is that upload exactl
 ``mean`` (the default) passes the uploads through untouched: the strategy's own aggregate
 (the sample-weighted mean) is the plain path. Skipped uploads (no values) pass through too,
 so a strategy still sees who reported. Per-client side data (GWPF's votes, metadata) is not
-combined here; strategies read it per client in ``observe_uploads``.
+combined here; strategies count it per upload in ``tally_upload`` or read it in ``observe_uploads``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from apf_ray.aggregation import Partial
 from apf_ray.checkpoint import CheckpointWriter
 from apf_ray.client_store import ClientStateStore, StoredState, collect_garbage, fsync_files, import_states, open_store
 from apf_ray.config import ExperimentConfig
@@ -38,15 +39,20 @@ class ClientExecutor(ABC):
 
     ``execute`` trains each ``(client id, strategy state)`` against the broadcast and returns
     the results that arrived (the updated state's record, or the state, rides in
-    ``ClientResult.state``) and the clients that never reported, with why (``timeout``, ``died``,
-    ``no_actor``). The engine owns the records and the state lives in the run's store, so an
+    ``ClientResult.state``), the clients that never reported, with why (``timeout``, ``died``,
+    ``no_actor``), and optionally the round's partial aggregates. When the broadcast asks for
+    aggregation on the way in (``edge_bounds``), an executor may sum its groups' uploads where
+    they train (``ClientHost.stream``: each result then carries its verdict, not its upload) and
+    return one :class:`~apf_ray.aggregation.Partial` per group, in group order; results that still
+    carry their upload are judged and summed by the server. The engine owns the records and the
+    state lives in the run's store, so an
     executor may train any client anywhere and losing a worker loses no state.
     """
 
     @abstractmethod
-    def execute(self, broadcast: Broadcast,
-                calls: Sequence[ClientCall]) -> tuple[list[ClientResult], dict[int, str]]:
-        """Train ``calls`` for ``broadcast``'s round: (results, missing client id → status)."""
+    def execute(self, broadcast: Broadcast, calls: Sequence[ClientCall]) -> (
+            tuple[list[ClientResult], dict[int, str]] | tuple[list[ClientResult], dict[int, str], list[Partial]]):
+        """Train ``calls`` for ``broadcast``'s round: (results, missing client id → status[, partials])."""
 
     def take_events(self) -> list[str]:
         """What changed in the executor since the last call (Ray: actors added or dropped)."""
@@ -94,15 +100,17 @@ class RoundEngine:
         """The start-up report's engine part: rounds done, parameter count (scalars)."""
         return {"round": self.server.round, "num_params": self.server.num_params}
 
-    def _execute(self, broadcast: Broadcast, clients: list[int]) -> tuple[list[ClientResult], dict[int, str]]:
+    def _execute(self, broadcast: Broadcast,
+                 clients: list[int]) -> tuple[list[ClientResult], dict[int, str], list[Partial]]:
         broadcast.client_store = self.location
-        results, missing = self.executor.execute(broadcast, [(c, self.client_state.get(c)) for c in clients])
+        results, missing, *partials = self.executor.execute(broadcast,
+                                                            [(c, self.client_state.get(c)) for c in clients])
         for res in results:
             if isinstance(res.state, StoredState):
                 self.client_state[res.client_id] = res.state
             elif res.state is not None:  # from a host that cannot see the store
                 self.client_state[res.client_id] = self.store.save(res.client_id, broadcast.round, res.state)
-        return results, missing
+        return results, missing, partials[0] if partials else []
 
     def run_round(self) -> RoundEvent:
         """The next round; its event carries the executor's events (``pool_events``)."""

@@ -70,6 +70,10 @@ class Broadcast:
     plan: RoundPlan
     client_plans: dict[int, RoundPlan] = field(default_factory=dict)  # clients with a plan of their own
     client_store: StoreLocation | None = None  # where clients' strategy state is (set by the round engine)
+    edge_bounds: tuple[float, float] | None = None
+    """Set when the round aggregates on the way in (:mod:`apf_ray.edge`): the validation bounds
+    (update norm, buffer change; ``UploadValidator.norm_bound``/``buffer_bound``), computed once
+    by the server so that every edge checks uploads exactly as the server would."""
 
     def plan_for(self, client_id: int) -> RoundPlan:
         """The plan client ``client_id`` trains and uploads by (``Strategy.client_plan``)."""
@@ -88,6 +92,20 @@ class ClientResult:
     # the client's strategy state after this round, if any: its record once written to the run's
     # store (apf_ray/client_store.py), or the state itself from a host that cannot see the store
     state: StoredState | dict | None = None
+    verdict: UploadVerdict | None = None  # decoded and checked at the edge (then ``upload`` is None)
+
+
+@dataclass
+class UploadVerdict:
+    """What the server records of a client's upload, decided where it was decoded and checked
+    (beside the clients under aggregation on the way in, else on the server): the fields of its
+    ``ClientRecord``. ``status`` is ``ok``, ``skipped``, ``rejected`` or ``error`` (no upload)."""
+
+    status: ClientStatus
+    error: str = ""
+    bytes_up: int = 0
+    num_samples: int = 0
+    train_loss: float | None = None
 
 
 @dataclass

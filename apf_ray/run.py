@@ -32,6 +32,7 @@ from apf_ray.checkpoint import CHECKPOINT_FILES, list_checkpoints
 from apf_ray.client_store import STORE_DIR
 from apf_ray.config import ConfigError, ExperimentConfig
 from apf_ray.data import Dataset
+from apf_ray.edge import check_round_memory
 from apf_ray.errors import RunStopped, SetupError, describe
 from apf_ray.flat import FlatLayout
 from apf_ray.metrics import MetricsWriter, summarize
@@ -67,6 +68,7 @@ def _set_up(cfg: ExperimentConfig, run_dir: Path, backend: str | Backend, backen
         be = make_backend(backend, **backend_options)
         be.check(cfg)  # e.g. a pool no node of a local cluster can host
         workload = build_workload(cfg, dataset)  # every data/model error surfaces here, before a cluster starts
+        check_round_memory(cfg, workload.init_params.size, workload.init_buffers.size)
         if resume is not None:
             check_resume(cfg, resume, workload, resume_may_change)
         return be, be.start(cfg, run_dir, workload, resume), workload.layout

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
+from apf_ray.aggregation import Partial
 from apf_ray.config import ExperimentConfig
 from apf_ray.consensus import RobustConsensus
 from apf_ray.downlink import DownlinkTracker
+from apf_ray.edge import judge, keeps_every_upload, sum_upload
 from apf_ray.flat import set_buffers, set_params
 from apf_ray.network import NetworkModel
 from apf_ray.records import FAILED, REPORTED, Broadcast, ClientRecord, ClientResult, RoundEvent, RoundRecord
@@ -26,8 +28,9 @@ from apf_ray.training import evaluate
 from apf_ray.validation import UploadValidator
 from apf_ray.workload import Workload, model_factory, sampling_rng
 
-Executor = Callable[[Broadcast, list[int]], tuple[list[ClientResult], dict[int, str]]]
-"""Runs a round's clients: ``(broadcast, client ids) -> (results, missing: id -> status)``."""
+Executor = Callable[[Broadcast, list[int]], tuple[list[ClientResult], dict[int, str], list[Partial]]]
+"""Runs a round's clients: ``(broadcast, client ids) -> (results, missing: id -> status, partials)``;
+the partials (aggregation on the way in, :mod:`apf_ray.edge`) in their groups' order."""
 
 
 def check_param_count(params: np.ndarray, expected: int) -> None:
@@ -70,8 +73,9 @@ class ServerCore:
         self.strategy = make_strategy(cfg.strategy.name, cfg.strategy.options, cfg.strategy.uplink, cfg.seed)
         self.strategy.setup(self.params)
         self.consensus = RobustConsensus(cfg.defence)
-        self.validator = UploadValidator(cfg.defence, [len(p) for p in workload.partitions], self.params.size,
-                                         self.buffers.size)
+        self.validator = UploadValidator(cfg.defence, {c: len(p) for c, p in enumerate(workload.partitions)},
+                                         self.params.size, self.buffers.size)
+        self.streams = keeps_every_upload(cfg) is None  # aggregation on the way in (apf_ray.edge)
         self.rng = sampling_rng(cfg.seed)
         self.downlink = DownlinkTracker(self.params.size)
         self.round = 0  # completed rounds = current model version
@@ -98,7 +102,11 @@ class ServerCore:
         clients = self.strategy.select_clients(self.rng, len(self.pool_of_client), self.cfg.train.clients_per_round)
         plan = self.strategy.plan(r)
         own = {c: p for c in clients if (p := self.strategy.client_plan(plan, c)) is not None}
-        return Broadcast(r, self.params, self.buffers, plan, own), clients
+        return Broadcast(r, self.params, self.buffers, plan, own, self._bounds() if self.streams else None), clients
+
+    def _bounds(self) -> tuple[float, float]:
+        """This round's validation bounds (update norm, buffer change), from the global model."""
+        return self.validator.norm_bound(self.params), self.validator.buffer_bound(self.buffers)
 
     def downlink_bytes(self, broadcast: Broadcast, clients: list[int]) -> dict[int, int]:
         """Bytes each sampled client receives this round (real encoded payloads), its plan's extras included."""
@@ -119,53 +127,37 @@ class ServerCore:
         with timer("downlink"):
             down = self.downlink_bytes(broadcast, clients)
         with timer("clients"):
-            results, missing = execute(broadcast, clients)
-        record, client_records = self.finish_round(broadcast, clients, results, missing, down, timer)
+            results, missing, partials = execute(broadcast, clients)
+        record, client_records = self.finish_round(broadcast, clients, results, missing, down, timer, partials)
         record.wall_s = time.perf_counter() - start
         return RoundEvent(record, client_records)
 
-    def _accept(self, broadcast: Broadcast, res: ClientResult, rec: ClientRecord,
-                bounds: tuple[float, float]) -> DecodedUpload | None:
-        """The client's upload if it decodes and passes validation; otherwise why not, in ``rec``."""
-        if res.upload is None:
-            rec.status, rec.error = "error", res.error or "unknown error"
-            return None
-        buf = res.upload
-        rec.bytes_up = int(buf.nbytes) if isinstance(buf, np.ndarray) else 0  # refused bytes still crossed the wire
-        reason = None
-        try:
-            up = self.strategy.decode_upload(broadcast.plan_for(res.client_id), res.client_id, np.asarray(buf))
-        except Exception as err:  # a malformed upload refuses the client, not the round
-            up, reason = None, f"malformed upload: {err}"
-        if reason is None:
-            reason = self.validator.check(up, self.params, self.buffers, bounds)
-        if reason is not None:
-            rec.status, rec.error = "rejected", reason[: self.cfg.cluster.max_error_chars]
-            return None
-        rec.bytes_up, rec.num_samples, rec.train_loss = up.nbytes, up.num_samples, up.loss
-        if up.values is None:  # why, as the client said it (CMFL: its relevance) into clients.parquet
-            rec.status = "skipped"
-            rec.error = ", ".join(f"{k}={v:.4g}" for k, v in sorted(up.meta.items()) if k != "skipped")
-        return up
-
     def finish_round(self, broadcast: Broadcast, clients: list[int], results: list[ClientResult],
                      missing: dict[int, str], down: dict[int, int],
-                     timer: PhaseTimer | None = None) -> tuple[RoundRecord, list[ClientRecord]]:
+                     timer: PhaseTimer | None = None,
+                     partials: Sequence[Partial] = ()) -> tuple[RoundRecord, list[ClientRecord]]:
         """Validate and aggregate what arrived, run the strategy's observer, account, evaluate.
 
         ``missing`` maps clients that never reported to why (``timeout``, ``died``,
         ``no_actor``). Uploads that fail validation are ``rejected``; if fewer than the quorum
         of valid uploads arrived, or their aggregate is not finite, the model is kept and the
-        valid uploads are ``discarded``. The record's ``wall_s`` is left to the caller, who
-        times the round; ``timer`` (the caller's, or a new one) times this part's phases into
-        the record's ``phase_s``.
+        valid uploads are ``discarded``. A round that aggregates on the way in
+        (``broadcast.edge_bounds``) takes the edges' ``partials`` (in order) and the verdicts
+        in their results; a result that still carries its upload is judged and summed here,
+        after them, one at a time. Otherwise every valid upload is decoded here and kept for
+        the robust consensus and the strategy's ``aggregate``. The record's ``wall_s`` is left
+        to the caller, who times the round; ``timer`` (the caller's, or a new one) times this
+        part's phases into the record's ``phase_s``.
         """
         timer = timer if timer is not None else PhaseTimer()
         r = broadcast.round
         records: dict[int, ClientRecord] = {}
-        uploads: list[DecodedUpload] = []
+        uploads: list[DecodedUpload] = []  # kept only when the round does not stream
+        total = Partial()
         with timer("decode"):
-            bounds = (self.validator.norm_bound(self.params), self.validator.buffer_bound(self.buffers))
+            for partial in partials:
+                total.merge(partial)
+            bounds = self._bounds()  # the same the edges were sent (broadcast.edge_bounds)
             sampled = set(clients)
             for res in sorted(results, key=lambda x: x.client_id):
                 if res.client_id not in sampled:
@@ -174,20 +166,32 @@ class ServerCore:
                                    bytes_down=down.get(res.client_id, 0), compute_s=res.compute_s,
                                    device=res.device)
                 records[res.client_id] = rec
-                up = self._accept(broadcast, res, rec, bounds)
-                if up is not None:
+                verdict, up = res.verdict, None
+                if verdict is None:
+                    verdict, up = judge(self.strategy, self.validator, broadcast.plan_for(res.client_id), res,
+                                        self.params, self.buffers, bounds, self.cfg.cluster.max_error_chars)
+                rec.status, rec.error, rec.bytes_up = verdict.status, verdict.error, verdict.bytes_up
+                rec.num_samples, rec.train_loss = verdict.num_samples, verdict.train_loss
+                if up is not None and broadcast.edge_bounds is not None:
+                    sum_upload(self.strategy, total, up)
+                elif up is not None:
                     uploads.append(up)
+                    total.tally(self.strategy.tally_upload(up))
         for cid, reason in missing.items():
             records[cid] = ClientRecord(r, cid, self.pool_of_client[cid], reason,
                                         bytes_down=0 if reason == "no_actor" else down.get(cid, 0), error=reason)
+        valid = [rec for rec in records.values() if rec.status in ("ok", "skipped")]
         quorum = self.cfg.quorum()
-        quorum_met = len(uploads) >= quorum  # a CMFL skip counts as reporting
+        quorum_met = len(valid) >= quorum  # a CMFL skip counts as reporting
         with timer("downlink"):
             self.downlink.record_received([c for c, rec in records.items() if rec.status != "no_actor"], r - 1)
-        aggregated, why_not = False, f"round missed its quorum ({len(uploads)} valid of {quorum} needed)"
+        aggregated, why_not = False, f"round missed its quorum ({len(valid)} valid of {quorum} needed)"
         if quorum_met:
             with timer("aggregation"):
-                params, buffers = self.strategy.aggregate(self.params, self.buffers, self.consensus(uploads))
+                if broadcast.edge_bounds is not None:
+                    params, buffers = self.strategy.apply_partial(self.params, self.buffers, total)
+                else:
+                    params, buffers = self.strategy.aggregate(self.params, self.buffers, self.consensus(uploads))
                 finite = bool(np.all(np.isfinite(params)) and np.all(np.isfinite(buffers)))
             if finite:
                 old = self.params
@@ -202,13 +206,14 @@ class ServerCore:
             # would read it as a zero-motion check and freeze scalars because of an attack.
             with timer("controller"):
                 old_mask = self.active_mask()
-                self.strategy.observe_uploads(uploads)
+                self.strategy.observe_uploads(uploads)  # none when streamed: the strategy reads none
+                self.strategy.observe_tallies(total.tallies)
                 self.strategy.observe(self.params)
                 if not np.array_equal(old_mask, self.active_mask()):
                     self.downlink.record_mask_change(r)
         else:
-            for up in uploads:
-                records[up.client_id].status, records[up.client_id].error = "discarded", why_not
+            for rec in valid:
+                rec.status, rec.error = "discarded", why_not
         self.round = r
         for rec in records.values():
             if rec.status in REPORTED or rec.status == "rejected":

@@ -22,7 +22,7 @@ never ends the run.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -44,10 +44,10 @@ def _l2(vec: np.ndarray) -> float:
 class UploadValidator:
     """Checks decoded uploads against what the server knows (partition sizes, the global model)."""
 
-    def __init__(self, defence: DefenceConfig, partition_sizes: Sequence[int], num_params: int,
+    def __init__(self, defence: DefenceConfig, partition_sizes: Mapping[int, int], num_params: int,
                  num_buffers: int) -> None:
         self.defence = defence
-        self.partition_sizes = [int(n) for n in partition_sizes]
+        self.partition_sizes = {int(c): int(n) for c, n in partition_sizes.items()}  # client id -> samples
         self.num_params = int(num_params)
         self.num_buffers = int(num_buffers)
 
@@ -73,9 +73,9 @@ class UploadValidator:
         ``bounds`` are ``(norm_bound(params), buffer_bound(buffers))``, computed once per round
         by the caller (they are recomputed here when omitted).
         """
-        if not 0 <= up.client_id < len(self.partition_sizes):
+        limit = self.partition_sizes.get(up.client_id)
+        if limit is None:
             return f"unknown client id {up.client_id}"
-        limit = self.partition_sizes[up.client_id]
         n = up.num_samples
         if not (isinstance(n, (int, float, np.number)) and math.isfinite(n) and float(n).is_integer()
                 and 1 <= n <= limit):

@@ -14,11 +14,12 @@ its seconds divided by the time this process takes to copy the model's float32 v
 Decoding, validating and accumulating K uploads is about 3K copies and the controller a few,
 so a server that stays within ``3K + 30`` copies does no work that grows faster than the round.
 
-Combinations that cannot fit this machine are skipped and recorded as such: the server holds a
-round's uploads until it aggregates (45 MB each for ResNet-18), in the object store and decoded
-in the server, so a round needs about 2 × K × 4 B × parameters beside the cluster itself (ResNet-18:
-~9 GB at K = 100, ~90 GB at K = 1,000); a combination runs when that fits the memory available
-when the benchmark starts.
+Combinations that cannot fit this machine are skipped and recorded as such. APF aggregates on the
+way in (``apf_ray.edge``): each client actor sums its clients' uploads into one float64 partial
+(8 B per parameter, and a float64 term while it adds one), so a round's uploads
+take one partial per actor in the object store and the server merges them into one more, whatever
+K is (ResNet-18: ~0.5 GB with 2 actors); a combination runs when that fits beside the cluster
+itself in the memory available when the benchmark starts.
 
     python3 bench/scale.py [--rounds 5] [--only lenet5:10000:1000 ...] [--json PATH]
 """
@@ -60,22 +61,28 @@ SERVER_WORK = ("sampling", "downlink", "decode", "aggregation", "controller", "r
 """Phases whose cost is the server's own per-round work on model vectors (model-copy units)."""
 ACTORS = 2
 OBJECT_STORE_MB = 3072
-"""The object store's size when every round's uploads fit in it; larger rounds get what they need."""
+"""The object store's size when a round's partials fit in it; larger models get what they need."""
 TEST_IMAGES = 200
 MB = 2**20
 
 
-def uploads_gb(model: str, k: int) -> float:
-    """GB a round's K dense float32 uploads take in the object store and again decoded in the server."""
-    return 2 * k * 4 * NUM_PARAMS[model] / 1e9
+PARTIAL_BYTES_PER_PARAM = 16
+"""A partial while it grows: float64 sums (8 B a parameter) and the float64 term being added
+(``apf_ray.aggregation.Partial.add``, ``merge``)."""
 
 
-def skip_reason(model: str, k: int, available_gb: float) -> str | None:
-    """Why ``model`` with ``k`` uploads per round cannot run here, or None when it fits."""
-    need = uploads_gb(model, k)
+def partials_gb(model: str) -> float:
+    """GB a round's partials take: one per actor in the object store, and the server's merged one."""
+    return (ACTORS + 1) * PARTIAL_BYTES_PER_PARAM * NUM_PARAMS[model] / 1e9
+
+
+def skip_reason(model: str, available_gb: float) -> str | None:
+    """Why ``model`` cannot run here, or None when it fits; at any number of uploads per round, since
+    they are summed where they are trained."""
+    need = partials_gb(model)
     if need + CLUSTER_GB <= available_gb:
         return None
-    return (f"{model} with {k:,} uploads per round needs ~{need:.0f} GB for them (object store + server) beside "
+    return (f"{model} needs ~{need:.1f} GB for a round's {ACTORS + 1} partials (object store + server) beside "
             f"the cluster's ~{CLUSTER_GB:.0f} GB; {available_gb:.0f} GB of memory was available")
 
 
@@ -194,8 +201,8 @@ def main() -> None:
     started = time.perf_counter()
     rows: list[dict] = []
     available_gb = psutil.virtual_memory().available / 1e9
-    skipped = {(m, k): why for m, _, k in combos if (why := skip_reason(m, k, available_gb))}
-    store_mb = max([OBJECT_STORE_MB] + [int(uploads_gb(m, k) / 2 * 1e9 / MB * 1.25) + 1
+    skipped = {(m, k): why for m, _, k in combos if (why := skip_reason(m, available_gb))}
+    store_mb = max([OBJECT_STORE_MB] + [int(partials_gb(m) * 1e9 / MB * 1.25) + 1
                                         for m, _, k in combos if (m, k) not in skipped])
     with LoadSampler() as load, tempfile.TemporaryDirectory(prefix="apf-scale-") as tmp:
         session_cfg = scale_config(MODELS[0], NUM_CLIENTS[0], PER_ROUND[0], args.rounds, Path(tmp), store_mb)

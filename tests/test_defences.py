@@ -321,7 +321,7 @@ def test_buffers_must_be_finite_and_change_within_their_bound():
     from apf_ray.strategies import DecodedUpload
     from apf_ray.validation import UploadValidator
 
-    validator = UploadValidator(DefenceConfig(), partition_sizes=[10], num_params=4, num_buffers=3)
+    validator = UploadValidator(DefenceConfig(), partition_sizes={0: 10}, num_params=4, num_buffers=3)
     params, buffers = np.ones(4, np.float32), np.ones(3, np.float32)
 
     def upload(new_buffers):
@@ -339,7 +339,7 @@ def test_update_norm_is_exact_for_huge_finite_values_and_counts_every_non_finite
     from apf_ray.validation import UploadValidator
 
     n = 100_003  # longer than any internal block
-    validator = UploadValidator(DefenceConfig(max_update_ratio=None, max_update_norm=1e40), [10], n, 0)
+    validator = UploadValidator(DefenceConfig(max_update_ratio=None, max_update_norm=1e40), {0: 10}, n, 0)
     params, none = np.ones(n, np.float32), np.zeros(0, np.float32)
     huge = np.full(n, 3e38, np.float32)  # squares overflow float32, not float64: norm 3e38·√n ≈ 9.5e40
     assert "exceeds the bound" in validator.check(DecodedUpload(0, huge, none, 10, 0.5, 0), params, none)

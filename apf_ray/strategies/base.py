@@ -7,9 +7,12 @@ built from the same config on both sides. Its hooks, in the order a round calls 
 because counting real bytes is the point):
 
 server  ``setup`` (once) → ``select_clients`` → ``plan`` → ``client_plan`` per client →
-        [clients] → ``decode_upload`` per client → (validation, robust consensus) →
-        ``aggregate`` → ``observe_uploads`` → ``observe`` (the new global vector; APF runs
-        its controller here). ``state_dict`` / ``load_state_dict`` checkpoint it.
+        [clients] → ``decode_upload`` per client (beside the clients when the round is
+        summed on the way in: :meth:`Strategy.streams`, :mod:`apf_ray.edge`) → (validation,
+        robust consensus) → ``apply_partial`` of the summed uploads, or ``aggregate`` of
+        every upload → ``observe_uploads`` (every upload kept) / ``observe_tallies`` (the
+        uploads' summed ``tally_upload`` counts) → ``observe`` (the new global vector; APF
+        runs its controller here). ``state_dict`` / ``load_state_dict`` checkpoint it.
 client  ``setup_client`` (once per host) → ``new_client_state`` (a client's first round) →
         ``start_params`` → local training with ``plan.train_mask`` and ``gradient_term`` →
         ``encode_upload``
@@ -43,7 +46,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from apf_ray import wire
-from apf_ray.aggregation import weighted_mean
+from apf_ray.aggregation import Partial
 from apf_ray.plugins import resolve, subclass_of
 from apf_ray.records import RoundPlan
 from apf_ray.uplink import UplinkChain
@@ -197,38 +200,73 @@ class Strategy(ABC):
         return DecodedUpload(client_id, values, buffers, int(num_samples), float(meta["loss"]), int(buf.nbytes),
                              plan.sync_mask, extra_meta, {k: parts[k] for k in self.upload_parts if k in parts})
 
+    @classmethod
+    def streams(cls) -> bool:
+        """Whether the round's uploads may be summed on the way in (:mod:`apf_ray.edge`).
+
+        True when the strategy keeps the default :meth:`aggregate` (whatever it does in
+        :meth:`apply_partial`) and reads no upload one by one in :meth:`observe_uploads`: its
+        aggregate is then a function of the uploads' sample-weighted sums, which each client
+        actor computes for its own clients, and what it learns from each upload is a count
+        (:meth:`tally_upload`, summed likewise; GWPF's thaw votes). A strategy overriding
+        either gets every decoded upload on the server, as before, and the run is refused up
+        front when a round's uploads cannot fit there (:func:`apf_ray.edge.check_round_memory`).
+        """
+        return cls.aggregate is Strategy.aggregate and cls.observe_uploads is Strategy.observe_uploads
+
     def aggregate(self, params: np.ndarray, buffers: np.ndarray,
                   uploads: list[DecodedUpload]) -> tuple[np.ndarray, np.ndarray]:
-        """New (params, buffers): the sample-weighted mean delta added to the global vector.
+        """New (params, buffers) from the round's valid uploads: :meth:`apply_partial` of their sums.
 
-        Computed over the uploads' compact values (the synchronised scalars only) and added at
-        those positions in one pass; when per-client plans synchronised different scalars, over
-        the dense deltas. A scalar that no upload synchronised is not touched, so it stays
-        bit-identical (a frozen −0.0 included). Under a robust ``defence.aggregation`` the
-        uploads are already one consensus upload (:mod:`apf_ray.consensus`), whose mean is itself.
+        The uploads are summed in order into one :class:`~apf_ray.aggregation.Partial` (their
+        compact values, over the union of their masks when per-client plans differ), so this
+        equals the streamed path with one group bit for bit. Under a robust
+        ``defence.aggregation`` the uploads are already one consensus upload
+        (:mod:`apf_ray.consensus`), whose mean is itself.
         """
-        used = [u for u in uploads if u.values is not None]
-        if not used:
+        partial = Partial()
+        for u in uploads:
+            if u.values is not None:
+                partial.add(u.values, u.sync_mask, u.buffers, u.num_samples)
+        return self.apply_partial(params, buffers, partial)
+
+    def apply_partial(self, params: np.ndarray, buffers: np.ndarray,
+                      partial: Partial) -> tuple[np.ndarray, np.ndarray]:
+        """New (params, buffers): the sample-weighted mean delta of ``partial`` added to the global vector.
+
+        ``partial`` holds the sums of every valid upload of the round (all skipped: empty, and
+        the model is kept). The mean is added at the synchronised positions only, in one pass; a
+        scalar that no upload synchronised is not touched, so it stays bit-identical (a frozen
+        −0.0 included). Override this (not :meth:`aggregate`) to change how the mean is applied
+        (a server learning rate) and keep aggregation on the way in.
+        """
+        if partial.empty:
             return params, buffers
-        weights = [u.num_samples for u in used]
-        new_buffers = weighted_mean([u.buffers for u in used], weights) if buffers.size else buffers
-        if not same_sync_mask(used):
-            mask = union_mask(used)
-            combined = weighted_mean([u.update if mask is None else u.update[mask] for u in used], weights)
-        else:
-            mask = used[0].sync_mask
-            combined = weighted_mean([u.values for u in used], weights)
-        if mask is None:
+        combined, mean_buffers = partial.mean()
+        new_buffers = mean_buffers if buffers.size else buffers
+        if partial.sync_mask is None:
             return params + combined, new_buffers
         new_params = params.copy()
-        new_params[mask] += combined
+        new_params[partial.sync_mask] += combined
         return new_params, new_buffers
 
     def observe_uploads(self, uploads: list[DecodedUpload]) -> None:  # noqa: B027 - an optional hook
         """Called with the round's valid uploads, one per client (skips included), after the
         round was aggregated and before :meth:`observe`: what a strategy learns from each client
-        beyond the model (GWPF's thaw votes). Under a robust defence ``aggregate`` sees one
-        consensus upload, so per-client side data is read here, never combined values."""
+        beyond the model. Under a robust defence ``aggregate`` sees one consensus upload, so
+        per-client side data is read here (or counted by :meth:`tally_upload`), never combined
+        values. Overriding it keeps every upload on the server (:meth:`streams`); a count per
+        upload streams instead through :meth:`tally_upload`."""
+
+    def tally_upload(self, upload: DecodedUpload) -> dict[str, np.ndarray]:
+        """Integer counts (by name) that one valid upload adds to its round, skips included:
+        summed beside the clients with the values (exact, so in any grouping the same) and
+        handed to :meth:`observe_tallies`. The streaming form of :meth:`observe_uploads`."""
+        return {}
+
+    def observe_tallies(self, tallies: dict[str, np.ndarray]) -> None:  # noqa: B027 - an optional hook
+        """Called with the round's summed :meth:`tally_upload` counts (int64 arrays), after the
+        round was aggregated and before :meth:`observe` (GWPF thaws on its votes here)."""
 
     def observe(self, params: np.ndarray) -> None:  # noqa: B027 - an optional hook
         """Called with the new global vector after every aggregated round.

@@ -86,14 +86,19 @@ class GWPF(Strategy):
                 raise ValueError(f"upload holds {votes.size} thaw votes, the round froze {frozen} scalars")
         return up
 
-    def observe_uploads(self, uploads: list[DecodedUpload]) -> None:
-        """Thaw the frozen scalars that at least ``thaw_quorum`` of the valid uploads vote for."""
+    def tally_upload(self, upload: DecodedUpload) -> dict[str, np.ndarray]:
+        """A voting upload's thaw votes (one per frozen scalar) and one voter; summed on the way in."""
+        if "thaw" not in upload.parts:
+            return {}
+        return {"thaw_votes": wire.decode_mask(upload.parts["thaw"]), "thaw_voters": np.ones(1, np.int64)}
+
+    def observe_tallies(self, tallies: dict[str, np.ndarray]) -> None:
+        """Thaw the frozen scalars that at least ``thaw_quorum`` of the voting uploads vote for."""
         frozen = np.flatnonzero(~self._active)
-        voting = [u for u in uploads if "thaw" in u.parts]
-        if not frozen.size or not voting:
+        voters = int(tallies["thaw_voters"][0]) if "thaw_voters" in tallies else 0
+        if not frozen.size or not voters:
             return
-        votes = np.sum([wire.decode_mask(u.parts["thaw"]) for u in voting], axis=0)
-        self._thaw[frozen[votes >= self.options.thaw_quorum * len(voting)]] = True
+        self._thaw[frozen[tallies["thaw_votes"] >= self.options.thaw_quorum * voters]] = True
 
     def observe(self, params: np.ndarray) -> None:
         """Update the significance average of the synchronised scalars; freeze and thaw."""
