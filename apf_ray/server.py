@@ -102,7 +102,8 @@ class ServerCore:
         clients = self.strategy.select_clients(self.rng, len(self.pool_of_client), self.cfg.train.clients_per_round)
         plan = self.strategy.plan(r)
         own = {c: p for c in clients if (p := self.strategy.client_plan(plan, c)) is not None}
-        return Broadcast(r, self.params, self.buffers, plan, own, self._bounds() if self.streams else None), clients
+        return Broadcast(r, self.params, self.buffers, plan, own,
+                         edge_bounds=self._bounds() if self.streams else None), clients
 
     def _bounds(self) -> tuple[float, float]:
         """This round's validation bounds (update norm, buffer change), from the global model."""
