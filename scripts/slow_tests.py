@@ -65,8 +65,8 @@ def choose(times: dict[str, float], share: float) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("junit", type=Path, help="JUnit XML of a whole-suite run (pytest --junitxml=FILE)")
-    parser.add_argument("--share", type=float, default=0.2,
-                        help="the most of the whole suite's test time the fast lane may take (default 0.2)")
+    parser.add_argument("--share", type=float, default=0.1,
+                        help="the most of the whole suite's test time the fast lane may take (default 0.1)")
     args = parser.parse_args()
     times = durations(args.junit)
     slow = choose(times, args.share)

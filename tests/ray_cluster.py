@@ -2,8 +2,8 @@
 
 The test root's conftest loads the fixtures with ``pytest_plugins = ["tests.ray_cluster"]``.
 A process holds one Ray driver at a time, so ``two_node_cluster`` stops the ``local_ray``
-cluster for its module and starts a fresh one after it if a later test needs it; a module must
-not request ``local_ray`` after a ``two_node_cluster`` test.
+cluster for its module and the next test that asks for ``local_ray`` starts a fresh one; a
+module must not request ``local_ray`` after a ``two_node_cluster`` test.
 
 Ray 2.60 facts this module is built on:
 - Token auth is on by default. ``ray.init()`` without an address creates ``~/.ray/auth_token``
@@ -119,7 +119,7 @@ class LocalCluster:
                 "LocalCluster.start_head: this process is already a Ray driver; call "
                 "ray.shutdown() first (the two_node_cluster fixture stops local_ray)"
             )
-        _ensure_auth_token()
+        ensure_auth_token()
         port = _free_port()
         address = f"127.0.0.1:{port}"
         process, temp_dir = self._launch(
@@ -272,7 +272,7 @@ def job_head(num_cpus: int = 2, start_timeout_s: float = 120.0) -> Iterator[str]
     Yields the job server's URL for ``ray job submit --address``. This process does not
     connect to it as a driver, so it can run beside ``local_ray``.
     """
-    _ensure_auth_token()
+    ensure_auth_token()
     nodes = LocalCluster()
     dashboard = _free_port()
     process, _ = nodes._launch(
@@ -302,7 +302,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _ensure_auth_token() -> None:
+def ensure_auth_token() -> None:
     """Create ``~/.ray/auth_token`` unless a token exists; `ray start --head` never creates one."""
     if (Path.home() / ".ray" / "auth_token").exists() or any(
         os.environ.get(name) for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -363,34 +363,32 @@ _LOCAL_RAY = _LocalRay()
 
 
 @pytest.fixture(scope="session")
-def local_ray() -> Iterator[RayContext]:
-    """A 2-CPU single-node Ray cluster in this process, started once per session.
-
-    After a ``two_node_cluster`` module it is a new cluster: the yielded context is stale then.
-    """
-    yield _LOCAL_RAY.start() if _LOCAL_RAY.context is None else _LOCAL_RAY.context
+def _local_ray_for_the_session() -> Iterator[_LocalRay]:
+    """Stops the ``local_ray`` cluster when the session ends, whoever started it last."""
+    yield _LOCAL_RAY
     _LOCAL_RAY.stop()
 
 
+@pytest.fixture
+def local_ray(_local_ray_for_the_session: _LocalRay) -> RayContext:
+    """A 2-CPU single-node Ray cluster in this process, started once and kept for the session.
+
+    Started again, as a new cluster, for the first test that asks for it after a
+    ``two_node_cluster`` module stopped it; so tests may run in any order (``pytest -n``, the
+    slow tests first) without a test finding Ray stopped.
+    """
+    return _LOCAL_RAY.context if _LOCAL_RAY.context is not None else _LOCAL_RAY.start()
+
+
 @pytest.fixture(scope="module")
-def two_node_cluster(request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
+def two_node_cluster() -> Iterator[LocalCluster]:
     """Head ``{"head_node": 1}`` and one worker ``{"edge_cpu": 4}``, 1 CPU each, per module.
 
-    Stops ``local_ray`` while it runs (one process holds one Ray driver) and restarts it after
-    only if a later test of the session uses it.
+    Stops ``local_ray`` while it runs (one process holds one Ray driver); the next test that
+    asks for ``local_ray`` starts it again.
     """
-    was_local = _LOCAL_RAY.context is not None
     _LOCAL_RAY.stop()
     with LocalCluster() as cluster:
         cluster.start_head(num_cpus=1, resources=HEAD_RESOURCES)
         cluster.add_node(num_cpus=1, resources=EDGE_CPU_RESOURCES)
         yield cluster
-    if was_local and _later_tests_use(request, "local_ray"):
-        _LOCAL_RAY.start()
-
-
-def _later_tests_use(request: pytest.FixtureRequest, fixture: str) -> bool:
-    """Whether a test collected after this module requests ``fixture``."""
-    items = request.session.items
-    last = max(i for i, item in enumerate(items) if item.module is request.module)
-    return any(fixture in item.fixturenames for item in items[last + 1 :])
