@@ -43,7 +43,7 @@ LOCK = REPO / "constraints.txt"
 README = REPO / "README.md"
 RESULTS = REPO / "docs" / "results"
 PROJECT = "apf-ray"
-FAST_LANE = ["-m", "pytest", "-m", "not slow", "-n", "3", "-q", "-p", "no:cacheprovider"]
+FAST_LANE = ["-m", "pytest", "-m", "not slow", "-q", "-p", "no:cacheprovider"]
 LOCK_HEADER = """\
 # The tested version of every package `pip install -e '.[test]'` installs (transitive ones too).
 # Both README commands install with `-c constraints.txt`; pyproject.toml keeps the ranges.
@@ -121,7 +121,7 @@ class Venv:
                      / 2**20, 1)
 
     def fast_lane(self) -> dict[str, Any]:
-        """``python3 -m pytest -m "not slow" -n 3`` in the venv: command, wall time (s), counts, failed test ids."""
+        """``python3 -m pytest -m "not slow"`` in the venv: command, wall time (s), counts, failed test ids."""
         start = time.monotonic()
         with LoadSampler() as load:
             proc = subprocess.run([self.python, *FAST_LANE], cwd=REPO, env=self.env, capture_output=True, text=True)
@@ -132,9 +132,8 @@ class Venv:
         counts = {kind: int(n) for n, kind in
                   re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)", tail)}
         failed = [line.split(" ", 1)[1].split(" - ", 1)[0] for line in lines if line.startswith(("FAILED ", "ERROR "))]
-        return {"command": 'python3 -m pytest -m "not slow" -n 3', "exit_code": proc.returncode,
-                "wall_s": round(wall, 1), "counts": counts, "failed": failed, "last_line": tail,
-                "load_average": load.report()}
+        return {"command": 'python3 -m pytest -m "not slow"', "exit_code": proc.returncode, "wall_s": round(wall, 1),
+                "counts": counts, "failed": failed, "last_line": tail, "load_average": load.report()}
 
 
 def newest_install(venv: Venv) -> float:
