@@ -27,6 +27,7 @@ the engine writes them (the Ray pools decide per actor, :func:`ship`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -280,6 +281,21 @@ def import_states(states: Mapping[int, StoredState], source: Path, location: Sto
         for name in stored.files():
             if not (target / name).exists():
                 _write_array(target, name, np.load(Path(source) / name, allow_pickle=False))
+
+
+def discard_if_unused(run_dir: Path) -> None:
+    """Remove ``<run_dir>/client_state`` when it holds nothing but its ``STORE_ID``: what
+    :func:`open_store` made for a run that then never started (refused while waiting for
+    resources, say), so that the run folder's claim can remove the folder it made."""
+    root = Path(run_dir) / STORE_DIR
+    try:
+        names = [path.name for path in root.iterdir()]
+    except OSError:
+        return
+    if names == [ID_FILE]:
+        with contextlib.suppress(OSError):
+            (root / ID_FILE).unlink()
+            root.rmdir()
 
 
 def self_contained(checkpoint: Path, staging: Path) -> Path:

@@ -29,7 +29,7 @@ import yaml
 from apf_ray.backends import Backend, make_backend
 from apf_ray.callbacks import Callback, Checkpointer, RunView, stateful_callbacks
 from apf_ray.checkpoint import CHECKPOINT_FILES, list_checkpoints
-from apf_ray.client_store import STORE_DIR
+from apf_ray.client_store import STORE_DIR, discard_if_unused
 from apf_ray.config import ConfigError, ExperimentConfig
 from apf_ray.data import Dataset
 from apf_ray.edge import check_round_memory
@@ -139,7 +139,11 @@ def run(
             be, info, layout = _set_up(cfg, run_dir, backend, backend_options or {}, resume, dataset, overwrite,
                                        resume_may_change, keyed)
         except KeyboardInterrupt as stop:  # Abandon, or Ray's plain KeyboardInterrupt in its place
+            discard_if_unused(run_dir)
             raise RunStopped(start_round, stops.signal_of(stop), run_dir, checkpointed=resume is not None) from None
+        except BaseException:  # refused: nothing of this run is left behind but what it found
+            discard_if_unused(run_dir)
+            raise
         stops.graceful = True  # from here on, a first signal lets the round in flight finish
         metrics = MetricsWriter()
         def save(background: bool) -> Path:
