@@ -135,14 +135,17 @@ def run(
     except ValueError as err:
         raise SetupError(str(err)) from None
     with StopSignals() as stops, OutputClaim(run_dir) if claim else contextlib.nullcontext():
+        found_store = (run_dir / STORE_DIR).exists()  # an earlier run's: never this one's to remove
         try:
             be, info, layout = _set_up(cfg, run_dir, backend, backend_options or {}, resume, dataset, overwrite,
                                        resume_may_change, keyed)
         except KeyboardInterrupt as stop:  # Abandon, or Ray's plain KeyboardInterrupt in its place
-            discard_if_unused(run_dir)
+            if not found_store:
+                discard_if_unused(run_dir)
             raise RunStopped(start_round, stops.signal_of(stop), run_dir, checkpointed=resume is not None) from None
         except BaseException:  # refused: nothing of this run is left behind but what it found
-            discard_if_unused(run_dir)
+            if not found_store:
+                discard_if_unused(run_dir)
             raise
         stops.graceful = True  # from here on, a first signal lets the round in flight finish
         metrics = MetricsWriter()
