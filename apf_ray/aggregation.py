@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-_BLOCK = 1 << 20
+ROBUST_BLOCK = 1 << 20
 """Positions per block of the robust statistics: k clients × 1 Mi positions × 4 B of scratch."""
 
 _MEAN_BLOCK = 1 << 15
@@ -74,8 +74,8 @@ def coordinate_wise(vectors: Sequence[np.ndarray], method: str, trim_fraction: f
     idx = np.arange(n) if positions is None else np.flatnonzero(positions)
     trim = min(int(np.floor(trim_fraction * k)), (k - 1) // 2)
     out = np.zeros(n, dtype=np.float32)
-    for start in range(0, idx.size, _BLOCK):
-        sel = idx[start : start + _BLOCK]
+    for start in range(0, idx.size, ROBUST_BLOCK):
+        sel = idx[start : start + ROBUST_BLOCK]
         block = np.stack([np.asarray(v, dtype=np.float32)[sel] for v in vectors])
         stat = np.median(block, axis=0) if method == "median" else _trimmed(block, trim)
         out[sel] = stat.astype(np.float32)

@@ -274,8 +274,8 @@ def states_from_json(data: Mapping[str, Any]) -> dict[int, StoredState]:
 
 def import_states(states: Mapping[int, StoredState], source: Path, location: StoreLocation) -> None:
     """Copy the files of ``states`` from another store (a checkpoint taken elsewhere, e.g. a Tune
-    copy of another trial's) into ``location``'s, checked against their digests first."""
-    verify(source, states)
+    copy of another trial's) into ``location``'s. ``source`` must be one :func:`verify` passed
+    (a :class:`~apf_ray.resume.ResumePoint`'s ``store_root`` is): every byte is not hashed twice."""
     target = Path(location.root)
     for stored in states.values():
         for name in stored.files():

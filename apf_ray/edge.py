@@ -24,6 +24,7 @@ server; :func:`check_round_memory` refuses such a run up front when a round cann
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from apf_ray.aggregation import Partial
+from apf_ray.aggregation import ROBUST_BLOCK, Partial
 from apf_ray.config import ExperimentConfig
 from apf_ray.errors import SetupError
 from apf_ray.records import Broadcast, ClientResult, RoundPlan, UploadVerdict
@@ -39,10 +40,6 @@ from apf_ray.strategies import DecodedUpload, Strategy, strategy_class
 from apf_ray.validation import UploadValidator
 
 Call = TypeVar("Call", bound=tuple)
-
-ROBUST_BLOCK = 1 << 20
-"""Positions per block of the robust statistics (``aggregation._BLOCK``): their scratch per upload."""
-
 
 def judge(strategy: Strategy, validator: UploadValidator, plan: RoundPlan, res: ClientResult,
           params: np.ndarray, buffers: np.ndarray, bounds: tuple[float, float],
@@ -137,8 +134,6 @@ def available_memory_bytes() -> int:
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
-    import os
-
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

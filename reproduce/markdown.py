@@ -89,6 +89,10 @@ class Markdown:
                 f"--output {self.d['output']}`.")
         return text + (f" Failed: {', '.join(failed)}." if failed else "")
 
+    def not_run(self, name: str) -> str | None:
+        """Experiment ``name``'s section saying how to run it while its runs are missing; None once it has rows."""
+        return None if "rows" in self.exps[name] else self.section(name, self.missing(name))
+
     def section(self, name: str, body: str) -> str:
         exp = self.exps[name]
         return f"## {exp['title']}\n\n*{exp['what']}* (`--only {name}`)\n\n{body}\n"
@@ -158,10 +162,9 @@ class Markdown:
                                   f"{_fig(exp['figures'][0])}\n")
 
     def strawmen(self) -> str:
-        exp = self.exps["strawmen"]
-        if "rows" not in exp:
-            return self.section("strawmen", self.missing("strawmen"))
-        rows = exp["rows"]
+        if (not_run := self.not_run("strawmen")) is not None:
+            return not_run
+        rows = self.exps["strawmen"]["rows"]
         by = {r["key"]: r for r in rows}
         apf, ps, pf = by["lenet5-apf"], by["lenet5-partial-sync"], by["lenet5-permanent"]
         verdict = (f"Against FedAvg's accuracy: APF {_pts(apf['accuracy_delta'])} points, partial synchronisation "
@@ -175,23 +178,18 @@ class Markdown:
         return self.lenet5_section("strawmen", "", verdict, to_target=False)
 
     def periods(self) -> str:
-        exp = self.exps["periods"]
-        if "rows" not in exp:
-            return self.section("periods", self.missing("periods"))
-        rows = exp["rows"]
+        if (not_run := self.not_run("periods")) is not None:
+            return not_run
+        rows = self.exps["periods"]["rows"]
         text = ("Pure additive: L ± 1 (floor 0); pure multiplicative: stable L ← max(1, 2L), unstable L ← ⌊L/2⌋; "
                 "fixed: a stable scalar is frozen for 10 checks, an unstable one not at all; AIMD: L + 1 when stable, "
                 "⌊L/2⌋ when not. All at T = 0.2, α = 0.99, a check every round.")
-        others = [r for r in rows if r["key"] not in ("lenet5-fedavg", "lenet5-apf")]
-        aimd = next(r for r in rows if r["key"] == "lenet5-apf")
-        summary = "Against AIMD: " + "; ".join(_versus(r, aimd) for r in others) + "."
-        return self.lenet5_section("periods", f"{text} ", summary)
+        return self.lenet5_section("periods", f"{text} ", _against_apf(rows, "AIMD"))
 
     def baselines(self) -> str:
-        exp = self.exps["baselines"]
-        if "rows" not in exp:
-            return self.section("baselines", self.missing("baselines"))
-        rows = exp["rows"]
+        if (not_run := self.not_run("baselines")) is not None:
+            return not_run
+        rows = self.exps["baselines"]["rows"]
         text = ("Gaia sends a scalar when |Δ/w| exceeds a decaying threshold (1% ×0.99 per round, floor 0.1%); CMFL "
                 "skips a client whose update agrees in sign with the last global update on fewer than half the "
                 "scalars; Top-k sends the 10% largest |update + residual|; both sparsifiers keep an error-feedback "
@@ -199,10 +197,9 @@ class Markdown:
         return self.lenet5_section("baselines", f"{text} ", _target_order(rows))
 
     def rivals(self) -> str:
-        exp = self.exps["rivals"]
-        if "rows" not in exp:
-            return self.section("rivals", self.missing("rivals"))
-        rows = exp["rows"]
+        if (not_run := self.not_run("rivals")) is not None:
+            return not_run
+        rows = self.exps["rivals"]["rows"]
         text = ("FedProx adds the proximal term μ/2·‖w − w_global‖² to every client's local loss and sends every "
                 "scalar, as FedAvg does; GWPF (Computer Networks 2024) freezes, on the server, the scalars whose "
                 "moving average of relative update per round falls under its threshold, and thaws one when enough "
@@ -210,16 +207,12 @@ class Markdown:
                 "`apf_ray/strategies/gwpf.py` says where it differs from the paper. Top-k (10%, error feedback) is "
                 "composed after each strategy's own encoding, as with APF in Fig. 13. One seed: a comparison at "
                 "this workload and length, not a verdict between the methods.")
-        apf = next(r for r in rows if r["key"] == "lenet5-apf")
-        others = [r for r in rows if r["key"] not in ("lenet5-fedavg", "lenet5-apf")]
-        summary = "Against APF: " + "; ".join(_versus(r, apf) for r in others) + ". " + _target_order(rows)
-        return self.lenet5_section("rivals", f"{text} ", summary)
+        return self.lenet5_section("rivals", f"{text} ", f"{_against_apf(rows, 'APF')} {_target_order(rows)}")
 
     def threshold(self) -> str:
-        exp = self.exps["threshold"]
-        if "rows" not in exp:
-            return self.section("threshold", self.missing("threshold"))
-        rows = exp["rows"]
+        if (not_run := self.not_run("threshold")) is not None:
+            return not_run
+        rows = self.exps["threshold"]["rows"]
         loose = next(r for r in rows if r["key"] == "lenet5-apf-loose")
         tight = loose["tightened_at_rounds"]
         text = (f"T starts at 0.8 and is halved (floor 1e-4) at every check where ≥ 80% of the scalars are frozen: "
@@ -446,6 +439,13 @@ class Markdown:
                 + f"All runs: in-process backend (the Ray backend gives the same bytes and accuracy, tested), seed 0, "
                   f"APF with α = 0.99, a check every round, T = {self.apf_t}, Φ = 0.8.\n\n"
                   f"Workloads:\n\n{workloads}\n\nSubstitutions and pending items:\n\n{notes}\n")
+
+
+def _against_apf(rows: list[dict[str, Any]], label: str) -> str:
+    """Each run but FedAvg's and APF's set against APF's row (called ``label``), as one sentence."""
+    apf = next(r for r in rows if r["key"] == "lenet5-apf")
+    others = [r for r in rows if r["key"] not in ("lenet5-fedavg", "lenet5-apf")]
+    return f"Against {label}: " + "; ".join(_versus(r, apf) for r in others) + "."
 
 
 def _versus(row: dict[str, Any], ref: dict[str, Any]) -> str:

@@ -6,9 +6,10 @@ rather than decorators spread over the modules because it is one decision: the s
 of a measured whole-suite run, taken out until the rest runs in a few minutes while every
 module keeps tests in the lane (``tests/test_install.py`` checks both).
 
-In parallel, ``python3 -m pytest -n 3`` (pytest-xdist): each worker process holds its own Ray
-clusters on free ports, so tests need no grouping. The workers run the listed slow tests first,
-longest first, so that no long test starts last and keeps one worker busy while the others idle.
+In parallel, ``python3 -m pytest -n N`` (pytest-xdist; worth it on more than 2 cores): each
+worker process holds its own Ray clusters on free ports, so tests need no grouping. The workers
+run the listed slow tests first, longest first, so that no long test starts last and keeps one
+worker busy while the others idle.
 """
 
 import os
