@@ -367,49 +367,78 @@ def render_vs_flower() -> str:
               f"{1e3 * phases['clients']:.0f} ms waiting for the clients.")
 
 
+SCALE_MODELS = {"lenet5": "LeNet-5", "resnet18": "ResNet-18"}
+SCALE_UPLINKS = {"apf": "APF", "topk": "APF + Top-k 10%"}
+
+
+def _scale_key(r: dict[str, Any]) -> tuple:
+    return r["model"], r["num_clients"], r["clients_per_round"], r.get("uplink", "apf")
+
+
+def _scale_label(r: dict[str, Any]) -> list[str]:
+    return [SCALE_MODELS[r["model"]], SCALE_UPLINKS[r.get("uplink", "apf")], f"{r['num_clients']:,}",
+            f"{r['clients_per_round']:,}"]
+
+
 def render_scale() -> str:
-    """Server scaling with virtual clients and clients per round, from ``bench/scale.py``."""
+    """Server scaling with virtual clients and clients per round, from ``bench/scale.py`` (after), with the
+    same benchmark of the code before aggregation on the way in (``scale_before``) beside it."""
     data = _load("scale")
-    names = {"lenet5": "LeNet-5", "resnet18": "ResNet-18"}
     cols = ("sampling", "downlink", "decode", "aggregation", "controller", "record", "checkpoint", "metrics")
     rows, skipped = [], []
     for r in data["rows"]:
         if "skipped" in r:
-            skipped.append(f"{names[r['model']]} with {r['num_clients']:,} clients, {r['clients_per_round']:,} per "
-                           f"round ({r['skipped']})")
+            skipped.append(f"{' '.join(_scale_label(r)[:2])} with {r['num_clients']:,} clients, "
+                           f"{r['clients_per_round']:,} per round ({r['skipped']})")
             continue
         mem, ph = r["memory"], r["median_phase_s"]
-        rows.append([names[r["model"]], f"{r['num_clients']:,}", f"{r['clients_per_round']:,}",
-                     f"{r['median_wall_s']:.2f}", f"{ph['clients']:.2f}"]
+        rows.append(_scale_label(r) + [f"{r['median_wall_s']:.2f}", f"{ph['clients']:.2f}"]
                     + [f"{1e3 * ph.get(c, 0.0):.1f}" for c in cols]
                     + [f"{r['server_work_copies']:,.0f} ({3 * r['clients_per_round'] + 30:,})",
-                       f"{mem['peak_total_rss_mb']:,.0f}", f"{max(mem['server_actor_peak_rss_mb'], default=0):,.0f}",
+                       f"{mem['peak_total_rss_mb']:,.0f}", f"{mem['driver_peak_rss_mb']:,.0f}",
+                       f"{max(mem['server_actor_peak_rss_mb'], default=0):,.0f}",
                        f"{max(mem['client_actor_peak_rss_mb'], default=0):,.0f}", str(mem["object_store_peak_mib"])])
-    text = (f"`{data['command']}` ({_link('scale')}): APF on Fashion-MNIST (IID), 1 local step of batch 4, "
+    text = (f"`{data['command']}` ({_link('scale')}, {data['code']}): 1 local step of batch 4 on Fashion-MNIST (IID), "
             f"2 client actors of 1 CPU, a checkpoint every round, medians of rounds 2–{data['rows'][0]['rounds']}; "
             f"on a {_machine(data)}.\n\n"
-            + _table(["model", "clients", "per round", "round s", "clients s"] + [f"{c} ms" for c in cols]
-                     + ["server work, model copies (3K + 30)", "peak RSS MB (all)", "server actor MB",
+            + _table(["model", "uplink", "clients", "per round", "round s", "clients s"] + [f"{c} ms" for c in cols]
+                     + ["server work, model copies (3K + 30)", "peak RSS MB (all)", "driver MB", "server actor MB",
                         "client actor MB", "object store MiB"], rows))
     if skipped:
         text += "\n\nNot run: " + "; ".join(skipped) + "."
-    before = _load("scale_before_fixes")
+    if data.get("goals"):
+        text += "\n\nGoals: " + "; ".join(
+            f"{g['goal']} ({g['row']}: {g['measured']:,}, limit {g['limit']:,}): **{'met' if g['met'] else 'not met'}**"
+            for g in data["goals"]) + "."
+    before = _load("scale_before")
     if before:
-        now_rows = {(r["model"], r["num_clients"], r["clients_per_round"]): r
-                    for r in data["rows"] if "skipped" not in r}
-        pairs = []
+        after = {_scale_key(r): r for r in data["rows"]}
+        compared, after_only = [], []
         for b in before["rows"]:
-            a = now_rows.get((b["model"], b["num_clients"], b["clients_per_round"]))
-            if a is None:
+            a = after.get(_scale_key(b))
+            if a is None or "skipped" in a:
                 continue
-            pb, pa = b["median_phase_s"], a["median_phase_s"]
-            pairs.append(f"{names[b['model']]} {b['num_clients']:,}/{b['clients_per_round']:,}: download accounting "
-                         f"{1e3 * pb['downlink']:.1f} → {1e3 * pa['downlink']:.1f} ms, aggregation "
-                         f"{1e3 * pb['aggregation']:.1f} → {1e3 * pa['aggregation']:.1f} ms, decode and validation "
-                         f"{1e3 * pb['decode']:.1f} → {1e3 * pa['decode']:.1f} ms, server work "
-                         f"{b['server_work_copies']:,.0f} → {a['server_work_copies']:,.0f} model copies")
-        text += (f"\n\nBefore the fixes (`{before['command']}`, {_link('scale_before_fixes')}, {before['code']}; on a "
-                 f"{_machine(before)}), median per round, before → after: " + "; ".join(pairs) + ".")
+            am = a["memory"]
+            if "skipped" in b:
+                after_only.append(f"{' '.join(_scale_label(a))}: before, {b['skipped']}; after, round "
+                                  f"{a['median_wall_s']:.2f} s, server work {a['server_work_copies']:,.0f} model "
+                                  f"copies, server actor peak {max(am['server_actor_peak_rss_mb']):,.0f} MB, all "
+                                  f"processes {am['peak_total_rss_mb']:,.0f} MB")
+                continue
+            bm = b["memory"]
+            compared.append([
+                *_scale_label(b), f"{b['median_wall_s']:.2f} → {a['median_wall_s']:.2f}",
+                f"{a['median_wall_s'] / b['median_wall_s']:.2f}",
+                f"{b['server_work_copies']:,.0f} → {a['server_work_copies']:,.0f}",
+                f"{max(bm['server_actor_peak_rss_mb']):,.0f} → {max(am['server_actor_peak_rss_mb']):,.0f}",
+                f"{bm['peak_total_rss_mb']:,.0f} → {am['peak_total_rss_mb']:,.0f}"])
+        text += (f"\n\nBefore → after: the same benchmark of the code before aggregation on the way in and the "
+                 f"client store (`{before['command']}`, {_link('scale_before')}, {before['code']}; on a "
+                 f"{_machine(before)}), median per round:\n\n"
+                 + _table(["model", "uplink", "clients", "per round", "round s", "after / before",
+                           "server work, model copies", "server actor peak MB", "peak RSS MB (all)"], compared))
+        if after_only:
+            text += "\n\nRun after only: " + "; ".join(after_only) + "."
     return text
 
 

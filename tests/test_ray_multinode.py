@@ -41,6 +41,44 @@ def test_each_pool_is_placed_on_the_nodes_with_its_resources(two_node_cluster, t
         backend.close()
 
 
+def _cross_node_bytes_per_round(cluster, cfg, run_dir, rounds: int = 2) -> tuple[float, list[int]]:
+    """Object-store bytes all nodes received from each other per round (after a first round that ships
+    the data set), and the clients the edge pool trained in each measured round."""
+    backend, _ = start_ray_backend(cfg, run_dir)
+    try:
+        backend.run_round()
+        before = sum(cluster.object_bytes_received().values())
+        trained = [sum(c.pool == "edge" and c.status == "ok" for c in backend.run_round().clients)
+                   for _ in range(rounds)]
+        return (sum(cluster.object_bytes_received().values()) - before) / rounds, trained
+    finally:
+        backend.close()
+
+
+def test_cross_node_traffic_per_round_grows_with_the_actors_not_the_clients(two_node_cluster, tmp_path):
+    # one actor per node; 4 then 16 of 32 clients a round. Summed where they train, the edge node's
+    # uploads cross as one partial per round (and the broadcast once); a median needs every upload.
+    measured = {}
+    for aggregation in ("mean", "median"):
+        for k in (4, 16):
+            cfg = tiny_config(POOLS, "data.num_clients=32", f"train.clients_per_round={k}",
+                              f"defence.aggregation={aggregation}", rounds=3)
+            measured[aggregation, k] = _cross_node_bytes_per_round(two_node_cluster, cfg,
+                                                                   tmp_path / f"{aggregation}-{k}")
+    for key, (_, trained) in measured.items():
+        assert min(trained) >= 1, f"{key}: the edge node trained no client in a measured round"
+
+    def per_extra_edge_client(aggregation: str) -> float:
+        """Bytes a round moved across nodes for each further client the edge node trained."""
+        (few, few_trained), (many, many_trained) = measured[aggregation, 4], measured[aggregation, 16]
+        return (many - few) / (sum(many_trained) / len(many_trained) - sum(few_trained) / len(few_trained))
+
+    every_upload, summed = per_extra_edge_client("median"), per_extra_edge_client("mean")
+    assert every_upload > 100_000, f"a median moves each upload (LeNet-5: ~245 KB), measured {every_upload:.0f} B"
+    assert summed < 0.05 * every_upload, (
+        f"summed on the edge node, a further client moved {summed:.0f} B across nodes (a median: {every_upload:.0f})")
+
+
 def test_training_survives_a_stopped_worker_node_and_uses_a_new_one(two_node_cluster, tmp_path):
     # long rounds on purpose; 1500 steps with momentum 0.9 move the model by more than the default norm bound
     cfg = tiny_config(POOLS, "train.clients_per_round=6", "train.local_steps=1500", "cluster.min_clients=1",

@@ -1,0 +1,67 @@
+"""``bench/scale.py`` (issue 16): the combinations ``--only`` takes, and the goals it checks against what
+it measured -- each goal can fail."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import load_script
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def scale():
+    sys.path.insert(0, str(REPO / "bench"))  # the script imports its neighbours (provenance, orchestration)
+    try:
+        yield load_script(REPO / "bench" / "scale.py")
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+
+def _row(model: str, n: int, k: int, *, uplink: str = "apf", server_mb: float = 1000.0, copies: float = 50.0,
+         driver_mb: float = 900.0, actor_mb: float = 1200.0) -> dict:
+    return {"model": model, "num_clients": n, "clients_per_round": k, "uplink": uplink, "server_work_copies": copies,
+            "memory": {"driver_peak_rss_mb": driver_mb, "server_actor_peak_rss_mb": [server_mb],
+                       "client_actor_peak_rss_mb": [actor_mb, actor_mb / 2]}}
+
+
+def test_only_takes_the_issues_check_command_and_a_stateful_row_and_refuses_the_rest(scale):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    assert scale.parse_only(["resnet18:1000:10", "resnet18:1000:1000", "resnet18:10000:100:topk"], parser) == {
+        ("resnet18", 1000, 10, "apf"), ("resnet18", 1000, 1000, "apf"), ("resnet18", 10000, 100, "topk")}
+    for bad in ("resnet18:1000", "vgg:100:10", "lenet5:100:1000", "lenet5:100:10:gzip", "lenet5:x:10"):
+        with pytest.raises(SystemExit):
+            scale.parse_only([bad], parser)
+
+
+def test_the_script_refuses_a_bad_combination_in_one_line_before_starting_ray():
+    proc = subprocess.run([sys.executable, "bench/scale.py", "--only", "lenet5:100:1000"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--only lenet5:100:1000: expected MODEL:N:K" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_each_goal_is_met_by_a_row_within_it_and_not_by_one_past_it(scale):
+    within = [_row("resnet18", 1000, 10, server_mb=1800, copies=59), _row("resnet18", 1000, 1000, server_mb=2700),
+              _row("resnet18", 10000, 100, uplink="topk", actor_mb=3000)]
+    assert [(g["row"], g["met"]) for g in scale.goals(within)] == [
+        ("resnet18:1000:10", True), ("resnet18:1000:1000", True), ("resnet18:10000:100:topk", True)]
+
+    past = [_row("resnet18", 1000, 10, server_mb=1800, copies=61), _row("resnet18", 1000, 1000, server_mb=2701),
+            _row("resnet18", 10000, 100, uplink="topk", driver_mb=3900)]
+    checked = scale.goals(past)
+    assert [g["met"] for g in checked] == [False, False, False]
+    assert [g["measured"] for g in checked] == [61, 1.501, 3900]
+
+
+def test_a_goal_whose_rows_did_not_run_is_not_reported(scale):
+    skipped = {"model": "resnet18", "num_clients": 1000, "clients_per_round": 1000, "uplink": "apf",
+               "skipped": "needs more memory"}
+    assert [g["row"] for g in scale.goals([_row("lenet5", 1000, 10), skipped])] == []
