@@ -659,20 +659,40 @@ class CheckpointWriter:
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._outcome: Path | BaseException | None = None
+        self._staging: dict[str, np.ndarray] = {}  # copy=True's buffers, by member name, reused
+
+    def _staged(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Copies of ``arrays`` in buffers this writer keeps from one checkpoint to the next.
+
+        Why reuse: a fresh model-sized buffer per checkpoint costs its page faults (on a VM with
+        transparent huge pages, measured at 10-170 ms for each 42 MB array of ResNet-18 against
+        ~7 ms for the copy itself); the next checkpoint of the same run has the same arrays.
+        Call only with no write in flight (the buffers are what it writes).
+        """
+        staged = {}
+        for name, array in arrays.items():
+            buffer = self._staging.get(name)
+            if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
+                buffer = np.empty_like(array, order="C")
+            np.copyto(buffer, array)
+            staged[name] = buffer
+        self._staging = staged
+        return staged
 
     def submit(self, directory: Path, step: int, state: Mapping[str, Any], *, keep: int = 3,
                copy: bool = False, before_write: Callable[[], None] | None = None) -> Path:
         """Start writing ``state`` as step ``step``; returns the folder it will have once written.
 
-        ``copy``: write copies of the state's arrays (one memory copy of the state, ~0.1 s per
-        GB), for a caller whose arrays may change while the write runs. ``before_write``: run on
-        the thread first (making files the state refers to durable); its failure is the write's.
+        ``copy``: write copies of the state's arrays (one memory copy of the state, into buffers
+        reused from the last checkpoint), for a caller whose arrays may change while the write
+        runs. ``before_write``: run on the thread first (making files the state refers to
+        durable); its failure is the write's.
         """
         step, arrays, state_bytes = _encode_state(step, state, keep)
-        if copy:
-            arrays = {name: np.array(array, copy=True, order="K") for name, array in arrays.items()}
-        encoded = (step, arrays, state_bytes)
         self.wait()
+        if copy:
+            arrays = self._staged(arrays)
+        encoded = (step, arrays, state_bytes)
         directory = Path(directory)
 
         def write() -> None:

@@ -414,6 +414,24 @@ def test_background_writes_equal_synchronous_ones_and_keep_prunes(tmp_path: Path
         np.testing.assert_array_equal(npz["a0"], states[3]["w"])
 
 
+def test_copied_background_writes_reuse_their_buffers_and_each_checkpoint_keeps_its_own_values(tmp_path: Path) -> None:
+    writer = ckpt.CheckpointWriter()
+    live = {"w": np.zeros(200_000, np.float32), "b": np.arange(4, dtype=np.int64), "step": 0}
+    buffers = []
+    for step in (1, 2, 3):
+        live["w"][:] = step  # the caller changes its arrays at once; the copy was taken on submit
+        live["step"] = step
+        writer.submit(tmp_path, step, live, keep=3, copy=True)
+        buffers.append(writer._staging["a0"])
+        live["w"][:] = -1.0
+    writer.wait()
+    assert buffers[0] is buffers[1] is buffers[2], "one staging buffer per array, reused by the next checkpoint"
+    for step in (1, 2, 3):
+        loaded = load_checkpoint(tmp_path / "checkpoints" / f"round-{step:08d}")
+        assert loaded["step"] == step and np.all(loaded["w"] == step)
+        np.testing.assert_array_equal(loaded["b"], np.arange(4))
+
+
 def test_background_writer_refuses_a_bad_state_in_the_callers_thread(tmp_path: Path) -> None:
     writer = ckpt.CheckpointWriter()
     with pytest.raises(TypeError, match=r"state\['x'\]"):
