@@ -186,10 +186,15 @@ def measure(model: str, num_clients: int, k: int, uplink: str, rounds: int, data
     }
 
 
+def row_key(r: dict) -> tuple[str, int, int, str]:
+    """(model, N, K, uplink): a row's combination, as ``combos`` and ``--only`` hold it."""
+    return r["model"], r["num_clients"], r["clients_per_round"], r["uplink"]
+
+
 def row_name(r: dict) -> str:
     """``model:N:K`` (and ``:uplink`` for a stateful row), as ``--only`` takes it."""
-    name = f"{r['model']}:{r['num_clients']}:{r['clients_per_round']}"
-    return name if r.get("uplink", "apf") == "apf" else f"{name}:{r['uplink']}"
+    *combination, uplink = map(str, row_key(r))
+    return ":".join(combination if uplink == "apf" else [*combination, uplink])
 
 
 def print_table(rows: list[dict]) -> None:
@@ -213,8 +218,7 @@ def print_table(rows: list[dict]) -> None:
 
 def goals(rows: list[dict]) -> list[dict]:
     """The table's goals, each with what was measured and whether it is met (rows not run are left out)."""
-    ran = {(r["model"], r["num_clients"], r["clients_per_round"], r.get("uplink", "apf")): r
-           for r in rows if "skipped" not in r}
+    ran = {row_key(r): r for r in rows if "skipped" not in r}
     out = []
     for (model, n, k, uplink), r in sorted(ran.items()):
         base = ran.get((model, n, PER_ROUND[0], uplink))

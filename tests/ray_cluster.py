@@ -178,8 +178,8 @@ class LocalCluster:
         self._address = None
         shutil.rmtree(self._root, ignore_errors=True)
 
-    def object_bytes_received(self) -> dict[str, float]:
-        """Bytes each alive node's object manager has received from other nodes so far, by node id.
+    def object_bytes_received(self) -> float:
+        """Bytes the alive nodes' object managers have received from other nodes so far, together.
 
         Read from Ray's own counter (``ray_object_manager_bytes{Type="Received"}``) on each node's
         metrics endpoint (127.0.0.1), after the raylets' next reports: what one node pulled from
@@ -187,16 +187,15 @@ class LocalCluster:
         Small results travel inline with the call's reply and are not counted here.
         """
         time.sleep(_METRICS_SETTLE_S)
-        received = {}
+        received = 0.0
         for node in ray.nodes():
             if not node["Alive"]:
                 continue
             url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
             with urllib.request.urlopen(url, timeout=10) as reply:
                 text = reply.read().decode()
-            values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                      if line.startswith("ray_object_manager_bytes{") and 'Type="Received"' in line]
-            received[node["NodeID"]] = sum(values)
+            received += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                            if line.startswith("ray_object_manager_bytes{") and 'Type="Received"' in line)
         return received
 
     def __enter__(self) -> LocalCluster:

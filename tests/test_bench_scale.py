@@ -3,6 +3,7 @@ it measured -- each goal can fail."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,6 @@ def _row(model: str, n: int, k: int, *, uplink: str = "apf", server_mb: float = 
 
 
 def test_only_takes_the_issues_check_command_and_a_stateful_row_and_refuses_the_rest(scale):
-    import argparse
-
     parser = argparse.ArgumentParser()
     assert scale.parse_only(["resnet18:1000:10", "resnet18:1000:1000", "resnet18:10000:100:topk"], parser) == {
         ("resnet18", 1000, 10, "apf"), ("resnet18", 1000, 1000, "apf"), ("resnet18", 10000, 100, "topk")}

@@ -47,10 +47,10 @@ def _cross_node_bytes_per_round(cluster, cfg, run_dir, rounds: int = 2) -> tuple
     backend, _ = start_ray_backend(cfg, run_dir)
     try:
         backend.run_round()
-        before = sum(cluster.object_bytes_received().values())
+        before = cluster.object_bytes_received()
         trained = [sum(c.pool == "edge" and c.status == "ok" for c in backend.run_round().clients)
                    for _ in range(rounds)]
-        return (sum(cluster.object_bytes_received().values()) - before) / rounds, trained
+        return (cluster.object_bytes_received() - before) / rounds, trained
     finally:
         backend.close()
 
