@@ -114,7 +114,7 @@ class Partial:
         terms, buffer_terms = values.astype(np.float64), buffers.astype(np.float64)
         terms *= w  # exact: a float32 times a sample count fits float64's mantissa
         buffer_terms *= w
-        self._add(terms, sync_mask, buffer_terms, w, 1)
+        self._add(terms, sync_mask, buffer_terms, w, 1, owned=True)
 
     def tally(self, counts: dict[str, np.ndarray]) -> None:
         """Add integer counts by name (exact, so in any order the same: GWPF's thaw votes)."""
@@ -125,21 +125,29 @@ class Partial:
     def merge(self, other: Partial) -> None:
         """Add another partial's sums and tallies (the server combining the edges' partials, in order)."""
         if not other.empty:
-            self._add(other.sums, other.sync_mask, other.buffer_sums, other.weight, other.count)
+            self._add(other.sums, other.sync_mask, other.buffer_sums, other.weight, other.count, owned=False)
         self.tally(other.tallies)
 
-    def _add(self, terms: np.ndarray, mask: np.ndarray | None, buffer_terms: np.ndarray, w: float, n: int) -> None:
+    def _add(self, terms: np.ndarray, mask: np.ndarray | None, buffer_terms: np.ndarray, w: float, n: int, *,
+             owned: bool) -> None:
+        """Add float64 ``terms`` (over ``mask``) and ``buffer_terms``; ``owned``: fresh arrays this
+        partial may keep (an upload's), not another partial's.
+
+        The first terms become the sums as ``terms + 0.0``: the same bits as adding them onto
+        zeros (-0.0 turns +0.0), without a zeroed model-sized vector and a pass to add to it.
+        """
         if self.empty:
             self.sync_mask = None if mask is None else mask.copy()
-            self.sums = np.zeros(terms.size)
-            self.buffer_sums = np.zeros(buffer_terms.size)
-        elif not _same_mask(self.sync_mask, mask):
-            union = None if self.sync_mask is None or mask is None else self.sync_mask | mask
-            self.sums = _spread(self.sums, self.sync_mask, union)
-            terms = _spread(terms, mask, union)
-            self.sync_mask = union
-        self.sums += terms
-        self.buffer_sums += buffer_terms
+            self.sums = np.add(terms, 0.0, out=terms if owned else None)
+            self.buffer_sums = np.add(buffer_terms, 0.0, out=buffer_terms if owned else None)
+        else:
+            if not _same_mask(self.sync_mask, mask):
+                union = None if self.sync_mask is None or mask is None else self.sync_mask | mask
+                self.sums = _spread(self.sums, self.sync_mask, union)
+                terms = _spread(terms, mask, union)
+                self.sync_mask = union
+            self.sums += terms
+            self.buffer_sums += buffer_terms
         self.weight += w
         self.count += n
 
@@ -147,7 +155,13 @@ class Partial:
         """(float32 mean over ``sync_mask``'s positions, float32 mean buffers)."""
         if self.empty:
             raise ValueError("nothing to aggregate")
-        return (self.sums / self.weight).astype(np.float32), (self.buffer_sums / self.weight).astype(np.float32)
+        return _divided(self.sums, self.weight), _divided(self.buffer_sums, self.weight)
+
+
+def _divided(sums: np.ndarray, weight: float) -> np.ndarray:
+    """float32 ``sums / weight``, divided in float64 and rounded once, as ``(sums / weight).astype(
+    np.float32)`` (the same bits) without its model-sized float64 temporary."""
+    return np.divide(sums, weight, out=np.empty(sums.size, dtype=np.float32), casting="same_kind")
 
 
 def _same_mask(a: np.ndarray | None, b: np.ndarray | None) -> bool:

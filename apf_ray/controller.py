@@ -324,10 +324,12 @@ class APFController:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Everything that evolves (arrays copied, RNG included) as numpy arrays / scalars.
+        """Everything that evolves (RNG included) as numpy arrays / scalars.
 
-        Hyperparameters are not included: they come from the constructor, so a resumed run
-        is built from the same config. The dict survives ``np.savez`` / ``np.load``.
+        The arrays are the controller's own, not copies (as ``ServerCore.state_dict``): the next
+        :meth:`update` changes them in place. Hyperparameters are not included: they come from
+        the constructor, so a resumed run is built from the same config. The dict survives
+        ``np.savez`` / ``np.load``.
         """
         rng = self._rng.bit_generator.state
         mask64 = (1 << 64) - 1
@@ -336,7 +338,7 @@ class APFController:
             rng["state"]["inc"] >> 64, rng["state"]["inc"] & mask64,
             rng["has_uint32"], rng["uinteger"],
         ]
-        state: dict[str, Any] = {key: getattr(self, f"_{key}").copy() for key in _ARRAY_STATE}
+        state: dict[str, Any] = {key: getattr(self, f"_{key}") for key in _ARRAY_STATE}
         state.update(
             num_updates=self._num_updates,
             num_checks=self._num_checks,

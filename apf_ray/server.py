@@ -158,7 +158,8 @@ class ServerCore:
         with timer("decode"):
             for partial in partials:
                 total.merge(partial)
-            bounds = self._bounds()  # the same the edges were sent (broadcast.edge_bounds)
+            # The edges' bounds when there were edges (a norm of the model: ~12 ms at ResNet-18).
+            bounds = broadcast.edge_bounds if broadcast.edge_bounds is not None else self._bounds()
             sampled = set(clients)
             for res in sorted(results, key=lambda x: x.client_id):
                 if res.client_id not in sampled:
@@ -254,7 +255,7 @@ class ServerCore:
             bytes_down=down,
             cum_bytes_up=self.cum_up,
             cum_bytes_down=self.cum_down,
-            frozen_fraction=float(1.0 - mask.mean()),
+            frozen_fraction=_frozen(mask),
             threshold=self.strategy.threshold,
             clients_sampled=len(clients),
             clients_reported=len(valid),
@@ -262,7 +263,7 @@ class ServerCore:
             wall_s=0.0,
             simulated_s=sim,
             cum_simulated_s=self.cum_sim,
-            layer_frozen={name: float(1.0 - mask[sl].mean()) for name, sl in self.layout.layer_slices().items()},
+            layer_frozen={name: _frozen(mask[sl]) for name, sl in self.layout.layer_slices().items()},
             clients_rejected=sum(c.status == "rejected" for c in recs),
             clients_discarded=sum(c.status == "discarded" for c in recs),
         )
@@ -275,11 +276,17 @@ class ServerCore:
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything that evolves, as numpy arrays and JSON scalars with str keys."""
+        """Everything that evolves, as numpy arrays and JSON scalars with str keys.
+
+        The arrays are the live ones, not copies (as torch's ``Module.state_dict()``): valid until
+        the next round changes them. A caller that keeps them longer copies them, as the
+        background checkpoint writer does (``copy=True``); why: each copy here would be a second,
+        freshly allocated one per checkpoint, model-sized, on top of the writer's.
+        """
         return {
             "round": self.round,
-            "params": self.params.copy(),
-            "buffers": self.buffers.copy(),
+            "params": self.params,
+            "buffers": self.buffers,
             "strategy": self.strategy.state_dict(),
             "rng": self.rng.bit_generator.state,
             "downlink": self.downlink.state_dict(),
@@ -299,3 +306,9 @@ class ServerCore:
         self.downlink.load_state_dict(state["downlink"])
         self.cum_up, self.cum_down = int(state["cum_bytes_up"]), int(state["cum_bytes_down"])
         self.cum_sim = float(state["cum_simulated_s"])
+
+
+def _frozen(active: np.ndarray) -> float:
+    """Fraction of False in a boolean mask: ``1 - active.mean()`` to the bit (a count of True is
+    exact in float64), by a count rather than a float64 sum (~1 ms against ~10 ms at ResNet-18)."""
+    return float(1.0 - np.count_nonzero(active) / active.size)

@@ -263,10 +263,12 @@ def test_state_restore_mid_run_reproduces_masks_and_rng(tmp_path) -> None:
         assert np.array_equal(value, resumed.state_dict()[key]), key
 
 
-def test_state_dict_is_a_copy() -> None:
-    controller = APFController(np.zeros(3, dtype=np.float32))
-    controller.state_dict()["remaining"][:] = 5
-    assert controller.active.all()
+def test_a_loaded_state_is_copied_in_so_two_controllers_never_share_arrays() -> None:
+    source = APFController(np.zeros(3, dtype=np.float32))
+    target = APFController(np.zeros(3, dtype=np.float32))
+    target.load_state_dict(source.state_dict())  # the source's live arrays (state_dict does not copy)
+    source.state_dict()["remaining"][:] = 5
+    assert target.active.all() and not source.active.any()
 
 
 def test_load_state_dict_rejects_wrong_shape_and_missing_keys() -> None:

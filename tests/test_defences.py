@@ -46,8 +46,8 @@ def workload():
 class Round:
     """A server after two honest rounds and the honest results of its third (APF has frozen scalars)."""
 
-    def __init__(self, variant: str, workload) -> None:
-        self.cfg = tiny_config(*VARIANTS[variant], "train.eval_every=1000", rounds=10)
+    def __init__(self, variant: str, workload, *overrides: str) -> None:
+        self.cfg = tiny_config(*VARIANTS[variant], "train.eval_every=1000", *overrides, rounds=10)
         self.workload = workload
         ds = workload.dataset
         host = ClientHost(self.cfg, ds.x_train, ds.y_train, ds.num_classes, ds.input_shape)
@@ -247,8 +247,7 @@ def test_a_round_whose_aggregate_is_not_finite_is_discarded_and_the_model_kept(w
 
 
 def test_an_absolute_norm_bound_rejects_larger_updates(workload):
-    rnd = Round("fedavg", workload)
-    rnd.cfg = tiny_config(*VARIANTS["fedavg"], "train.eval_every=1000", "defence.max_update_norm=1e-6", rounds=10)
+    rnd = Round("fedavg", workload, "defence.max_update_norm=1e-6")  # the round is sent its bound
     _, record, recs = rnd.finish({})
     assert record.clients_rejected == 3 and "norm" in recs[rnd.target].error and not record.quorum_met
 

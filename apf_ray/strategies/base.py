@@ -235,7 +235,7 @@ class Strategy(ABC):
         """New (params, buffers): the sample-weighted mean delta of ``partial`` added to the global vector.
 
         ``partial`` holds the sums of every valid upload of the round (all skipped: empty, and
-        the model is kept). The mean is added at the synchronised positions only, in one pass; a
+        the model is kept). The mean is added at the synchronised positions only; a
         scalar that no upload synchronised is not touched, so it stays bit-identical (a frozen
         −0.0 included). Override this (not :meth:`aggregate`) to change how the mean is applied
         (a server learning rate) and keep aggregation on the way in.
@@ -286,7 +286,10 @@ class Strategy(ABC):
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        """Server-side state to checkpoint (numpy arrays and JSON scalars, str keys)."""
+        """Server-side state to checkpoint (numpy arrays and JSON scalars, str keys).
+
+        Arrays may be the strategy's live ones (no need to copy): the checkpoint copies what it
+        keeps before the next round runs."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - an optional hook

@@ -45,9 +45,9 @@ class CMFL(Strategy):
         self._prev = params.copy()
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"prev": self._prev.copy()}
+        state: dict[str, Any] = {"prev": self._prev}
         if self._last_update is not None:
-            state["last_update"] = self._last_update.copy()
+            state["last_update"] = self._last_update
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -124,8 +124,7 @@ class GWPF(Strategy):
         return float(self.options.threshold)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prev": self._prev.copy(), "ema": self._ema.copy(), "seen": self._seen.copy(),
-                "active": self._active.copy()}
+        return {"prev": self._prev, "ema": self._ema, "seen": self._seen, "active": self._active}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._prev = np.asarray(state["prev"], dtype=np.float32).copy()
