@@ -650,7 +650,8 @@ class CheckpointWriter:
     :meth:`submit` validates and encodes the state in the caller's thread (a bad state raises
     there, as :func:`save_checkpoint` does), waits for the previous write, then writes on a
     thread; the caller must not change the state's arrays until that write is done, or passes
-    ``copy=True``. Crash safety is the synchronous
+    ``copy=True`` and waits for :meth:`wait_copied` instead (the copy is the thread's first
+    step: it too runs beside the caller's next work). Crash safety is the synchronous
     writer's: a write killed midway leaves only a ``.tmp-*`` folder that readers ignore, so the
     previous checkpoint is the one a resume loads. A failed write re-raises from the next
     :meth:`submit` or :meth:`wait`.
@@ -660,6 +661,7 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._outcome: Path | BaseException | None = None
         self._staging: dict[str, np.ndarray] = {}  # copy=True's buffers, by member name, reused
+        self._copied: threading.Event | None = None  # set once the write in flight no longer reads the caller's arrays
 
     def _staged(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Copies of ``arrays`` in buffers this writer keeps from one checkpoint to the next.
@@ -684,28 +686,37 @@ class CheckpointWriter:
         """Start writing ``state`` as step ``step``; returns the folder it will have once written.
 
         ``copy``: write copies of the state's arrays (one memory copy of the state, into buffers
-        reused from the last checkpoint), for a caller whose arrays may change while the write
-        runs. ``before_write``: run on the thread first (making files the state refers to
-        durable); its failure is the write's.
+        reused from the last checkpoint), for a caller whose arrays change once
+        :meth:`wait_copied` has returned: the copy is taken on the thread, so that it too runs
+        while the caller goes on. ``before_write``: run on the thread after the copy (making
+        files the state refers to durable); its failure is the write's.
         """
         step, arrays, state_bytes = _encode_state(step, state, keep)
         self.wait()
-        if copy:
-            arrays = self._staged(arrays)
-        encoded = (step, arrays, state_bytes)
         directory = Path(directory)
+        copied = self._copied = threading.Event()
 
         def write() -> None:
             try:
+                written = self._staged(arrays) if copy else arrays
+                copied.set()
                 if before_write is not None:
                     before_write()
-                self._outcome = _write(directory, *encoded, keep=keep)
+                self._outcome = _write(directory, step, written, state_bytes, keep=keep)
             except BaseException as err:  # handed to the caller by wait()
                 self._outcome = err
+            finally:
+                copied.set()
 
         self._thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=True)
         self._thread.start()
         return directory / SUBDIR / f"round-{int(step):08d}"
+
+    def wait_copied(self) -> None:
+        """Block until the write in flight (if any) has copied the state it was handed (``copy=True``):
+        from then on the caller may change those arrays. Its failure, if any, comes from :meth:`wait`."""
+        if self._copied is not None:
+            self._copied.wait()
 
     def wait(self) -> Path | None:
         """Block until the write in flight (if any) is on disk; its folder, or None if none was pending."""

@@ -105,6 +105,9 @@ class RoundEngine:
         broadcast.client_store = self.location
         results, missing, *partials = self.executor.execute(broadcast,
                                                             [(c, self.client_state.get(c)) for c in clients])
+        # The round changes the server's state from here on, and a background checkpoint of the
+        # last round copies that state while the clients train: wait for its copy.
+        self.writer.wait_copied()
         for res in results:
             if isinstance(res.state, StoredState):
                 self.client_state[res.client_id] = res.state

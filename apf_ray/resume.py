@@ -42,7 +42,8 @@ def save_run_checkpoint(run_dir: Path, cfg: ExperimentConfig, server: ServerCore
     a client's next round writes new ones). ``callbacks``: each stateful callback's
     ``state_dict()`` under its ``state_key``. ``before_write`` runs first, where the write
     runs (the engine makes the state files durable). With a ``writer`` the checkpoint is
-    written in the background, from copies of the state's arrays: the folder exists once
+    written in the background, from copies of the state's arrays taken there too: the server
+    may change once ``writer.wait_copied()`` returns, and the folder exists once
     ``writer.wait()`` returns.
     """
     state = {

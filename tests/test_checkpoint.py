@@ -16,6 +16,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -419,9 +420,10 @@ def test_copied_background_writes_reuse_their_buffers_and_each_checkpoint_keeps_
     live = {"w": np.zeros(200_000, np.float32), "b": np.arange(4, dtype=np.int64), "step": 0}
     buffers = []
     for step in (1, 2, 3):
-        live["w"][:] = step  # the caller changes its arrays at once; the copy was taken on submit
+        live["w"][:] = step
         live["step"] = step
         writer.submit(tmp_path, step, live, keep=3, copy=True)
+        writer.wait_copied()  # the caller may change its arrays from here on, the write still in flight
         buffers.append(writer._staging["a0"])
         live["w"][:] = -1.0
     writer.wait()
@@ -430,6 +432,20 @@ def test_copied_background_writes_reuse_their_buffers_and_each_checkpoint_keeps_
         loaded = load_checkpoint(tmp_path / "checkpoints" / f"round-{step:08d}")
         assert loaded["step"] == step and np.all(loaded["w"] == step)
         np.testing.assert_array_equal(loaded["b"], np.arange(4))
+
+
+def test_a_copied_background_write_copies_first_and_the_caller_goes_on_while_it_writes(tmp_path: Path) -> None:
+    writer = ckpt.CheckpointWriter()
+    live = {"w": np.full(1000, 7.0, np.float32)}
+    release = threading.Event()
+    writer.submit(tmp_path, 1, live, copy=True, before_write=lambda: release.wait(timeout=60))
+    writer.wait_copied()  # returns while the write itself is held
+    assert writer.busy and not (tmp_path / "checkpoints" / "round-00000001").exists()
+    live["w"][:] = -1.0
+    release.set()
+    assert writer.wait() == tmp_path / "checkpoints" / "round-00000001"
+    assert np.all(load_checkpoint(tmp_path / "checkpoints" / "round-00000001")["w"] == 7.0)
+    writer.wait_copied()  # nothing in flight: returns at once
 
 
 def test_background_writer_refuses_a_bad_state_in_the_callers_thread(tmp_path: Path) -> None:

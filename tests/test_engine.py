@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from apf_ray import engine as engine_module
 from apf_ray.backends import EngineBackend, HostExecutor, InProcessBackend
 from apf_ray.callbacks import Callback, RunView, outcome
-from apf_ray.checkpoint import load_checkpoint
+from apf_ray.checkpoint import CheckpointWriter, load_checkpoint
 from apf_ray.errors import SetupError
 from apf_ray.outputs import recorded
 from apf_ray.resume import load_resume_point
@@ -259,12 +260,17 @@ def _arrays(state: dict, prefix: str = "") -> dict[str, np.ndarray]:
 
 def test_an_engine_checkpoint_written_in_the_background_is_on_disk_once_finished(tmp_path, monkeypatch):
     next_round_done = threading.Event()
-    real_fsync = engine_module.fsync_files
+    real_fsync, real_staged = engine_module.fsync_files, CheckpointWriter._staged
 
-    def fsync_after_the_next_round(*args):  # the write's first step: held until round 2 has run
+    def slow_copy(writer, arrays):  # round 2's clients are done by now; their round must wait for it
+        time.sleep(1.0)
+        return real_staged(writer, arrays)
+
+    def fsync_after_the_next_round(*args):  # the write's step after the copy: held until round 2 has run
         assert next_round_done.wait(timeout=120)
         real_fsync(*args)
 
+    monkeypatch.setattr(CheckpointWriter, "_staged", slow_copy)
     monkeypatch.setattr(engine_module, "fsync_files", fsync_after_the_next_round)
     be = InProcessBackend()
     cfg = tiny_config(rounds=2)
