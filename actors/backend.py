@@ -396,6 +396,24 @@ def _waiting_text(status: dict[str, dict], names: list[str]) -> str:
                      f"each asks {status[n]['request']}" for n in names)
 
 
+def starved_pools(status: dict[str, dict], missing: dict[str, dict], free: dict[str, float],
+                  cluster: dict[str, float]) -> dict[str, dict]:
+    """The pools among ``missing`` (not every actor started) that wait for resources, not for start-up.
+
+    ``status``: every pool of the run (``actors``, ``ready``, ``request``); ``free`` and ``cluster``:
+    the cluster's free and total resources. An actor that got its resources holds them while its
+    process starts (seconds of importing torch on a busy machine), so a cluster with nothing free
+    does not by itself mean a wait: while the cluster holds at least what all of this run's actors
+    ask, they may all be placed and starting (on a private cluster they are). Only otherwise does a
+    pool whose actor does not fit in what is free wait for resources.
+    """
+    ours = total([s["request"] for s in status.values() for _ in range(s["actors"])])
+    held = {key: cluster.get(key, 0.0) - free.get(key, 0.0) for key in ours}
+    if fits(held, ours):
+        return {}
+    return {name: s for name, s in missing.items() if not fits(free, s["request"])}
+
+
 def _free_text(free: dict[str, float], status: dict[str, dict]) -> str:
     """What the cluster has free of the resources the pools in ``status`` ask for."""
     keys = sorted({k for s in status.values() for k in s["request"]})
@@ -493,7 +511,7 @@ class RayBackend(Backend):
                 return
             waited = time.monotonic() - started
             free = ray.available_resources()
-            starved = {name: s for name, s in missing.items() if not fits(free, s["request"])}
+            starved = starved_pools(status, missing, free, ray.cluster_resources())
             if waited >= cfg.cluster.startup_timeout_s:
                 short = [name for name, s in missing.items() if s["ready"] < least[name]]
                 if short:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.backend import local_node_resources, local_trials_note, trials_at_a_time
+from actors.backend import local_node_resources, local_trials_note, starved_pools, trials_at_a_time
 from apf_ray.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,6 +55,27 @@ def test_a_search_says_when_the_machine_limits_how_many_trials_run_at_once():
 
 THREE_ACTORS = "cluster.pools=[{name: cpu, num_actors: 3, num_cpus: 1}]"
 """Two fit the two-node cluster (1 CPU per node), the third never does."""
+
+
+def _pool(actors: int, ready: int, cpus: float = 1.0) -> dict:
+    return {"actors": actors, "ready": ready, "request": {"CPU": cpus}}
+
+
+def test_actors_that_hold_their_cpus_while_they_start_are_not_said_to_wait_for_resources():
+    # A private 2-CPU cluster, both actors placed and importing torch: nothing free, nothing waiting.
+    starting = {"cpu": _pool(2, 0)}
+    assert starved_pools(starting, starting, {"CPU": 0.0}, {"CPU": 2.0}) == {}
+    half = {"cpu": _pool(2, 1)}
+    assert starved_pools(half, half, {"CPU": 0.0}, {"CPU": 2.0}) == {}
+    # Three actors on two CPUs: one cannot have its CPU, whichever have started.
+    for ready in (0, 1, 2):
+        three = {"cpu": _pool(3, ready)}
+        assert starved_pools(three, three, {"CPU": 0.0}, {"CPU": 2.0}) == three, ready
+    # Two pools; the cluster holds less than the run asks: the pool that does not fit what is free waits.
+    status = {"cpu": _pool(1, 1), "big": _pool(1, 0, cpus=2.0)}
+    missing = {"big": status["big"]}
+    assert starved_pools(status, missing, {"CPU": 1.0}, {"CPU": 2.0}) == missing
+    assert starved_pools(status, missing, {"CPU": 2.0}, {"CPU": 4.0}) == {}  # fits what is free: no wait
 
 
 def joined_and_refused(command: str, address: str, *args: str) -> list[str]:
