@@ -699,7 +699,8 @@ class CheckpointWriter:
         def write() -> None:
             try:
                 written = self._staged(arrays) if copy else arrays
-                copied.set()
+                if copy:  # without a copy the write reads the caller's arrays to its end
+                    copied.set()
                 if before_write is not None:
                     before_write()
                 self._outcome = _write(directory, step, written, state_bytes, keep=keep)

@@ -446,6 +446,15 @@ def test_a_copied_background_write_copies_first_and_the_caller_goes_on_while_it_
     assert writer.wait() == tmp_path / "checkpoints" / "round-00000001"
     assert np.all(load_checkpoint(tmp_path / "checkpoints" / "round-00000001")["w"] == 7.0)
     writer.wait_copied()  # nothing in flight: returns at once
+    release.clear()
+    writer.submit(tmp_path, 2, live, before_write=lambda: release.wait(timeout=60))  # no copy: it reads live
+    waiter = threading.Thread(target=writer.wait_copied)
+    waiter.start()
+    waiter.join(timeout=0.5)
+    assert waiter.is_alive(), "without a copy, wait_copied lasts as long as the write"
+    release.set()
+    waiter.join(timeout=60)
+    assert writer.wait() == tmp_path / "checkpoints" / "round-00000002"
 
 
 def test_background_writer_refuses_a_bad_state_in_the_callers_thread(tmp_path: Path) -> None:

@@ -288,8 +288,9 @@ class Strategy(ABC):
     def state_dict(self) -> dict[str, Any]:
         """Server-side state to checkpoint (numpy arrays and JSON scalars, str keys).
 
-        Arrays may be the strategy's live ones (no need to copy): the checkpoint copies what it
-        keeps before the next round runs."""
+        Arrays may be the strategy's live ones (no need to copy): a background checkpoint copies
+        them while the next round's clients train, so change them only from the round's
+        aggregation on (``plan`` and ``select_clients`` run beside that copy)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - an optional hook
