@@ -4,6 +4,7 @@ backend, ``on_exception``/``on_end`` when a round raises, callback state in the 
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import threading
 import time
@@ -247,17 +248,6 @@ def test_background_checkpoints_equal_written_ones_and_a_callback_that_reads_the
     assert "checkpoints/round-00000002/arrays.npz" in recorded(tmp_path / "background")  # --overwrite knows them
 
 
-def _arrays(state: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    """Every array of a nested state dict, by its path."""
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, dict):
-            out.update(_arrays(value, f"{prefix}{key}."))
-        elif isinstance(value, np.ndarray):
-            out[prefix + key] = value
-    return out
-
-
 def test_an_engine_checkpoint_written_in_the_background_is_on_disk_once_finished(tmp_path, monkeypatch):
     next_round_done = threading.Event()
     real_fsync, real_staged = engine_module.fsync_files, CheckpointWriter._staged
@@ -277,15 +267,13 @@ def test_an_engine_checkpoint_written_in_the_background_is_on_disk_once_finished
     be.start(cfg, tmp_path, build_workload(cfg), None)
     be.run_round()
     # state_dict() hands out the server's live arrays (the controller's change in place next round)
-    at_round_1 = {path: a.copy() for path, a in _arrays(be.engine.server.state_dict()).items()}
+    at_round_1 = copy.deepcopy(be.engine.server.state_dict())
     path = be.save_checkpoint({}, background=True)
     be.run_round()  # the next round runs while the write goes on; the checkpoint keeps round 1
     next_round_done.set()
     be.finish_checkpoint()
     assert load_resume_point(tmp_path).round == 1 and path.name == "round-00000001"
     assert be.engine.finish_checkpoint() is None  # nothing left in flight
-    saved, live = _arrays(load_checkpoint(path)["server"]), _arrays(be.engine.server.state_dict())
-    assert saved.keys() == at_round_1.keys()
-    assert all(np.array_equal(saved[k], at_round_1[k]) for k in saved)
-    changed = [k for k in at_round_1 if not np.array_equal(live[k], at_round_1[k])]
-    assert "strategy.controller.ema" in changed, changed  # round 2 moved what round 1's checkpoint holds
+    _assert_equal(load_checkpoint(path)["server"], at_round_1, "round 1's checkpoint")
+    live_ema = be.engine.server.state_dict()["strategy"]["controller"]["ema"]
+    assert not np.array_equal(live_ema, at_round_1["strategy"]["controller"]["ema"])  # round 2 moved it
