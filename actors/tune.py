@@ -424,11 +424,24 @@ def _trainable(cfg: ExperimentConfig, shared: dict[str, Any]) -> Any:
 
 
 def _search_algorithm(spec: TuneSpec) -> Any:
-    """The searcher; Tune pickles it with its state (tested for every algorithm, see actors/samplers.py)."""
+    """The searcher, holding the search's trials-at-once limit; Tune pickles it with its state (tested for
+    every algorithm, see actors/samplers.py).
+
+    The limit lives here, not in ``TuneConfig.max_concurrent_trials``: Tune ignores that one (with only a
+    log warning) for a random search's generator, which ran two trials at once when one was asked.
+    """
+    limit = spec.max_concurrent_trials or 0
     if spec.search.algorithm not in ("optuna", "optuna_nsga2"):
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=spec.search.seed)
+        return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=limit)
+    from ray.tune.search import ConcurrencyLimiter
+
+    searcher = _optuna_searcher(spec)
+    return ConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
+
+
+def _optuna_searcher(spec: TuneSpec) -> Any:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -834,8 +847,7 @@ def _tune_config(spec: TuneSpec, base: ExperimentConfig) -> tune.TuneConfig:
     metric, mode = spec.scheduler_metric
     scheduler = _scheduler(spec, base.train.rounds)
     return tune.TuneConfig(
-        num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
-        scheduler=scheduler, search_alg=_search_algorithm(spec),
+        num_samples=spec.num_samples, scheduler=scheduler, search_alg=_search_algorithm(spec),
         **({"metric": metric, "mode": mode} if scheduler is None and not spec.multi_objective
            and spec.search.algorithm not in ("optuna",) else {}),
     )

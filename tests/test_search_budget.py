@@ -7,6 +7,7 @@ import json
 import pickle
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -167,6 +168,9 @@ def test_a_budgeted_asha_search_on_the_constrained_objective_counts_every_round_
     def spent_by(t: float) -> int:  # rounds trained, the baseline's included, up to time t
         return sum(1 for u in trained_at if u <= t)
 
+    # one trial at a time: no trial trained a round while another was between its first and last
+    spans = sorted((lines[0][1], lines[-1][1]) for lines in ledgers.values())
+    assert all(end < start for (_, end), (start, _) in pairwise(spans))
     # ASHA stopped some while the budget still had rounds left (the budget stops only the last ones).
     # Its rung is round 2: after round 1 APF has frozen nothing yet, so trials tie there and ASHA cuts none
     assert any(r["status"] == "early_stopped" and r["rounds"] < rounds
