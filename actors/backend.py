@@ -30,9 +30,10 @@ from apf_ray.placement import (
     most_actors,
     pool_request,
     pools_demand,
-    run_bundles,
     times_it_fits,
     total,
+    trial_bundles,
+    trial_demand_text,
 )
 from apf_ray.plugins import local_modules
 from apf_ray.records import RoundEvent
@@ -144,22 +145,22 @@ def check_local_fit(cfg: ExperimentConfig) -> None:
         )
 
 
-def trials_at_a_time(cfg: ExperimentConfig, address: str | None, wanted: int) -> str | None:
+def trials_at_a_time(cfg: ExperimentConfig, address: str | None, wanted: int, trial_backend: str) -> str | None:
     """For a search on a local cluster, :func:`local_trials_note`; None on a joined cluster (or a
     process already connected to one), which sizes itself."""
     if ray.is_initialized() or address_to_join(cfg, address)[0]:
         return None
-    return local_trials_note(cfg, wanted)
+    return local_trials_note(cfg, wanted, trial_backend)
 
 
-def local_trials_note(cfg: ExperimentConfig, wanted: int) -> str | None:
-    """SetupError if not even one trial of ``cfg`` fits this machine's local cluster (a trial reserves
-    every client actor it may start, :func:`~apf_ray.placement.run_bundles`); a note if fewer than
-    ``wanted`` trials fit at once; None if they do."""
+def local_trials_note(cfg: ExperimentConfig, wanted: int, trial_backend: str) -> str | None:
+    """SetupError if not even one trial of ``cfg`` fits this machine's local cluster (what a trial
+    reserves: :func:`~apf_ray.placement.trial_bundles`); a note if fewer than ``wanted`` trials fit
+    at once; None if they do."""
     node = local_node_resources(cfg)
-    demand = total(run_bundles(cfg))
+    demand = total(trial_bundles(cfg, trial_backend))
     fit = times_it_fits(node, demand)
-    asked = f"each trial reserves {demand} ({demand_text(cfg.cluster.pools, most_actors)})"
+    asked = f"each trial reserves {demand} ({trial_demand_text(cfg, trial_backend)})"
     if fit < 1:
         raise SetupError(f"{asked}; a local cluster on this machine offers {_offered(node, demand)} — lower "
                          "max_actors (num_actors: auto) or num_actors, or num_cpus/num_gpus, or join a cluster "
@@ -190,14 +191,14 @@ def plugin_runtime_env(cfg: ExperimentConfig) -> dict[str, Any] | None:
     return {"py_modules": [str(m) for m in modules], "excludes": list(PLUGIN_EXCLUDES)}
 
 
-def await_trial_capacity(cfg: ExperimentConfig) -> None:
+def await_trial_capacity(cfg: ExperimentConfig, trial_backend: str) -> None:
     """On a joined cluster, before a search: one trial's reservation must fit the cluster's total.
 
     If it does not, say so at once and wait for nodes to join (autoscaling, ``ray start``) up
     to ``cluster.startup_timeout_s``, then SetupError: Tune itself would wait for ever.
     """
-    demand = total(run_bundles(cfg))
-    asked = f"each trial reserves {demand} ({demand_text(cfg.cluster.pools, most_actors)})"
+    demand = total(trial_bundles(cfg, trial_backend))
+    asked = f"each trial reserves {demand} ({trial_demand_text(cfg, trial_backend)})"
     deadline = time.monotonic() + cfg.cluster.startup_timeout_s
     warned = False
     while times_it_fits(have := ray.cluster_resources(), demand) < 1:

@@ -6,9 +6,11 @@ path, so the core never imports Ray). The search file is validated by
 
 - **Trials are federated runs**: the trainable calls :func:`apf_ray.run.run` with the Ray
   backend. Its server actor and client-pool actors live inside the trial's placement group,
-  whose bundles come from :func:`apf_ray.placement.run_bundles` (one per client actor), and
+  whose bundles come from :func:`apf_ray.placement.trial_bundles` (one per client actor), and
   the pools size themselves from those bundles, so concurrent trials never wait on each
-  other's actors.
+  other's actors. With ``trial_backend: inprocess`` the trial trains its clients in its own
+  process instead (one bundle of ``cluster.torch_threads`` CPUs, no actor to start): for
+  small models on one machine, where starting a trial's actors costs more than its rounds.
 - **One dataset copy**: the driver loads the dataset once and puts it in the object store;
   trials receive the reference (wrapped in a list, so Ray does not copy it per trial).
 - **Reporting**: a run callback reports after every round (all values finite, see
@@ -58,6 +60,7 @@ from rich.table import Table
 
 from actors import ray_private
 from actors.backend import RayBackend, await_trial_capacity, ray_session, trials_at_a_time
+from apf_ray.backends import InProcessBackend
 from apf_ray.callbacks import Callback, RunContext
 from apf_ray.client_store import self_contained
 from apf_ray.config import ExperimentConfig, build_config
@@ -84,7 +87,7 @@ from apf_ray.metrics import (
     write_tables,
 )
 from apf_ray.outputs import SEARCH_FILE, check_search_folder, refuse_for_search
-from apf_ray.placement import run_bundles
+from apf_ray.placement import trial_bundles
 from apf_ray.records import RoundEvent, RoundRecord
 from apf_ray.resume import read_resume_point
 from apf_ray.run import run
@@ -248,7 +251,8 @@ def federated_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     # a checkpoint the trial starts over, and its folder is Tune's: what an earlier attempt of this
     # trial left there (a failure, a killed search) is replaced, not refused.
     reporter = TuneReporter(spec, baseline_bytes, ledger, shared.get("baseline_accuracy"))
-    run(cfg, run_dir, backend=RayBackend(dataset_ref=dataset_ref), callbacks=[reporter],
+    backend = RayBackend(dataset_ref=dataset_ref) if spec.trial_backend == "ray" else InProcessBackend()
+    run(cfg, run_dir, backend=backend, callbacks=[reporter],
         resume=resume, dataset=ray.get(dataset_ref), resume_may_change=("name", *spec.search_space),
         overwrite=resume is None, claim=False)  # the search's driver holds the folder
 
@@ -417,10 +421,9 @@ def quiet_tune() -> None:
     warnings.filterwarnings("ignore", module=r"ray\.(tune|train).*")
 
 
-def _trainable(cfg: ExperimentConfig, shared: dict[str, Any]) -> Any:
-    bundles = run_bundles(cfg)
+def _trainable(cfg: ExperimentConfig, shared: dict[str, Any], trial_backend: str) -> Any:
     return tune.with_resources(tune.with_parameters(federated_trial, shared=shared),
-                               tune.PlacementGroupFactory([{}, *bundles]))
+                               tune.PlacementGroupFactory(trial_bundles(cfg, trial_backend)))
 
 
 def _search_algorithm(spec: TuneSpec) -> Any:
@@ -601,7 +604,7 @@ def _experiment(name: str, output: Path, cfg: ExperimentConfig, shared: dict[str
     tune_config.trial_dirname_creator = _trial_dirname
     progress = SearchProgress(console, spec, cfg.train.rounds, name, silent=quiet)
     storage = (output / "tune").resolve()
-    trainable = _trainable(cfg, shared)
+    trainable = _trainable(cfg, shared, spec.trial_backend)
     if resume and _restorable(storage / name):
         tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)
         return _fit(tuner, progress)
@@ -785,7 +788,8 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
     """
     console = console or Console()
     say = (lambda *_: None) if quiet else console.print
-    limited = trials_at_a_time(base, address, spec.max_concurrent_trials or spec.num_samples)  # before any cluster
+    limited = trials_at_a_time(base, address, spec.max_concurrent_trials or spec.num_samples,  # before any cluster
+                               spec.trial_backend)
     if limited:
         say(f"[yellow]note:[/yellow] {limited}")
     output = Path(output).resolve()
@@ -804,7 +808,7 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
             dataset = load_dataset(base.data.dataset, **base.data.options)  # once, before any cluster starts
             started = time.perf_counter()
             with ray_session(base, address, verbose):
-                await_trial_capacity(base)  # a joined cluster: says what a trial waits for, gives up after a while
+                await_trial_capacity(base, spec.trial_backend)  # joined: says what a trial waits for, gives up
                 dataset_ref = ray.put(dataset)
                 shared: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "base": base.to_dict(),
                                           "output": str(output), "dataset_ref": [dataset_ref],

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from apf_ray.config import ExperimentConfig, PoolConfig
+from apf_ray.errors import SetupError
 
 
 def pool_request(pool: PoolConfig) -> dict[str, float]:
@@ -99,3 +100,27 @@ def run_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
     needs a bundle of its own; an actor of a pool that asks for nothing needs none either.
     """
     return pools_demand(cfg.cluster.pools, most_actors)
+
+
+def trial_bundles(cfg: ExperimentConfig, trial_backend: str) -> list[dict[str, float]]:
+    """The placement group one Tune trial of ``cfg`` reserves, the trial's own process first.
+
+    ``ray``: the trial's process only drives the run (it asks for nothing); one bundle per client
+    actor the run may start (:func:`run_bundles`). ``inprocess``: the trial's process trains every
+    client itself on ``cluster.torch_threads`` CPUs and starts no actor. SetupError if that would
+    train a pool that asks for GPUs on a CPU: a configured GPU is never silently dropped.
+    """
+    if trial_backend == "ray":
+        return [{}, *run_bundles(cfg)]
+    if gpu_pools := [p.name for p in cfg.cluster.pools if p.num_gpus > 0]:
+        raise SetupError(f"trial_backend: inprocess trains a trial's clients on its CPUs, but cluster.pools"
+                         f"[{gpu_pools[0]}] asks for GPUs: set trial_backend: ray (client actors on GPU nodes)")
+    return [{"CPU": float(cfg.cluster.torch_threads)}]
+
+
+def trial_demand_text(cfg: ExperimentConfig, trial_backend: str) -> str:
+    """What one trial's reservation is made of, for messages."""
+    if trial_backend == "ray":
+        return demand_text(cfg.cluster.pools, most_actors)
+    threads = cfg.cluster.torch_threads
+    return f"trial_backend: inprocess, its clients trained in the trial on cluster.torch_threads: {threads}"

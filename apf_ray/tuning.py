@@ -173,6 +173,10 @@ class TuneSpec(_Strict):
     max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the cluster fits")
     baseline: bool = Field(True, description="run one FedAvg trial on the same workload and seed first")
     trial_failures: int = Field(1, ge=0, description="restarts of a failing trial from its last checkpoint")
+    trial_backend: Literal["ray", "inprocess"] = Field(
+        "ray", description="where a trial's clients train: ray = client actors from the base's cluster.pools; "
+                           "inprocess = in the trial's own process on cluster.torch_threads CPUs, no actors to "
+                           "start (small models on one machine; the same results)")
     max_run_equivalents: float | None = Field(
         None, gt=1, description="stop the search once its trials and baseline trained this many runs' worth of "
                                 "rounds (apf_ray.search_objective); None: num_samples alone bounds it")

@@ -13,6 +13,8 @@ import pytest
 
 from actors.backend import local_node_resources, local_trials_note, starved_pools, trials_at_a_time
 from apf_ray.config import load_config
+from apf_ray.errors import SetupError
+from apf_ray.placement import run_bundles, trial_bundles
 
 REPO = Path(__file__).resolve().parent.parent
 TOO_MANY = "cluster.pools=[{name: cpu, num_actors: 1000, num_cpus: 1}]"
@@ -47,10 +49,26 @@ def test_a_search_says_when_the_machine_limits_how_many_trials_run_at_once():
     cpus = local_node_resources(load_config(None))["CPU"]
     whole_machine = load_config(None, [f"cluster.pools=[{{name: cpu, num_actors: 1, num_cpus: {cpus}}}]"])
     # local_trials_note, not trials_at_a_time: the suite's own Ray session may be connected here
-    note = local_trials_note(whole_machine, 3)
+    note = local_trials_note(whole_machine, 3, "ray")
     assert note is not None and note.startswith(f"1 trial(s) at a time, not 3: each trial reserves {{'CPU': {cpus}}}")
-    assert local_trials_note(whole_machine, 1) is None
-    assert trials_at_a_time(whole_machine, "127.0.0.1:1", 3) is None  # a joined cluster sizes itself
+    assert local_trials_note(whole_machine, 1, "ray") is None
+    assert trials_at_a_time(whole_machine, "127.0.0.1:1", 3, "ray") is None  # a joined cluster sizes itself
+    # Trained in the trials' own processes, the pools reserve nothing: one CPU (torch_threads) per trial.
+    assert local_trials_note(whole_machine, int(cpus), "inprocess") is None
+    note = local_trials_note(whole_machine, int(cpus) + 1, "inprocess")
+    assert note == (f"{int(cpus)} trial(s) at a time, not {int(cpus) + 1}: each trial reserves {{'CPU': 1.0}} "
+                    f"(trial_backend: inprocess, its clients trained in the trial on cluster.torch_threads: 1); "
+                    f"this machine has {{'CPU': {cpus}}}")
+
+
+def test_a_trial_in_its_own_process_reserves_its_torch_threads_and_never_drops_a_configured_gpu():
+    two_threads = load_config(None, ["cluster.torch_threads=2"])
+    assert trial_bundles(two_threads, "inprocess") == [{"CPU": 2.0}]
+    assert trial_bundles(two_threads, "ray") == [{}, *run_bundles(two_threads)]  # the trial's process waits
+    gpu = load_config(None, ["cluster.pools=[{name: cpu, num_actors: 2}, {name: gpu, num_actors: 1, num_gpus: 1}]"])
+    assert trial_bundles(gpu, "ray")[-1] == {"CPU": 1.0, "GPU": 1.0}
+    with pytest.raises(SetupError, match=r"cluster.pools\[gpu\] asks for GPUs: set trial_backend: ray"):
+        trial_bundles(gpu, "inprocess")
 
 
 THREE_ACTORS = "cluster.pools=[{name: cpu, num_actors: 3, num_cpus: 1}]"

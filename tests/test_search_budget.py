@@ -158,7 +158,7 @@ def test_a_budgeted_asha_search_on_the_constrained_objective_counts_every_round_
     # One trial at a time: ASHA's cuts depend on the order results reach a rung, so concurrent trials
     # would make which (if any) it stops a race.
     spec = _constrained(max_accuracy_drop=0.05, num_samples=20, max_concurrent_trials=1, max_run_equivalents=budget,
-                        scheduler={"name": "asha", "grace_period": 2, "reduction_factor": 2})
+                        scheduler={"name": "asha", "grace_period": 2, "reduction_factor": 2}, trial_backend="inprocess")
     summary = run_search(spec, base, tmp_path, console=Console(file=io.StringIO()))
     rows = pq.read_table(tmp_path / "trials.parquet").to_pylist()
     trials = [r for r in rows if not r["baseline"]]

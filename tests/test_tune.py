@@ -48,7 +48,8 @@ def _cli(*args: str) -> subprocess.Popen:
 
 def test_tiny_search_runs_its_trials_and_the_baseline_stops_some_early_and_writes_a_runnable_best(tmp_path):
     out = tmp_path / "tiny"
-    proc = _cli("tune", "--config", "tune_configs/tiny.yaml", "--output", str(out))
+    # its clients in the trials' processes: the shipped file on client actors is the scaled-down test's
+    proc = _cli("tune", "--config", "tune_configs/tiny.yaml", "--set", "trial_backend=inprocess", "--output", str(out))
     log, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, log
     rows = pq.read_table(out / "trials.parquet").to_pylist()
@@ -89,12 +90,29 @@ def test_three_one_actor_trials_share_two_cpus_and_an_exploding_trial_errors_alo
     assert errored["param:strategy.options.explode_at_round"] == 2 and errored["rounds"] == 1
 
 
+def test_trials_that_train_their_clients_in_process_equal_trials_on_client_actors(local_ray, tmp_path):
+    histories = {}
+    for backend in ("ray", "inprocess"):
+        _, rows = _search(tmp_path / backend, {
+            "search_space": {"strategy.options.threshold": {"grid": [0.05, 0.5]}},
+            "objective": [{"metric": "accuracy"}], "search": {"algorithm": "grid"}, "num_samples": 1,
+            "baseline": False, "trial_backend": backend,
+        }, _base(rounds=3))
+        assert [r["status"] for r in rows] == ["completed"] * 2
+        histories[backend] = {r["param:strategy.options.threshold"]: [
+            (h.test_accuracy, h.train_loss, h.bytes_up, h.bytes_down, h.frozen_fraction)
+            for h in read_history(tmp_path / backend / "trials" / r["trial_id"])] for r in rows}
+    assert histories["inprocess"] == histories["ray"]
+    assert len({tuple(h) for h in histories["ray"].values()}) == 2  # the two thresholds differ
+
+
 def test_nsga2_search_returns_a_pareto_set_of_accuracy_against_bytes(local_ray, tmp_path):
     summary, rows = _search(tmp_path, {
         "search_space": {"strategy.options.threshold": {"loguniform": [0.05, 0.9]},
                          "strategy.uplink": {"choice": [[], ["int8"]]}},
         "objective": [{"metric": "accuracy"}, {"metric": "bytes_total"}],
         "search": {"algorithm": "optuna_nsga2", "seed": 3}, "num_samples": 4, "baseline": False,
+        "trial_backend": "inprocess",
     }, _base())
     done = [r for r in rows if r["status"] == "completed"]
     front = [r for r in done if r["pareto"]]
@@ -180,7 +198,8 @@ def _finished(out: Path) -> list[str]:
 
 def test_a_search_killed_after_its_baseline_resumes_without_redoing_the_baseline_or_finished_trials(tmp_path):
     out = tmp_path / "out"
-    proc = _cli("tune", "--config", str(_search_file(tmp_path, rounds=3, grid=[0.1, 0.2, 0.3])), "--output", str(out))
+    search = _search_file(tmp_path, rounds=3, grid=[0.1, 0.2, 0.3], trial_backend="inprocess")
+    proc = _cli("tune", "--config", str(search), "--output", str(out))
     try:
         def one_trial_done_and_the_next_training() -> bool:
             done = list(out.glob("trials/*/summary.json"))
@@ -209,7 +228,8 @@ def test_a_search_killed_after_its_baseline_resumes_without_redoing_the_baseline
 
 def test_ctrl_c_during_the_baseline_stops_the_search_and_resume_finishes_the_baseline_then_the_trials(tmp_path):
     out = tmp_path / "out"
-    proc = _cli("tune", "--config", str(_search_file(tmp_path, rounds=6, grid=[0.2])), "--output", str(out))
+    search = _search_file(tmp_path, rounds=6, grid=[0.2], trial_backend="inprocess")
+    proc = _cli("tune", "--config", str(search), "--output", str(out))
     _wait_for(proc, lambda: _rounds_done(out / "baseline") >= 2, "baseline round 2")
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     log, _ = proc.communicate(timeout=300)
@@ -374,8 +394,8 @@ Fashion-MNIST and CIFAR-10 files need downloads, and their models take minutes p
 
 
 def _scaled_down(path: Path, tmp_path: Path) -> Path:
-    """The search file at ``path`` with 4 rounds, 2 trials at once and small rounds — its search
-    space, objectives, searcher and scheduler as shipped."""
+    """The search file at ``path`` with 4 rounds, 2 in-process trials at once and small rounds — its
+    search space, objectives, searcher and scheduler as shipped."""
     raw = yaml.safe_load(path.read_text())
     base = yaml.safe_load((path.parent / raw["base"]).read_text())
     if base["data"]["dataset"] not in SMALL_DATASETS:
@@ -390,6 +410,7 @@ def _scaled_down(path: Path, tmp_path: Path) -> Path:
                  "cluster.pools": [{"name": "cpu", "num_actors": 1, "num_cpus": 0.5}]}
     scheduler = {**raw.get("scheduler", {}), **{"grace_period": 1, "perturbation_interval": 2}}
     raw.update(base=str(base_file), overrides=overrides, num_samples=2, max_concurrent_trials=2,
+               trial_backend="inprocess",  # pools replaced anyway; trials on actors: the PBT and SIGTERM tests
                scheduler={k: v for k, v in scheduler.items() if k in _SCHEDULER_FIELDS[scheduler.get("name", "fifo")]})
     scaled = tmp_path / path.name
     scaled.write_text(yaml.safe_dump(raw))
