@@ -42,7 +42,7 @@ def _clients(run_dir: Path) -> list[tuple]:
 # ---- the arithmetic -------------------------------------------------------------------------------
 def test_a_partial_of_uploads_in_order_is_their_one_pass_weighted_mean_bit_for_bit():
     rng = np.random.default_rng(3)
-    n = 5000
+    n = 100_003  # several blocks of a partial's in-place sums, the last one short
     masks = [rng.random(n) < 0.7 for _ in range(4)]
     vectors = [rng.standard_normal(n).astype(np.float32) for _ in range(4)]
     weights = [13, 7, 40, 2]
