@@ -312,6 +312,33 @@ def render_tune_fashion_mnist() -> str:
     return text
 
 
+def render_search_budget() -> str:
+    """Which search finds the savings within 8 run-equivalents (``bench/search_budget.py``)."""
+    data = _load("search_budget")
+    if data is None:
+        return ("*Not measured yet*: `nice -n 10 python3 bench/search_budget.py` writes "
+                "`docs/results/search_budget.json` and its plot (hours on 2 cores; rerunning it continues).")
+    budgets = list(data["searches"][0]["at"])
+    rows = []
+    for s in data["searches"]:
+        statuses = s["statuses"]
+        rows.append([s["algorithm"], str(s["seed"]), *(_pct(s["at"][b]["saving"]) for b in budgets),
+                     f"{s['run_equivalents']:.2f}",
+                     f"{s['trials']} ({statuses['completed']} / {statuses['early_stopped']} / {statuses['errored']})",
+                     _duration(s["search_time_s"])])
+    text = (f"`{data['command']}` ({_link('search_budget')}; {data['started'][:16].replace('T', ' ')} to "
+            f"{data['finished'][:16].replace('T', ' ')} "
+            f"UTC) on a {_machine(data)}. {data['what'][0].upper()}{data['what'][1:]}:\n\n")
+    text += _table(["search", "seed", *(f"saving chosen at {b}" for b in budgets), "run-equivalents spent",
+                    "trials (completed / stopped early / errored)", "wall time"], rows)
+    means = [[algorithm, *(_pct(by_budget[b]) for b in budgets)]
+             for algorithm, by_budget in data["mean_saving_chosen"].items()]
+    text += "\n\nMean over the searcher seeds:\n\n" + _table(["search", *(f"at {b}" for b in budgets)], means)
+    text += ("\n\nThe saving chosen against compute, every search: "
+             "[`docs/results/search_budget.png`](docs/results/search_budget.png).")
+    return text
+
+
 def _value(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
@@ -539,6 +566,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "scale": render_scale,
     "reproduce": render_reproduce,
     "tune_fashion_mnist": render_tune_fashion_mnist,
+    "search_budget": render_search_budget,
     "rivals": render_rivals,
 }
 

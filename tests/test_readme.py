@@ -38,6 +38,20 @@ def test_a_rendered_block_links_relative_to_the_page_it_is_in():
     assert "](results/controller.json)" in inside and "](docs/" not in inside
 
 
+def test_the_budget_benchmark_renders_each_search_and_the_mean_per_searcher_from_its_file(tmp_path):
+    renderer = _renderer()
+    renderer.RESULTS = tmp_path
+    assert renderer.render_search_budget().startswith("*Not measured yet*")  # until the benchmark has run
+    quick = json.loads((REPO / "docs" / "results" / "search_budget_quick.json").read_text())  # the same layout
+    (tmp_path / "search_budget.json").write_text(json.dumps(quick))
+    text = renderer.render_search_budget()
+    random = next(s for s in quick["searches"] if s["algorithm"] == "random")
+    savings = [f"{100 * random['at'][b]['saving']:.1f}%" for b in ("2", "4", "8")]
+    row = f"| random | 0 | {' | '.join(savings)} |"
+    assert row in text and "| search | at 2 | at 4 | at 8 |" in text
+    assert text.count("\n| pbt |") == 2 and "QUICK SMOKE SCALE" in text  # what the file says it is
+
+
 def test_every_table_of_measurements_on_the_results_page_is_a_rendered_block():
     outside = re.sub(r"<!-- results:(\w+) -->.*?<!-- /results:\1 -->", "", RESULTS_PAGE.read_text(), flags=re.S)
     tables = re.findall(r"^\|(.*)\|$\n^\|---", outside, flags=re.M)
