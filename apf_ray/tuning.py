@@ -176,7 +176,7 @@ class TuneSpec(_Strict):
     trial_backend: Literal["ray", "inprocess"] = Field(
         "ray", description="where a trial's clients train: ray = client actors from the base's cluster.pools; "
                            "inprocess = in the trial's own process on cluster.torch_threads CPUs, no actors to "
-                           "start (small models on one machine; the same results)")
+                           "start (small models on one machine; the same rounds, as train --inprocess)")
     max_run_equivalents: float | None = Field(
         None, gt=1, description="stop the search once its trials and baseline trained this many runs' worth of "
                                 "rounds (apf_ray.search_objective); None: num_samples alone bounds it")
