@@ -48,7 +48,7 @@ def _cli(*args: str) -> subprocess.Popen:
 
 def test_tiny_search_runs_its_trials_and_the_baseline_stops_some_early_and_writes_a_runnable_best(tmp_path):
     out = tmp_path / "tiny"
-    # its clients in the trials' processes: the shipped file on client actors is the scaled-down test's
+    # its clients in the trials' processes (trials on client actors: the PBT, SIGTERM and equality tests)
     proc = _cli("tune", "--config", "tune_configs/tiny.yaml", "--set", "trial_backend=inprocess", "--output", str(out))
     log, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, log
