@@ -788,6 +788,8 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
     """
     console = console or Console()
     say = (lambda *_: None) if quiet else console.print
+    if not resume:
+        spec.check_new_search()
     limited = trials_at_a_time(base, address, spec.max_concurrent_trials or spec.num_samples,  # before any cluster
                                spec.trial_backend)
     if limited:

@@ -31,6 +31,7 @@ from apf_ray.config import (
 )
 from apf_ray.config import build_config as build_experiment
 from apf_ray.derived import bytes_to_target, mean_of_last_accuracies, saving_at_round, total_bytes
+from apf_ray.errors import SetupError
 from apf_ray.search_objective import constrained_score, constraint_excess
 
 SEARCH_DRIVER = {"run": "actors.tune:run_search", "resume": "actors.tune:resume_search"}
@@ -209,6 +210,20 @@ class TuneSpec(_Strict):
         if self.scheduler.name == "pbt" and self.search.algorithm != "random":
             raise ValueError("pbt explores by itself: use search.algorithm random")
         return self
+
+    def check_new_search(self) -> None:
+        """SetupError for what a search file may hold but a new search must not start with.
+
+        PBT's population is its ``num_samples`` members; a trials-at-once limit below that counts
+        a paused member as running, so the later members would start only after earlier ones
+        finished. (Searches stored before the limit was honoured resume as they began.)
+        """
+        limit = self.max_concurrent_trials
+        if self.scheduler.name == "pbt" and limit is not None and limit < self.num_samples:
+            raise SetupError(f"max_concurrent_trials {limit} splits pbt's population of {self.num_samples} "
+                             "(num_samples): its later members would start only after earlier ones finished; "
+                             "leave max_concurrent_trials unset (members the cluster cannot fit wait their turn) "
+                             "or set it to num_samples")
 
     @property
     def multi_objective(self) -> bool:

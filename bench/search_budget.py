@@ -82,6 +82,7 @@ def search_spec(algorithm: str, seed: int, rounds: int) -> TuneSpec:
         "asha": {"objective": constrained, "search": {"algorithm": "random", "seed": seed},
                  "scheduler": {"name": "asha", "grace_period": step, "reduction_factor": 3}},
         "pbt": {"objective": constrained, "search": {"algorithm": "random", "seed": seed}, "num_samples": POPULATION,
+                "max_concurrent_trials": None,  # the whole population; two at a time is what 2 CPUs fit
                 "scheduler": {"name": "pbt", "perturbation_interval": step, "synch": False}},
     }
     return TuneSpec.model_validate({

@@ -536,6 +536,19 @@ def test_a_train_config_given_to_tune_and_a_resume_of_a_folder_without_a_search_
     assert not (tmp_path / "nothing").exists() and not (tmp_path / "run" / "tune").exists()
 
 
+def test_a_new_pbt_search_whose_trials_at_once_limit_splits_its_population_is_refused(tmp_path):
+    out = tmp_path / "out"
+    code, lines = _error_of("tune", "--config", "tune_configs/pbt.yaml", "--set", "max_concurrent_trials=2",
+                            "--output", str(out))
+    assert code == 2 and lines == ["error: max_concurrent_trials 2 splits pbt's population of 4 (num_samples): its "
+                                   "later members would start only after earlier ones finished; leave "
+                                   "max_concurrent_trials unset (members the cluster cannot fit wait their turn) "
+                                   "or set it to num_samples"]
+    assert not out.exists()
+    spec = load_tune_spec(REPO / "tune_configs" / "pbt.yaml", ["max_concurrent_trials=4"])[0]
+    spec.check_new_search()  # the whole population at once is what pbt.yaml asks anyway
+
+
 def test_a_search_that_failed_as_it_started_is_started_anew_on_resume(tmp_path):
     from actors.tune import _restorable
 
