@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -12,11 +13,18 @@ from apf_ray.records import RoundEvent
 
 
 def load_script(path: Path) -> ModuleType:
-    """A script of the repository's (``bench/``, ``scripts/``: not packages) imported as a module."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A script of the repository's (``bench/``, ``scripts/``: not packages) imported as a module, as
+    when it runs: its folder heads ``sys.path`` while it loads (it imports its neighbours, e.g.
+    ``provenance``), and it is in ``sys.modules`` under its name (dataclasses look it up there)."""
+    folder = str(path.parent)
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = sys.modules[path.stem] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(folder)
 
 
 def tiny_config(*overrides: str, rounds: int = 4) -> ExperimentConfig:

@@ -6,24 +6,18 @@ benchmark (``python3 bench/edges.py``), its table rendered into the README.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _edges():
-    sys.path.insert(0, str(REPO / "bench"))  # the script imports its neighbours, as when run from bench/
-    try:
-        spec = importlib.util.spec_from_file_location("edges", REPO / "bench" / "edges.py")
-        module = sys.modules["edges"] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    return load_script(REPO / "bench" / "edges.py")
 
 
 def test_the_edge_script_records_each_command_its_exit_its_line_and_what_it_left(tmp_path):

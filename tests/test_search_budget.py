@@ -26,7 +26,7 @@ from apf_ray.search_objective import (
     rounds_trained,
 )
 from apf_ray.tuning import TuneSpec, choose_best
-from tests.helpers import tiny_config
+from tests.helpers import load_script, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 SPACE = {"strategy.options.threshold": {"loguniform": [0.05, 0.5]},
@@ -190,6 +190,15 @@ def test_a_budgeted_asha_search_on_the_constrained_objective_counts_every_round_
 
 
 # --------------------------------------------------------------------------- the benchmark
+
+
+def test_every_search_of_the_benchmark_starts_with_the_same_budget_space_and_accuracy_rule():
+    bench = load_script(REPO / "bench" / "search_budget.py")
+    for algorithm in bench.ALGORITHMS:
+        spec = bench.search_spec(algorithm, 1, 300)
+        spec.check_new_search()  # PBT keeps its whole population (no trials-at-once cap below it)
+        assert spec.max_run_equivalents == 8 and spec.max_accuracy_drop == 0.005 and spec.baseline
+        assert {k: d.model_dump(mode="json", exclude_none=True) for k, d in spec.search_space.items()} == bench.SPACE
 
 
 @pytest.mark.timeout(1200)
