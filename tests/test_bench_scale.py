@@ -17,11 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def scale():
-    sys.path.insert(0, str(REPO / "bench"))  # the script imports its neighbours (provenance, orchestration)
-    try:
-        yield load_script(REPO / "bench" / "scale.py")
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    return load_script(REPO / "bench" / "scale.py")
 
 
 def _row(model: str, n: int, k: int, *, uplink: str = "apf", server_mb: float = 1000.0, copies: float = 50.0,
