@@ -114,14 +114,7 @@ class Partial:
         if not (math.isfinite(w) and w > 0):
             raise ValueError(f"aggregation weights must be finite and positive, got {w}")
         scale = np.float64(w)  # float32 values times a float64: cast up exactly, multiplied in float64
-        buffer_terms = np.multiply(buffers, scale)
-        if self.empty or not _same_mask(self.sync_mask, sync_mask):
-            self._add(np.multiply(values, scale), sync_mask, buffer_terms, w, 1, owned=True)
-            return
-        _add_scaled(self.sums, values, scale)  # the common case: no model-sized temporary
-        self.buffer_sums += buffer_terms
-        self.weight += w
-        self.count += 1
+        self._add(values, sync_mask, np.multiply(buffers, scale), scale, w, 1)
 
     def tally(self, counts: dict[str, np.ndarray]) -> None:
         """Add integer counts by name (exact, so in any order the same: GWPF's thaw votes)."""
@@ -131,29 +124,31 @@ class Partial:
 
     def merge(self, other: Partial) -> None:
         """Add another partial's sums and tallies (the server combining the edges' partials, in order)."""
-        if not other.empty:
-            self._add(other.sums, other.sync_mask, other.buffer_sums, other.weight, other.count, owned=False)
+        if not other.empty:  # its sums are weighted already: scaled by exactly 1
+            self._add(other.sums, other.sync_mask, other.buffer_sums, np.float64(1.0), other.weight, other.count)
         self.tally(other.tallies)
 
-    def _add(self, terms: np.ndarray, mask: np.ndarray | None, buffer_terms: np.ndarray, w: float, n: int, *,
-             owned: bool) -> None:
-        """Add float64 ``terms`` (over ``mask``) and ``buffer_terms``; ``owned``: fresh arrays this
-        partial may keep (an upload's), not another partial's.
+    def _add(self, terms: np.ndarray, mask: np.ndarray | None, buffer_terms: np.ndarray, scale: np.float64,
+             w: float, n: int) -> None:
+        """Add ``terms × scale`` in float64 (over ``mask``) and float64 ``buffer_terms``.
 
-        The first terms become the sums as ``terms + 0.0``: the same bits as adding them onto
-        zeros (-0.0 turns +0.0), without a zeroed model-sized vector and a pass to add to it.
+        The first terms become the sums as ``terms × scale + 0.0``: the same bits as adding them
+        onto zeros (-0.0 turns +0.0), without a zeroed model-sized vector. Later terms with the
+        sums' mask are added in place, a block at a time, without a model-sized temporary.
         """
         if self.empty:
             self.sync_mask = None if mask is None else mask.copy()
-            self.sums = np.add(terms, 0.0, out=terms if owned else None)
-            self.buffer_sums = np.add(buffer_terms, 0.0, out=buffer_terms if owned else None)
+            self.sums = np.multiply(terms, scale)
+            self.sums += 0.0
+            self.buffer_sums = buffer_terms + 0.0
+        elif _same_mask(self.sync_mask, mask):
+            _add_scaled(self.sums, terms, scale)
+            self.buffer_sums += buffer_terms
         else:
-            if not _same_mask(self.sync_mask, mask):
-                union = None if self.sync_mask is None or mask is None else self.sync_mask | mask
-                self.sums = _spread(self.sums, self.sync_mask, union)
-                terms = _spread(terms, mask, union)
-                self.sync_mask = union
-            self.sums += terms
+            union = None if self.sync_mask is None or mask is None else self.sync_mask | mask
+            self.sums = _spread(self.sums, self.sync_mask, union)
+            self.sums += _spread(np.multiply(terms, scale), mask, union)
+            self.sync_mask = union
             self.buffer_sums += buffer_terms
         self.weight += w
         self.count += n
