@@ -3,7 +3,8 @@
 For each algorithm — random search, NSGA-II (accuracy against bytes), a constraint-aware TPE,
 ASHA and PBT (all but NSGA-II on the constrained objective, see
 ``apf_ray/search_objective.py``) — and each of 2
-searcher seeds, one ``apf-ray tune`` search over APF's T, α, Fc and p on the paper's LeNet-5
+searcher seeds, one ``apf-ray tune`` search over APF's T, α, Fc, p and freezing-period policy
+(AIMD or multiplicative, SPEC §2) on the paper's LeNet-5
 setting (Fashion-MNIST, 10 clients × 2 label shards, 300 rounds), stopped once it trained 8
 run-equivalents *including* its FedAvg baseline. The baseline is trained once (by the first
 search) and copied into the others: same workload, same seed, same numbers.
@@ -34,11 +35,11 @@ from typing import Any
 
 from provenance import RESULTS, code, command, machine, now
 
-from apf_ray.config import ExperimentConfig, build_config, read_yaml_mapping
+from apf_ray.config import ExperimentConfig, build_config, load_config, read_yaml_mapping
 from apf_ray.errors import SetupError, Stopped
 from apf_ray.metrics import read_history
 from apf_ray.search_objective import finished_within, read_ledgers
-from apf_ray.tuning import TuneSpec, accuracy_key, choose_best
+from apf_ray.tuning import TuneSpec, accuracy_key, baseline_config, choose_best
 
 REPO = RESULTS.parent.parent
 ALGORITHMS = ("random", "nsga2", "tpe", "asha", "pbt")
@@ -53,7 +54,12 @@ SPACE = {
     "strategy.options.alpha": {"uniform": [0.9, 0.995]},
     "strategy.options.check_every": {"choice": [1, 2, 5]},
     "strategy.options.aggressive_prob": {"uniform": [0.0, 0.5]},
+    "strategy.options.period_policy": {"choice": ["aimd", "multiplicative"]},
 }
+"""APF's own knobs. Under AIMD a stable scalar's freezing period grows by one check at a time, so on
+this non-IID split the frozen fraction was still climbing at round 300 and no setting of the other
+four saved more than ~55% within 0.5 points (two searches of the earlier space); a doubling period
+freezes stable scalars for most of the run sooner."""
 SCALES = {
     "paper": {"config": "configs/fashion-mnist-lenet5.yaml", "overrides": {}, "output": "runs/search-budget",
               "json": RESULTS / "search_budget.json"},
@@ -88,11 +94,13 @@ def search_spec(algorithm: str, seed: int, rounds: int) -> TuneSpec:
     return TuneSpec.model_validate({
         "name": f"{algorithm}-seed{seed}", "base": {}, "search_space": SPACE, "max_accuracy_drop": MAX_DROP,
         "max_run_equivalents": BUDGET, "max_concurrent_trials": 2, "num_samples": 64,
+        "trial_backend": "inprocess",  # one process per trial, no client actor: same numbers, less overhead
         **per_algorithm[algorithm]})
 
 
 def workload(scale: str) -> ExperimentConfig:
-    """The base train config: one client actor per trial (two trials at a time on 2 cores)."""
+    """The base train config: one pool of one actor, the client grouping each in-process trial reproduces
+    (two trials at a time on 2 cores)."""
     setting = SCALES[scale]
     raw = read_yaml_mapping(REPO / setting["config"])
     overrides = {"cluster.pools": [{"name": "cpu", "num_actors": 1, "num_cpus": 1}],
@@ -101,18 +109,40 @@ def workload(scale: str) -> ExperimentConfig:
 
 
 def run_one(algorithm: str, seed: int, base: ExperimentConfig, output: Path, shared_baseline: Path) -> str:
-    """Run, resume or reuse one search in ``output``; says which it did."""
+    """Run, resume or reuse one search in ``output``; says which it did. A stored search or baseline
+    of another spec or workload (an earlier version of this benchmark) is refused, never mixed in."""
     from actors.tune import resume_search, run_search
 
-    if (output / "summary.json").is_file():
-        return "reused"
+    spec = search_spec(algorithm, seed, base.train.rounds)
     if (output / "search.json").is_file():
+        stored = json.loads((output / "search.json").read_text())
+        check_same(output / "search.json", {"spec": spec.model_dump(mode="json"), "base": base.to_dict()}, stored)
+        if (output / "summary.json").is_file():
+            return "reused"
         resume_search(output, quiet=True)
         return "resumed"
     if (shared_baseline / "summary.json").is_file():  # trained by an earlier search: same workload, same seed
+        check_same(shared_baseline / "config.yaml", baseline_config(base).to_dict(),
+                   load_config(shared_baseline / "config.yaml").to_dict())
         shutil.copytree(shared_baseline, output / "baseline")
-    run_search(search_spec(algorithm, seed, base.train.rounds), base, output, quiet=True)
+    run_search(spec, base, output, quiet=True)
     return "ran"
+
+
+def check_same(path: Path, expected: dict[str, Any], stored: dict[str, Any]) -> None:
+    """SetupError naming ``path`` and the first field where what it stores differs from this benchmark's."""
+    def first_difference(a: Any, b: Any, where: str) -> str | None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                found = first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
+                if found:
+                    return found
+            return None
+        return None if a == b else where or "(the whole file)"
+
+    if field := first_difference(expected, stored, ""):
+        raise SetupError(f"{path} holds another benchmark's search or baseline ({field} differs): "
+                         "give --output a new folder, or move that one away")
 
 
 def anytime(output: Path, rounds: int, budgets: list[float]) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ def test_the_quickstart_makes_a_virtualenv_and_both_commands_install_with_the_lo
     assert block.splitlines()[0] == "python3 -m venv .venv && . .venv/bin/activate"
     first, second = deps.readme_command(1), deps.readme_command(2)
     assert first.startswith("python3 -m pip install -c constraints.txt -e . && apf-ray train ")
-    assert second == "python3 -m pip install -c constraints.txt -e '.[test]' && python3 -m pytest -q"
+    assert second == "python3 -m pip install -c constraints.txt -e '.[test]' && python3 -m pytest -q -n 2"
     assert (REPO / "constraints.txt").is_file()
 
 

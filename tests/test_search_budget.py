@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from pydantic import ValidationError
 from rich.console import Console
 
@@ -199,6 +200,32 @@ def test_every_search_of_the_benchmark_starts_with_the_same_budget_space_and_acc
         spec.check_new_search()  # PBT keeps its whole population (no trials-at-once cap below it)
         assert spec.max_run_equivalents == 8 and spec.max_accuracy_drop == 0.005 and spec.baseline
         assert {k: d.model_dump(mode="json", exclude_none=True) for k, d in spec.search_space.items()} == bench.SPACE
+
+
+def test_the_benchmark_refuses_a_stored_search_or_baseline_of_another_space_or_workload(tmp_path):
+    from apf_ray.errors import SetupError
+    from apf_ray.tuning import baseline_config
+
+    bench = load_script(REPO / "bench" / "search_budget.py")
+    base = bench.workload("quick")
+    spec = bench.search_spec("random", 0, base.train.rounds).model_dump(mode="json")
+    older = {**spec, "search_space": {k: v for k, v in spec["search_space"].items()
+                                      if k != "strategy.options.period_policy"}}
+    folder = tmp_path / "random-seed0"
+    folder.mkdir()
+    (folder / "search.json").write_text(json.dumps({"spec": older, "base": base.to_dict()}))
+    (folder / "summary.json").write_text("{}")  # finished: it would be reused as it is
+    with pytest.raises(SetupError, match=r"random-seed0/search\.json holds another benchmark's search or "
+                                         r"baseline \(spec\.search_space\.strategy\.options\.period_policy differs\)"):
+        bench.run_one("random", 0, base, folder, tmp_path / "shared-baseline")
+    shared = tmp_path / "shared-baseline"
+    shared.mkdir()
+    (shared / "summary.json").write_text("{}")
+    other = baseline_config(bench.build_config(base.to_dict(), {"train.local_steps": 4}))
+    (shared / "config.yaml").write_text(yaml.safe_dump(other.to_dict()))
+    with pytest.raises(SetupError, match=r"shared-baseline/config\.yaml .*\(train\.local_steps differs\)"):
+        bench.run_one("random", 0, base, tmp_path / "random-seed1", shared)
+    assert not (tmp_path / "random-seed1").exists()  # nothing copied, nothing run
 
 
 @pytest.mark.timeout(1200)

@@ -48,7 +48,7 @@ def _cli(*args: str) -> subprocess.Popen:
 
 def test_tiny_search_runs_its_trials_and_the_baseline_stops_some_early_and_writes_a_runnable_best(tmp_path):
     out = tmp_path / "tiny"
-    # its clients in the trials' processes (trials on client actors: the PBT, SIGTERM and equality tests)
+    # its clients in the trials' processes (trials on client actors: the SIGTERM and equality tests)
     proc = _cli("tune", "--config", "tune_configs/tiny.yaml", "--set", "trial_backend=inprocess", "--output", str(out))
     log, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, log
@@ -139,19 +139,19 @@ def test_a_pbt_exploit_continues_the_donors_round_and_controller_state_with_the_
         "search_space": {"strategy.options.threshold": {"choice": [0.05, 0.1, 0.6, 0.9]}},
         "objective": [{"metric": "accuracy"}], "scheduler": {"name": "pbt", "perturbation_interval": 2,
                                                               "quantile_fraction": 0.5, "synch": True},
-        "num_samples": 4, "baseline": False,
+        "num_samples": 2, "baseline": False, "trial_backend": "inprocess",  # both at once on the 2 CPUs
     }, _base("output.keep_checkpoints=10", "strategy.options.alpha=0.5", "train.local_steps=20", "train.lr=0.1",
-             "train.momentum=0", rounds=4, cpus=0.5))  # all 4 at once; learns enough for scores to differ
+             "train.momentum=0", rounds=4))  # learns enough for scores to differ
     exploits = []
     for r in rows:
         log = tmp_path / "trials" / r["trial_id"] / "resumes.jsonl"
         if log.is_file():
             exploits += [(r["trial_id"], json.loads(line)) for line in log.read_text().splitlines()]
     exploits = [(t, e) for t, e in exploits if not e["from"].endswith(t) and e["round"] < 4]
-    # Synchronous PBT: at round 2 all four wait, the top two checkpoint, the bottom two copy one of them.
+    # Synchronous PBT: at round 2 both wait, the top one checkpoints, the bottom one copies it.
     # (Asynchronous PBT exploits only when a trial arrives below others that checkpointed as top trials —
     # an order the machine's load decides; it exploited here on 2 cores at rest and not once in CI.)
-    assert len({t for t, e in exploits if e["round"] == 2}) == 2, exploits
+    assert len({t for t, e in exploits if e["round"] == 2}) == 1, exploits
     for recipient, entry in exploits:
         donor = entry["from"].rsplit("-", 1)[-1]
         donor_dir = tmp_path / "trials" / donor
@@ -441,17 +441,16 @@ def test_every_shipped_search_file_finishes_scaled_down(local_ray, tmp_path, pat
 
 @pytest.mark.timeout(400)
 def test_an_errored_member_of_a_synchronous_pbt_population_does_not_stall_the_others(local_ray, tmp_path):
-    base = _base("strategy.name=tests.plugins.exploding:Exploding", "strategy.options.threshold=0.5", rounds=4,
-                 cpus=0.5)
+    base = _base("strategy.name=tests.plugins.exploding:Exploding", "strategy.options.threshold=0.5", rounds=4)
     summary, rows = _search(tmp_path, {
-        "search_space": {"strategy.options.explode_at_round": {"grid": [0, 1, 0]},
+        "search_space": {"strategy.options.explode_at_round": {"grid": [0, 1]},
                          "strategy.options.threshold": {"uniform": [0.3, 0.6]}},
         "objective": [{"metric": "accuracy"}],
         "scheduler": {"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5, "synch": True,
                       "mutations": {"strategy.options.threshold": {"uniform": [0.3, 0.6]}}},
-        "num_samples": 1, "baseline": False, "trial_failures": 0,
-    }, base)  # the member exploding at round 1 never reaches the perturbation round the others wait at
-    assert summary["statuses"] == {"completed": 2, "early_stopped": 0, "errored": 1}
+        "num_samples": 1, "baseline": False, "trial_failures": 0, "trial_backend": "inprocess",  # both at once
+    }, base)  # the member exploding at round 1 never reaches the perturbation round the other waits at
+    assert summary["statuses"] == {"completed": 1, "early_stopped": 0, "errored": 1}
     assert all(r["rounds"] == 4 for r in rows if r["status"] == "completed")
 
 
