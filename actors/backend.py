@@ -76,7 +76,8 @@ def local_cluster_env(cfg: ExperimentConfig) -> Iterator[None]:
     that variable once, at import, into a private constant, which is set here for the start and
     restored after it, like the variables (:func:`ray_private.cluster_mode`). ``RAY_enable_metrics_collection=0``
     removes the dashboard agent's unauthenticated Prometheus exporter; the fixed metrics ports become free
-    ones, so several clusters on one machine do not collide. ``RAY_max_direct_call_object_size``
+    ones, so several clusters on one machine do not collide (so does the dashboard agent's HTTP port:
+    :func:`ray_private.agent_on_a_free_port`). ``RAY_max_direct_call_object_size``
     (:data:`INLINE_RESULT_BYTES`) lets a client's result up to that size travel inside the reply
     to the server instead of through the object store. The cluster's processes inherit this
     environment when they start; later ones are started by them.
@@ -90,7 +91,7 @@ def local_cluster_env(cfg: ExperimentConfig) -> Iterator[None]:
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
-        with ray_private.cluster_mode(cfg.cluster.expose):
+        with ray_private.cluster_mode(cfg.cluster.expose), ray_private.agent_on_a_free_port():
             yield
     finally:
         for key, value in saved.items():

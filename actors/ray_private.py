@@ -98,6 +98,30 @@ def cluster_mode(enabled: bool) -> Iterator[None]:
         constants.ENABLE_RAY_CLUSTER = saved
 
 
+@contextlib.contextmanager
+def agent_on_a_free_port() -> Iterator[None]:
+    """A local node started in the ``with`` block runs its dashboard agent's HTTP server on a free
+    port instead of Ray's fixed 52365. ``ray.init`` has no option for it (``ray start`` has
+    ``--dashboard-agent-listen-port``), and a node whose agent finds 52365 taken (another cluster
+    on this machine: a second command, a test's own cluster) retries for ~3.5 s before the node
+    is up, then runs without it. ``ray.init`` builds its node's parameters from
+    ``ray._private.parameter.RayParams`` (looked up when called), which this swaps, for the block,
+    for a subclass whose port default is 0: any free port (the agent reports the one it bound)."""
+    parameter = private_module("ray._private.parameter")
+    params = private_attr(parameter, "RayParams", "ray._private.parameter")
+
+    class FreeAgentPort(params):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("dashboard_agent_listen_port", 0)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = FreeAgentPort
+    try:
+        yield
+    finally:
+        parameter.RayParams = params
+
+
 def detected_cpus_and_gpus() -> tuple[float, float]:
     """(CPUs, GPUs) a local node started now would offer, by Ray's own detection (cgroup limits
     included), before starting one. GPUs are 0 when detection fails (Ray would see none either)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +75,40 @@ def test_every_wrapper_works_against_the_installed_ray():
                                                                                  "worker_ips": []},
                                               "auth": {"ssh_user": "root"}})
     assert cfg["cluster_name"] == "t" and "head_node_type" in cfg
+
+
+AGENT_PORT_PROBE = """
+import json, os, socket, sys
+from actors.backend import enable_token_auth, local_cluster_env
+from apf_ray.config import ExperimentConfig
+import ray
+holder = socket.socket()
+try:
+    holder.bind(("127.0.0.1", 52365))  # Ray's fixed agent port, taken as another cluster would hold it
+    holder.listen()
+except OSError:
+    pass  # taken already
+enable_token_auth()
+with local_cluster_env(ExperimentConfig()):
+    context = ray.init(address="local", include_dashboard=False, num_cpus=1, log_to_driver=False)
+port = ray.nodes()[0]["DashboardAgentListenPort"]
+log = open(os.path.join(context.address_info["session_dir"], "logs", "dashboard_agent.log")).read()
+ray.shutdown()
+print(json.dumps({"port": port, "bind_failures": log.count("Failed to bind")}))
+"""
+
+
+def test_a_local_cluster_runs_its_dashboard_agent_on_a_free_port_when_rays_fixed_one_is_taken():
+    # (the fixed port costs ~3.5 s of retries per start whenever another cluster runs on the machine)
+    parameter = ray_private.private_module("ray._private.parameter")
+    params = parameter.RayParams
+    with ray_private.agent_on_a_free_port():
+        assert parameter.RayParams().dashboard_agent_listen_port == 0
+        assert parameter.RayParams(dashboard_agent_listen_port=7).dashboard_agent_listen_port == 7
+    assert parameter.RayParams is params
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    probe = subprocess.run([sys.executable, "-c", AGENT_PORT_PROBE], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=180)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    seen = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert seen["port"] not in (0, 52365) and seen["bind_failures"] == 0, seen
