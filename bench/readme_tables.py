@@ -105,8 +105,8 @@ def render_timings() -> str:
             f"{s['rounds']} rounds, final accuracy {s['final_accuracy']:.4f}) on a {_machine(quick)}.")
     if suite:
         counts = ", ".join(f"{n} {kind}" for kind, n in suite["counts"].items())
-        text += (f" The test suite took **{_duration(suite['wall_s'])}** ({counts}; {_link('test_suite')}) "
-                 f"on a {_machine(suite)}.")
+        text += (f" The test suite (`{suite['command']}`) took **{_duration(suite['wall_s'])}** ({counts}; "
+                 f"{_link('test_suite')}) on a {_machine(suite)}.")
     else:
         text += " The test suite's duration is not measured yet (`--steps test_suite`)."
     return text + " An idle machine is faster; a busier one slower."
