@@ -20,7 +20,8 @@ curve's value, its total-bytes saving — 0 when the search could choose no feas
 
 Rerunning the same command continues: finished searches are reused, an interrupted one is
 resumed (``apf-ray tune --resume``), the rest run. Needs Debian's ``dataset-fashion-mnist``
-(not ``--quick``). Long: 10 searches × 8 runs of 300 rounds.
+(not ``--quick``). Long: 10 searches × 8 runs of 300 rounds; each search shows its trials as they
+run, as ``apf-ray tune`` does (a live table, or a line per finished trial in a log).
 """
 
 from __future__ import annotations
@@ -119,13 +120,13 @@ def run_one(algorithm: str, seed: int, base: ExperimentConfig, output: Path, sha
         check_same(output / "search.json", {"spec": spec.model_dump(mode="json"), "base": base.to_dict()}, stored)
         if (output / "summary.json").is_file():
             return "reused"
-        resume_search(output, quiet=True)
+        resume_search(output)
         return "resumed"
     if (shared_baseline / "summary.json").is_file():  # trained by an earlier search: same workload, same seed
         check_same(shared_baseline / "config.yaml", baseline_config(base).to_dict(),
                    load_config(shared_baseline / "config.yaml").to_dict())
         shutil.copytree(shared_baseline, output / "baseline")
-    run_search(spec, base, output, quiet=True)
+    run_search(spec, base, output)  # its live table, or a line per finished trial in a log
     return "ran"
 
 
