@@ -333,9 +333,12 @@ class SearchProgress(tune.Callback):
         self._line(trial.trial_id)
 
     def close(self) -> None:
+        """The last headline. A trial still running when Tune returns was ended without a completion
+        event (the compute budget stopping the search, or a stop signal): it counts as stopped."""
         if self.live is not None:
             self.live.stop()
             self.live = None
+        self.state = {trial: "stopped" if state == "running" else state for trial, state in self.state.items()}
         if self.state and not self.silent:
             self.console.print(self._headline())
 

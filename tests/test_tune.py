@@ -489,6 +489,9 @@ def test_tables_of_trials_keep_every_trial_id_whole_and_name_the_accuracy_they_s
     assert "uplink=[int8]" in text.replace("\n", "").replace(" ", "")  # values are text, not markup
     header = "final acc" if objective.get("last_n", 1) == 1 else "acc (last 5)"
     assert header in text and "acc last" not in text
+    progress.state[ids[0]] = "done"
+    progress.close()  # the rest were still running when Tune returned: the budget or a signal ended them
+    assert progress.console.file.getvalue().splitlines()[-1].split(" · ")[0] == "search: 1 done, 3 stopped"
 
 
 @pytest.mark.parametrize("objective", [{"metric": "accuracy"}, {"metric": "accuracy", "last_n": 5}],
