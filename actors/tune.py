@@ -75,7 +75,7 @@ from apf_ray.derived import (
     saving_at_round,
     total_bytes,
 )
-from apf_ray.errors import SetupError, Stopped
+from apf_ray.errors import SetupError, Stopped, clip, describe
 from apf_ray.metrics import (
     JOURNAL,
     plot_history,
@@ -954,12 +954,21 @@ def resume_search(output: Path, *, address: str | None = None, verbose: bool = F
     """
     output = Path(output)
     check_search_folder(output)
-    saved = json.loads((output / SEARCH_FILE).read_text())
-    spec = TuneSpec.model_validate(saved["spec"])
-    base = build_config(saved["base"], source=str(Path(output) / SEARCH_FILE))
+    spec, base = read_search_record(output)
     return run_search(spec, base, output, address=address, resume=True, verbose=verbose, quiet=quiet,
                       console=console)
 
 
-__all__ = ["UNREACHED", "federated_trial", "resume_search", "run_search", "tune_domain"]
+def read_search_record(output: Path) -> tuple[TuneSpec, ExperimentConfig]:
+    """The spec and base config the search in ``output`` was started with (its search.json), both
+    filled in by this version's models; SetupError naming the file if it holds no such record."""
+    path = Path(output) / SEARCH_FILE
+    try:
+        saved = json.loads(path.read_text())
+        return TuneSpec.model_validate(saved["spec"]), build_config(saved["base"], source=str(path))
+    except (OSError, ValueError, KeyError, TypeError) as err:  # JSON, pydantic and config errors are ValueErrors
+        raise SetupError(f"{path} is not a search's record: {clip(describe(err))}") from None
+
+
+__all__ = ["UNREACHED", "federated_trial", "read_search_record", "resume_search", "run_search", "tune_domain"]
 

@@ -36,9 +36,10 @@ from typing import Any
 
 from provenance import RESULTS, code, command, machine, now
 
-from apf_ray.config import ExperimentConfig, build_config, load_config, read_yaml_mapping
+from apf_ray.config import ConfigError, ExperimentConfig, build_config, read_yaml_mapping
 from apf_ray.errors import SetupError, Stopped
 from apf_ray.metrics import read_history
+from apf_ray.resume import config_changes
 from apf_ray.search_objective import finished_within, read_ledgers
 from apf_ray.tuning import TuneSpec, accuracy_key, baseline_config, choose_best
 
@@ -112,37 +113,39 @@ def workload(scale: str) -> ExperimentConfig:
 def run_one(algorithm: str, seed: int, base: ExperimentConfig, output: Path, shared_baseline: Path) -> str:
     """Run, resume or reuse one search in ``output``; says which it did. A stored search or baseline
     of another spec or workload (an earlier version of this benchmark) is refused, never mixed in."""
-    from actors.tune import resume_search, run_search
+    from actors.tune import read_search_record, resume_search, run_search
 
     spec = search_spec(algorithm, seed, base.train.rounds)
     if (output / "search.json").is_file():
-        stored = json.loads((output / "search.json").read_text())
-        check_same(output / "search.json", {"spec": spec.model_dump(mode="json"), "base": base.to_dict()}, stored)
+        stored_spec, stored_base = read_search_record(output)  # both filled in by this version's models
+        spec_changes = _differences(stored_spec.model_dump(mode="json"), spec.model_dump(mode="json"))
+        base_changes = [f"base.{field}" for field, _, _ in config_changes(stored_base.to_dict(), base)]
+        refuse_another(output / "search.json", [f"spec.{f}" for f in spec_changes] + base_changes)
         if (output / "summary.json").is_file():
             return "reused"
         resume_search(output)
         return "resumed"
     if (shared_baseline / "summary.json").is_file():  # trained by an earlier search: same workload, same seed
-        check_same(shared_baseline / "config.yaml", baseline_config(base).to_dict(),
-                   load_config(shared_baseline / "config.yaml").to_dict())
+        config = shared_baseline / "config.yaml"
+        changes = config_changes(read_yaml_mapping(config), baseline_config(base))  # normalised, as on resume
+        refuse_another(config, [field for field, _, _ in changes])
         shutil.copytree(shared_baseline, output / "baseline")
     run_search(spec, base, output)  # its live table, or a line per finished trial in a log
     return "ran"
 
 
-def check_same(path: Path, expected: dict[str, Any], stored: dict[str, Any]) -> None:
-    """SetupError naming ``path`` and the first field where what it stores differs from this benchmark's."""
-    def first_difference(a: Any, b: Any, where: str) -> str | None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b), key=str):
-                found = first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
-                if found:
-                    return found
-            return None
-        return None if a == b else where or "(the whole file)"
+def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """Dotted paths where two JSON values differ; a key one side lacks is named whole."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [f for key in sorted(set(old) | set(new))
+                for f in _differences(old.get(key), new.get(key), f"{where}.{key}" if where else key)]
+    return [] if old == new else [where]
 
-    if field := first_difference(expected, stored, ""):
-        raise SetupError(f"{path} holds another benchmark's search or baseline ({field} differs): "
+
+def refuse_another(path: Path, differing: list[str]) -> None:
+    """SetupError naming ``path`` and the first field where it differs from this benchmark's search."""
+    if differing:
+        raise SetupError(f"{path} holds another benchmark's search or baseline ({differing[0]} differs): "
                          "give --output a new folder, or move that one away")
 
 
@@ -201,7 +204,7 @@ def main() -> None:
     except Stopped as stop:
         print(f"{stop.message}; or rerun the same command to continue every search", file=sys.stderr)
         sys.exit(stop.exit_code)
-    except SetupError as err:
+    except (SetupError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

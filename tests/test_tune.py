@@ -278,6 +278,18 @@ def test_sigterm_during_the_trials_stops_them_a_second_one_at_once_and_resume_fi
                for r in rows if not r["baseline"])
 
 
+@pytest.mark.parametrize("record", ['{"spec": {"base": {}', '{"spec": {"num_samples": "x"}, "base": {}}', '[]'],
+                         ids=["truncated", "not-a-spec", "not-a-mapping"])
+def test_resuming_a_search_whose_record_is_damaged_is_one_error_line(tmp_path, capsys, record):
+    from apf_ray.cli import main
+
+    (tmp_path / "search.json").write_text(record)
+    assert main(["tune", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'search.json'} is not a search's record: ") and err.count("\n") == 1
+    assert "Traceback" not in err and [p.name for p in tmp_path.iterdir()] == ["search.json"]  # nothing written
+
+
 def test_search_files_are_validated_before_anything_runs(tmp_path):
     good = {"base": str(REPO / "configs" / "digits-lenet5.yaml"),
             "search_space": {"strategy.options.threshold": {"uniform": [0.1, 0.3]}},
