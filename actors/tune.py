@@ -37,6 +37,7 @@ import math
 import os
 import signal
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -98,7 +99,7 @@ from apf_ray.search_objective import (
     rounds_trained,
     run_equivalents,
 )
-from apf_ray.stops import Abandon, StopSignals
+from apf_ray.stops import StopSignals
 from apf_ray.tuning import (
     UNREACHED,
     Domain,
@@ -402,7 +403,11 @@ class SearchStops(StopSignals):
         if self.received == 1 and self._running and callable(interrupt) and interrupt is not self._stale:
             self.signum = signum
             interrupt(signal.SIGUSR1, frame)  # Tune's: it ends its loop after the current step
-            self.notice(signal.Signals(signum).name)
+            # Said from a thread, not from here: a handler runs between two bytecodes of whatever the
+            # main thread was doing, a print to the same console included, and re-entering its write
+            # buffer printed a line twice (seen in CI); the thread waits for the console's lock.
+            threading.Thread(target=self.notice, args=(signal.Signals(signum).name,), name="stop-notice",
+                             daemon=True).start()
             return
         super()._handle(signum, frame)  # not graceful: records the signal, raises Abandon
 
@@ -842,8 +847,8 @@ def run_search(spec: TuneSpec, base: ExperimentConfig, output: Path, *, address:
                                        stop=_budget(spec, output, base.train.rounds, len(baseline_rows)))
                 if stops.requested:
                     raise SearchStopped(stops.signum, output, phase)
-        except Abandon as stop:
-            raise SearchStopped(stop.signum, output, phase, abandoned=stops.received > 1) from None
+        except KeyboardInterrupt as stop:  # Abandon, or a blocking Ray call's plain copy of it
+            raise SearchStopped(stops.signal_of(stop), output, phase, abandoned=stops.received > 1) from None
     elapsed = time.perf_counter() - started
     return _write_outputs(output, spec, base, grid, baseline_rows, elapsed, console)
 

@@ -228,7 +228,8 @@ def test_a_search_killed_after_its_baseline_resumes_without_redoing_the_baseline
 
 def test_ctrl_c_during_the_baseline_stops_the_search_and_resume_finishes_the_baseline_then_the_trials(tmp_path):
     out = tmp_path / "out"
-    search = _search_file(tmp_path, rounds=6, grid=[0.2], trial_backend="inprocess")
+    rounds = 40  # in-process digits rounds take milliseconds: enough that Tune stops the baseline midway
+    search = _search_file(tmp_path, rounds=rounds, grid=[0.2], trial_backend="inprocess")
     proc = _cli("tune", "--config", str(search), "--output", str(out))
     _wait_for(proc, lambda: _rounds_done(out / "baseline") >= 2, "baseline round 2")
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
@@ -238,21 +239,22 @@ def test_ctrl_c_during_the_baseline_stops_the_search_and_resume_finishes_the_bas
                                             f"resume with apf-ray tune --resume {out.resolve()}")
     assert "Traceback" not in log and "search:" not in log  # the search did not run against a partial baseline
     assert not _finished(out) and not (out / "trials").exists()
-    assert _rounds_done(out / "baseline") < 6
+    assert _rounds_done(out / "baseline") < rounds
     resumed = _cli("tune", "--resume", str(out))
     log, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, log
-    assert [h.round for h in read_history(out / "baseline")] == [1, 2, 3, 4, 5, 6]
+    assert [h.round for h in read_history(out / "baseline")] == list(range(1, rounds + 1))
     continued = [json.loads(line) for line in (out / "baseline" / "resumes.jsonl").read_text().splitlines()]
     assert continued and continued[0]["round"] >= 2  # from its checkpoint, not from scratch
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     assert sorted(r["status"] for r in rows) == ["completed"] * 2
-    assert next(r for r in rows if r["baseline"])["rounds"] == 6
+    assert next(r for r in rows if r["baseline"])["rounds"] == rounds
 
 
 def test_sigterm_during_the_trials_stops_them_a_second_one_at_once_and_resume_finishes_the_search(tmp_path):
     out = tmp_path / "out"
-    proc = _cli("tune", "--config", str(_search_file(tmp_path, rounds=4, grid=[0.2])), "--output", str(out))
+    rounds = 10  # enough that the trial is still running when the second signal comes
+    proc = _cli("tune", "--config", str(_search_file(tmp_path, rounds=rounds, grid=[0.2])), "--output", str(out))
     _wait_for(proc, lambda: any(_rounds_done(d) >= 2 for d in out.glob("trials/*")), "a trial's round 2")
     baseline_summary = (out / "baseline" / "summary.json").stat().st_mtime_ns
     os.kill(proc.pid, signal.SIGTERM)  # kill, systemd, Kubernetes: the driver alone
@@ -274,7 +276,7 @@ def test_sigterm_during_the_trials_stops_them_a_second_one_at_once_and_resume_fi
     assert (out / "baseline" / "summary.json").stat().st_mtime_ns == baseline_summary
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     assert sorted(r["status"] for r in rows) == ["completed"] * 2
-    assert all([h.round for h in read_history(out / "trials" / r["trial_id"])] == [1, 2, 3, 4]
+    assert all([h.round for h in read_history(out / "trials" / r["trial_id"])] == list(range(1, rounds + 1))
                for r in rows if not r["baseline"])
 
 
