@@ -334,6 +334,9 @@ def render_search_budget() -> str:
     means = [[algorithm, *(_pct(by_budget[b]) for b in budgets)]
              for algorithm, by_budget in data["mean_saving_chosen"].items()]
     text += "\n\nMean over the searcher seeds:\n\n" + _table(["search", *(f"at {b}" for b in budgets)], means)
+    if data.get("missing"):
+        text += (f"\n\n**Partial**: {len(data['missing'])} of the benchmark's searches have not run yet "
+                 f"({', '.join(data['missing'])}); the means are over the searches above.")
     text += ("\n\nThe saving chosen against compute, every search: "
              "[`docs/results/search_budget.png`](docs/results/search_budget.png).")
     return text

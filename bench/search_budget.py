@@ -19,7 +19,10 @@ curve's value, its total-bytes saving — 0 when the search could choose no feas
     nice -n 10 python3 bench/search_budget.py --quick   # digits, 3 rounds, one seed: a smoke test
 
 Rerunning the same command continues: finished searches are reused, an interrupted one is
-resumed (``apf-ray tune --resume``), the rest run. Needs Debian's ``dataset-fashion-mnist``
+resumed (``apf-ray tune --resume``), the rest run. Each finished search leaves a record (its curve and
+counts) in ``docs/results/search_budget/``, and the shared baseline its history there: they are
+committed as they come, so the benchmark (~15 h on 2 cores, more than one sitting) continues on a
+fresh checkout from them without its ``runs/`` folder. Needs Debian's ``dataset-fashion-mnist``
 (not ``--quick``). Long: 10 searches × 8 runs of 300 rounds; each search shows its trials as they
 run, as ``apf-ray tune`` does (a live table, or a line per finished trial in a log).
 """
@@ -27,18 +30,20 @@ run, as ``apf-ray tune`` does (a live table, or a line per finished trial in a l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from provenance import RESULTS, code, command, machine, now
+from provenance import RESULTS, code, command, machine
 
 from apf_ray.config import ConfigError, ExperimentConfig, build_config, read_yaml_mapping
 from apf_ray.errors import SetupError, Stopped
-from apf_ray.metrics import read_history
+from apf_ray.metrics import read_history, write_json
 from apf_ray.resume import config_changes
 from apf_ray.search_objective import finished_within, read_ledgers
 from apf_ray.tuning import TuneSpec, accuracy_key, baseline_config, choose_best
@@ -64,11 +69,12 @@ four saved more than ~55% within 0.5 points (two searches of the earlier space);
 freezes stable scalars for most of the run sooner."""
 SCALES = {
     "paper": {"config": "configs/fashion-mnist-lenet5.yaml", "overrides": {}, "output": "runs/search-budget",
-              "json": RESULTS / "search_budget.json"},
+              "json": RESULTS / "search_budget.json", "records": RESULTS / "search_budget"},
     "quick": {"config": "configs/digits-lenet5.yaml",
               "overrides": {"train.rounds": 3, "data.num_clients": 6, "train.clients_per_round": 3,
                             "train.local_steps": 3},
-              "output": "runs/search-budget-quick", "json": RESULTS / "search_budget_quick.json"},
+              "output": "runs/search-budget-quick", "json": RESULTS / "search_budget_quick.json",
+              "records": None},  # None: beside the searches, in <output>/records (a smoke test commits none)
 }
 POPULATION = 6
 """PBT's population: it trains every member to the end, so 6 runs + the baseline fit in 8."""
@@ -118,9 +124,7 @@ def run_one(algorithm: str, seed: int, base: ExperimentConfig, output: Path, sha
     spec = search_spec(algorithm, seed, base.train.rounds)
     if (output / "search.json").is_file():
         stored_spec, stored_base = read_search_record(output)  # both filled in by this version's models
-        spec_changes = _differences(stored_spec.model_dump(mode="json"), spec.model_dump(mode="json"))
-        base_changes = [f"base.{field}" for field, _, _ in config_changes(stored_base.to_dict(), base)]
-        refuse_another(output / "search.json", [f"spec.{f}" for f in spec_changes] + base_changes)
+        refuse_another(output / "search.json", differences(stored_spec, stored_base.to_dict(), spec, base))
         if (output / "summary.json").is_file():
             return "reused"
         resume_search(output)
@@ -132,6 +136,15 @@ def run_one(algorithm: str, seed: int, base: ExperimentConfig, output: Path, sha
         shutil.copytree(shared_baseline, output / "baseline")
     run_search(spec, base, output)  # its live table, or a line per finished trial in a log
     return "ran"
+
+
+def differences(stored_spec: TuneSpec, stored_base: dict[str, Any], spec: TuneSpec,
+                base: ExperimentConfig) -> list[str]:
+    """Where a stored search (its spec, and its workload as a mapping) differs from this benchmark's:
+    ``spec.<field>`` or ``base.<field>``, after both are filled in by this version's models."""
+    spec_changes = _differences(stored_spec.model_dump(mode="json"), spec.model_dump(mode="json"))
+    return ([f"spec.{field}" for field in spec_changes]
+            + [f"base.{field}" for field, _, _ in config_changes(stored_base, base)])
 
 
 def _differences(old: Any, new: Any, where: str = "") -> list[str]:
@@ -147,6 +160,47 @@ def refuse_another(path: Path, differing: list[str]) -> None:
     if differing:
         raise SetupError(f"{path} holds another benchmark's search or baseline ({differing[0]} differs): "
                          "give --output a new folder, or move that one away")
+
+
+RECORD_KEYS = ("started", "finished", "run_equivalents", "trials", "statuses", "search_time_s", "at", "curve")
+"""What a search's record keeps of it: everything the result file and the plot are drawn from."""
+
+
+def when_it_ran(summary: Path, seconds: float) -> dict[str, str]:
+    """A finished search's start and end (UTC, ISO 8601): its summary's time of writing, less its wall time."""
+    ended = datetime.fromtimestamp(summary.stat().st_mtime, UTC)
+    return {"started": (ended - timedelta(seconds=seconds)).isoformat(timespec="seconds"),
+            "finished": ended.isoformat(timespec="seconds")}
+
+
+def write_record(path: Path, spec: TuneSpec, base: ExperimentConfig, search: dict[str, Any]) -> None:
+    """Keep a finished search's curve and counts (a few kB) with what it was and where it ran."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"spec": spec.model_dump(mode="json"), "base": base.to_dict(), "code": code(),
+                      "machine": machine(), "search": {k: search[k] for k in RECORD_KEYS}})
+
+
+def read_record(path: Path, spec: TuneSpec, base: ExperimentConfig) -> dict[str, Any]:
+    """A finished search's record: SetupError if it is damaged, or holds another spec or workload
+    (an earlier version of this benchmark), never read as this one's."""
+    try:
+        record = json.loads(path.read_text())
+        stored_spec, stored_base = TuneSpec.model_validate(record["spec"]), record["base"]
+        search = {k: record["search"][k] for k in RECORD_KEYS}
+    except (ValueError, KeyError, TypeError) as err:  # pydantic's ValidationError is a ValueError
+        raise SetupError(f"{path} is not a record of this benchmark ({type(err).__name__}): move it away "
+                         "to run that search again") from None
+    refuse_another(path, differences(stored_spec, stored_base, spec, base))
+    return search
+
+
+def keep_baseline(run_dir: Path, kept: Path) -> None:
+    """The baseline's history and tables (about 1 MB for 300 rounds), without its checkpoints: a search
+    only reads a finished baseline's history."""
+    tmp = kept.with_name(f".{kept.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a copy an earlier stop left half-made: ours (the dot name)
+    shutil.copytree(run_dir, tmp, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", "client_state"))
+    tmp.replace(kept)
 
 
 def anytime(output: Path, rounds: int, budgets: list[float]) -> list[dict[str, Any]]:
@@ -209,6 +263,14 @@ def main() -> None:
         sys.exit(2)
 
 
+def check_data(base: ExperimentConfig) -> None:
+    """SetupError unless the workload's data set is installed (asked only when a search must train)."""
+    data_path = base.data.options.get("path")
+    if data_path and not Path(data_path).is_dir():
+        raise SetupError(f"{base.data.dataset} is not at {data_path}: apt-get install dataset-fashion-mnist "
+                         "(or run --quick)")
+
+
 def benchmark() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits, 3 rounds: a smoke test of the whole pipeline")
@@ -217,55 +279,83 @@ def benchmark() -> None:
                                        "the plot goes beside it (.png)")
     parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
     parser.add_argument("--seeds", nargs="+", type=int, help="searcher seeds (default 0 1; --quick: 0)")
+    parser.add_argument("--recorded-only", action="store_true",
+                        help="run nothing: write the result from the searches recorded so far (a partial "
+                             "benchmark's result names the searches still missing)")
+    parser.add_argument("--records", help="finished searches' records and the shared baseline's history "
+                                          "(default docs/results/search_budget/; --quick: <output>/records)")
     args = parser.parse_args()
     scale = "quick" if args.quick else "paper"
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     setting = SCALES[scale]
     base = workload(scale)
-    data_path = base.data.options.get("path")
-    if data_path and not Path(data_path).is_dir():
-        raise SetupError(f"{base.data.dataset} is not at {data_path}: apt-get install dataset-fashion-mnist "
-                         "(or run --quick)")
     output = Path(args.output or REPO / setting["output"])
+    records = Path(args.records or setting["records"] or output / "records")
     result_path = Path(args.json or setting["json"])
-    from actors.backend import ray_session
-
     output.mkdir(parents=True, exist_ok=True)
     shared_baseline = output / "shared-baseline"
+    if not shared_baseline.exists() and (records / "baseline" / "summary.json").is_file():
+        shutil.copytree(records / "baseline", shared_baseline)  # a fresh checkout: trained in an earlier sitting
     rounds = base.train.rounds
     budgets = [b / 4 for b in range(4, int(4 * BUDGET) + 1)]
-    searches = []
-    started = now()
-    with ray_session(base):  # one local cluster for every search
-        for algorithm in args.algorithms:
-            for seed in seeds:
-                folder = output / f"{algorithm}-seed{seed}"
+    searches: list[dict[str, Any]] = []
+    missing: list[str] = []  # not recorded yet (--recorded-only)
+    with contextlib.ExitStack() as cluster:  # one local cluster for every search, started when one must run
+        ray_started = False
+        for seed in seeds:  # every algorithm's first seed before any second: a comparison from the first sittings
+            for algorithm in args.algorithms:
+                name, folder = f"{algorithm}-seed{seed}", output / f"{algorithm}-seed{seed}"
+                record = records / f"{name}.json"
+                if record.is_file():
+                    search = read_record(record, search_spec(algorithm, seed, rounds), base)
+                    print(f"{algorithm}, searcher seed {seed}: reused from {record}", flush=True)
+                    searches.append({"algorithm": algorithm, "seed": seed, "how": "reused", **search})
+                    continue
+                if args.recorded_only:
+                    missing.append(name)
+                    continue
+                if not ray_started:
+                    check_data(base)
+                    from actors.backend import ray_session
+
+                    cluster.enter_context(ray_session(base))
+                    ray_started = True
                 print(f"{algorithm}, searcher seed {seed}: {folder}", flush=True)
                 clock = time.perf_counter()
                 how = run_one(algorithm, seed, base, folder, shared_baseline)
                 if not shared_baseline.exists() and read_history(folder / "baseline"):
                     shutil.copytree(folder / "baseline", shared_baseline)
+                if not (records / "baseline").exists():
+                    records.mkdir(parents=True, exist_ok=True)
+                    keep_baseline(shared_baseline, records / "baseline")
                 summary = json.loads((folder / "summary.json").read_text())
                 curve = anytime(folder, rounds, budgets)
-                at = {f"{b:g}": next(p for p in curve if p["run_equivalents"] == b) for b in READ_AT}
+                search = {**when_it_ran(folder / "summary.json", summary["search_time_s"]),
+                          "run_equivalents": summary["run_equivalents"], "trials": summary["trials"],
+                          "statuses": summary["statuses"], "search_time_s": summary["search_time_s"],
+                          "at": {f"{b:g}": next(p for p in curve if p["run_equivalents"] == b) for b in READ_AT},
+                          "curve": curve}
+                write_record(record, search_spec(algorithm, seed, rounds), base, search)
                 print(f"  {how} in {time.perf_counter() - clock:.0f} s: {summary['run_equivalents']:.2f} "
                       f"run-equivalents, {summary['trials']} trials; saving chosen at "
-                      + ", ".join(f"{b}: {p['saving']:.1%}" for b, p in at.items()), flush=True)
-                searches.append({"algorithm": algorithm, "seed": seed, "folder": str(folder), "how": how,
-                                 "run_equivalents": summary["run_equivalents"], "trials": summary["trials"],
-                                 "statuses": summary["statuses"], "search_time_s": summary["search_time_s"],
-                                 "at": at, "curve": curve})
+                      + ", ".join(f"{b}: {p['saving']:.1%}" for b, p in search["at"].items())
+                      + f"; recorded in {record}", flush=True)
+                searches.append({"algorithm": algorithm, "seed": seed, "how": how, **search})
+    if not searches:
+        raise SetupError(f"no search of this benchmark is recorded in {records} yet: run it without --recorded-only")
+    searches.sort(key=lambda s: (ALGORITHMS.index(s["algorithm"]), s["seed"]))
     means = {a: {b: sum(s["at"][b]["saving"] for s in searches if s["algorithm"] == a)
                  / max(1, sum(s["algorithm"] == a for s in searches)) for b in searches[0]["at"]}
-             for a in args.algorithms}
+             for a in args.algorithms if any(s["algorithm"] == a for s in searches)}
     result = {
         "what": "saving of total bytes (uplink + downlink) of the setting each search would choose after "
                 f"b run-equivalents, within {100 * MAX_DROP:g} points of FedAvg (means of the last {LAST_N} "
                 f"rounds); budget {BUDGET:g} run-equivalents including the baseline"
                 + (" -- QUICK SMOKE SCALE (digits, 3 rounds), not the benchmark" if args.quick else ""),
         "scale": scale, "workload": base.to_dict(), "search_space": SPACE, "command": command(), "code": code(),
-        "machine": machine(), "started": started, "finished": now(), "mean_saving_chosen": means,
-        "searches": searches,
+        "machine": machine(), "started": min(s["started"] for s in searches),
+        "finished": max(s["finished"] for s in searches), "mean_saving_chosen": means,
+        "searches": searches, "missing": missing,
     }
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1) + "\n")

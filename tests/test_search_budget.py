@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 
+from apf_ray.metrics import read_history
 from apf_ray.search_objective import (
     INFEASIBLE,
     constrained_score,
@@ -226,13 +227,25 @@ def test_the_benchmark_refuses_a_stored_search_or_baseline_of_another_space_or_w
     with pytest.raises(SetupError, match=r"shared-baseline/config\.yaml .*\(train\.local_steps differs\)"):
         bench.run_one("random", 0, base, tmp_path / "random-seed1", shared)
     assert not (tmp_path / "random-seed1").exists()  # nothing copied, nothing run
+    record = tmp_path / "records" / "random-seed0.json"
+    bench.write_record(record, bench.TuneSpec.model_validate(older), base, {k: 0 for k in bench.RECORD_KEYS})
+    with pytest.raises(SetupError, match=r"random-seed0\.json holds another benchmark's search or baseline "
+                                         r"\(spec\.search_space\.strategy\.options\.period_policy differs\)"):
+        bench.read_record(record, bench.search_spec("random", 0, base.train.rounds), base)
+    record.write_text('{"spec": {}}')
+    with pytest.raises(SetupError, match=r"random-seed0\.json is not a record of this benchmark \("):
+        bench.read_record(record, bench.search_spec("random", 0, base.train.rounds), base)
 
 
 @pytest.mark.timeout(1200)
 def test_the_budget_benchmark_reads_a_search_as_an_anytime_curve_and_a_rerun_reuses_it(tmp_path):
-    argv = [sys.executable, "bench/search_budget.py", "--quick", "--algorithms", "tpe", "--seeds", "0",
-            "--output", str(tmp_path / "runs"), "--json", str(tmp_path / "result.json")]
-    first = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
+    def argv(runs: str) -> list[str]:
+        return [sys.executable, "bench/search_budget.py", "--quick", "--algorithms", "tpe", "--seeds", "0",
+                "--output", str(tmp_path / runs), "--json", str(tmp_path / "result.json"),
+                "--records", str(tmp_path / "records")]
+
+
+    first = subprocess.run(argv("runs"), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     (search,) = result["searches"]
@@ -246,7 +259,18 @@ def test_the_budget_benchmark_reads_a_search_as_an_anytime_curve_and_a_rerun_reu
     assert len(savings) == 29  # every quarter from 1 to 8
     ledgers = sorted((tmp_path / "runs" / "tpe-seed0" / "compute").iterdir())
     before = [p.read_text() for p in ledgers]
-    again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    record = json.loads((tmp_path / "records" / "tpe-seed0.json").read_text())
+    assert record["search"]["curve"] == search["curve"] and record["spec"]["name"] == "tpe-seed0"
+    assert not (tmp_path / "records" / "baseline" / "checkpoints").exists()
+    assert len(read_history(tmp_path / "records" / "baseline")) == 3  # the shared baseline's history, kept
+    again = subprocess.run(argv("runs"), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "result.json").read_text())["searches"][0]["how"] == "reused"
     assert [p.read_text() for p in ledgers] == before  # nothing trained again
+    # a fresh checkout: no runs folder, only the committed records -- the search is not run again
+    fresh = subprocess.run(argv("fresh-runs"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    again_result = json.loads((tmp_path / "result.json").read_text())
+    assert again_result["searches"][0]["how"] == "reused" and again_result["searches"][0]["curve"] == search["curve"]
+    assert not (tmp_path / "fresh-runs" / "tpe-seed0").exists()
+    assert len(read_history(tmp_path / "fresh-runs" / "shared-baseline")) == 3  # for the searches still to run
