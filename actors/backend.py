@@ -67,22 +67,24 @@ variable from the environment of its nodes.
 
 
 @contextlib.contextmanager
-def local_cluster_env(cfg: ExperimentConfig) -> Iterator[None]:
-    """The environment a local cluster starts in: loopback only, no metrics exporter, unless asked.
+def local_cluster_env(cfg: ExperimentConfig, *, verbose: bool = False) -> Iterator[None]:
+    """The environment a local cluster starts in: loopback only, no metrics exporter, unless asked,
+    and no process it does not use (:func:`ray_private.lean_local_node`; the workers' output is
+    forwarded only when ``verbose``).
 
     Ray binds every server (GCS, raylets, workers, agents, dashboard) to 127.0.0.1 only in its
     single-machine mode: node IP 127.0.0.1, chosen by ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
     (``_node_ip_address="127.0.0.1"`` alone is rewritten to the machine's address). Ray reads
     that variable once, at import, into a private constant, which is set here for the start and
-    restored after it, like the variables (:func:`ray_private.cluster_mode`). ``RAY_enable_metrics_collection=0``
-    removes the dashboard agent's unauthenticated Prometheus exporter; the fixed metrics ports become free
-    ones, so several clusters on one machine do not collide (so does the dashboard agent's HTTP port:
-    :func:`ray_private.agent_on_a_free_port`). ``RAY_max_direct_call_object_size``
+    restored after it, like the variables (:func:`ray_private.cluster_mode`).
+    ``RAY_enable_metrics_collection=0`` removes the dashboard agent's unauthenticated Prometheus
+    exporter; the fixed metrics port becomes a free one, so several clusters on one machine do not
+    collide (so does the dashboard agent's HTTP port). ``RAY_max_direct_call_object_size``
     (:data:`INLINE_RESULT_BYTES`) lets a client's result up to that size travel inside the reply
     to the server instead of through the object store. The cluster's processes inherit this
     environment when they start; later ones are started by them.
     """
-    env = {"AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0", "RAY_USAGE_STATS_ENABLED": "0",
+    env = {"DASHBOARD_METRIC_PORT": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_max_direct_call_object_size": str(INLINE_RESULT_BYTES)}
     if not cfg.cluster.metrics_export:
         env["RAY_enable_metrics_collection"] = "0"
@@ -91,7 +93,7 @@ def local_cluster_env(cfg: ExperimentConfig) -> Iterator[None]:
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
-        with ray_private.cluster_mode(cfg.cluster.expose), ray_private.agent_on_a_free_port():
+        with ray_private.cluster_mode(cfg.cluster.expose), ray_private.lean_local_node(forward_worker_output=verbose):
             yield
     finally:
         for key, value in saved.items():
@@ -344,7 +346,7 @@ def ray_session(cfg: ExperimentConfig, address: str | None = None, verbose: bool
         else:
             check_local_fit(cfg)
             enable_token_auth()  # explicit: auth stays on, and Ray prints no warning about it
-            with local_cluster_env(cfg):
+            with local_cluster_env(cfg, verbose=verbose):
                 ray.init(
                     address="local",  # a new cluster, never one a `ray start` left registered on this machine
                     object_store_memory=cfg.cluster.object_store_mb * 2**20,

@@ -99,23 +99,33 @@ def cluster_mode(enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def agent_on_a_free_port() -> Iterator[None]:
-    """A local node started in the ``with`` block runs its dashboard agent's HTTP server on a free
-    port instead of Ray's fixed 52365. ``ray.init`` has no option for it (``ray start`` has
-    ``--dashboard-agent-listen-port``), and a node whose agent finds 52365 taken (another cluster
-    on this machine: a second command, a test's own cluster) retries for ~3.5 s before the node
-    is up, then runs without it. ``ray.init`` builds its node's parameters from
-    ``ray._private.parameter.RayParams`` (looked up when called), which this swaps, for the block,
-    for a subclass whose port default is 0: any free port (the agent reports the one it bound)."""
+def lean_local_node(*, forward_worker_output: bool) -> Iterator[None]:
+    """A local node started in the ``with`` block runs what a private cluster of fixed nodes uses,
+    no more. ``ray.init`` has no options for these (``ray start`` has flags for some); it builds its
+    node's parameters from ``ray._private.parameter.RayParams`` (looked up when called), which this
+    swaps, for the block, for a subclass with other defaults (an explicit argument still wins):
+
+    - ``dashboard_agent_listen_port=0``: the agent's HTTP server on a free port, not Ray's fixed
+      52365; a node whose agent finds it taken (another cluster on this machine: a second command,
+      a test's own cluster) retries for ~3.5 s before the node is up, then runs without it.
+    - ``no_monitor=True``: no autoscaler monitor process; nothing autoscales a local cluster.
+    - ``include_log_monitor=forward_worker_output``: the process that tails the workers' log files
+      is what forwards their output to the driver (``log_to_driver``); without that, no one reads it.
+
+    The two processes left out cost ~0.8 s of CPU per start and ~1 s of every stop, which waits
+    for them to exit (measured, ``tests/test_ray_private.py``): a test suite starts hundreds.
+    """
     parameter = private_module("ray._private.parameter")
     params = private_attr(parameter, "RayParams", "ray._private.parameter")
 
-    class FreeAgentPort(params):
+    class LeanLocalNode(params):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("dashboard_agent_listen_port", 0)
+            kwargs.setdefault("no_monitor", True)
+            kwargs.setdefault("include_log_monitor", forward_worker_output)
             super().__init__(*args, **kwargs)
 
-    parameter.RayParams = FreeAgentPort
+    parameter.RayParams = LeanLocalNode
     try:
         yield
     finally:

@@ -77,11 +77,12 @@ def test_every_wrapper_works_against_the_installed_ray():
     assert cfg["cluster_name"] == "t" and "head_node_type" in cfg
 
 
-AGENT_PORT_PROBE = """
-import json, os, socket, sys
+LOCAL_NODE_PROBE = """
+import json, os, socket, sys, time
 from actors.backend import enable_token_auth, local_cluster_env
 from apf_ray.config import ExperimentConfig
 import ray
+verbose = sys.argv[1] == "1"
 holder = socket.socket()
 try:
     holder.bind(("127.0.0.1", 52365))  # Ray's fixed agent port, taken as another cluster would hold it
@@ -89,26 +90,42 @@ try:
 except OSError:
     pass  # taken already
 enable_token_auth()
-with local_cluster_env(ExperimentConfig()):
-    context = ray.init(address="local", include_dashboard=False, num_cpus=1, log_to_driver=False)
+with local_cluster_env(ExperimentConfig(), verbose=verbose):
+    context = ray.init(address="local", include_dashboard=False, num_cpus=1, log_to_driver=verbose)
+
+
+@ray.remote
+def hello():
+    print("hello from a worker", flush=True)
+
+
+ray.get(hello.remote(), timeout=60)
+time.sleep(2)  # a log monitor would forward the line within this (it polls the workers' files)
+logs = os.path.join(context.address_info["session_dir"], "logs")
 port = ray.nodes()[0]["DashboardAgentListenPort"]
-log = open(os.path.join(context.address_info["session_dir"], "logs", "dashboard_agent.log")).read()
+agent_log = open(os.path.join(logs, "dashboard_agent.log")).read()
 ray.shutdown()
-print(json.dumps({"port": port, "bind_failures": log.count("Failed to bind")}))
+print(json.dumps({"port": port, "bind_failures": agent_log.count("Failed to bind"), "logs": sorted(os.listdir(logs))}))
 """
 
 
-def test_a_local_cluster_runs_its_dashboard_agent_on_a_free_port_when_rays_fixed_one_is_taken():
-    # (the fixed port costs ~3.5 s of retries per start whenever another cluster runs on the machine)
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_a_local_cluster_starts_only_the_processes_it_uses_and_its_agent_on_a_free_port(verbose):
+    # (the fixed port costs ~3.5 s of retries per start whenever another cluster runs on the machine;
+    # the monitors ~0.8 s of CPU per start and ~1 s of every stop)
     parameter = ray_private.private_module("ray._private.parameter")
     params = parameter.RayParams
-    with ray_private.agent_on_a_free_port():
-        assert parameter.RayParams().dashboard_agent_listen_port == 0
-        assert parameter.RayParams(dashboard_agent_listen_port=7).dashboard_agent_listen_port == 7
+    with ray_private.lean_local_node(forward_worker_output=verbose):
+        made = parameter.RayParams()
+        assert (made.dashboard_agent_listen_port, made.no_monitor, made.include_log_monitor) == (0, True, verbose)
+        assert parameter.RayParams(dashboard_agent_listen_port=7, no_monitor=False).no_monitor is False
     assert parameter.RayParams is params
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    probe = subprocess.run([sys.executable, "-c", AGENT_PORT_PROBE], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=180)
+    probe = subprocess.run([sys.executable, "-c", LOCAL_NODE_PROBE, str(int(verbose))], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=180)
     assert probe.returncode == 0, probe.stderr[-3000:]
     seen = json.loads(probe.stdout.strip().splitlines()[-1])
     assert seen["port"] not in (0, 52365) and seen["bind_failures"] == 0, seen
+    assert "monitor.log" not in seen["logs"] and "raylet.out" in seen["logs"]  # no autoscaler monitor
+    assert ("log_monitor.log" in seen["logs"]) == verbose  # the workers' output is read only to be shown
+    assert ("hello from a worker" in probe.stdout) == verbose
