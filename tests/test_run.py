@@ -141,6 +141,17 @@ PINNED_BY_PLATFORM = {
             "bytes_up": [2468950, 1486030, 1978550, 1590590], "bytes_down": [2468550, 2381808, 2000031, 2174363],
             "correct": [39, 69, 96, 66], "frozen": [24573, 12260, 21959, 22613]},
     },
+    "AuthenticAMD/AVX512": {  # an AMD EPYC, 2026-12-07 (APF's numbers equal the Intel Xeon's; FedAvg's do not)
+        "strategy.name=fedavg": {
+            "bytes_up": [2468950, 2468950, 2468950, 2468950], "bytes_down": [2468550, 2304528, 2298503, 2345479],
+            "correct": [39, 59, 117, 114], "frozen": [0, 0, 0, 0]},
+        "strategy.name=apf": {
+            "bytes_up": [2468950, 2118390, 2315990, 2045790], "bytes_down": [2468550, 2381808, 2335031, 2316983],
+            "correct": [39, 59, 106, 66], "frozen": [8764, 3824, 10579, 11762]},
+        "strategy.options.aggressive_prob=0.3": {
+            "bytes_up": [2468950, 1486030, 1978630, 1582310], "bytes_down": [2468550, 2381808, 2000031, 2173659],
+            "correct": [39, 69, 120, 95], "frozen": [24573, 12258, 22166, 22628]},
+    },
 }
 VARIANTS = list(PINNED_BY_PLATFORM["GenuineIntel"])
 
