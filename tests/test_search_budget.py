@@ -274,3 +274,11 @@ def test_the_budget_benchmark_reads_a_search_as_an_anytime_curve_and_a_rerun_reu
     assert again_result["searches"][0]["how"] == "reused" and again_result["searches"][0]["curve"] == search["curve"]
     assert not (tmp_path / "fresh-runs" / "tpe-seed0").exists()
     assert len(read_history(tmp_path / "fresh-runs" / "shared-baseline")) == 3  # for the searches still to run
+    # a partial result from the records alone: it names what has not run, and runs nothing
+    partial = subprocess.run([*argv("fresh-runs"), "--recorded-only", "--algorithms", "random", "tpe"], cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    partial_result = json.loads((tmp_path / "result.json").read_text())
+    assert partial_result["missing"] == ["random-seed0"]
+    assert [s["algorithm"] for s in partial_result["searches"]] == ["tpe"]
+    assert not (tmp_path / "fresh-runs" / "random-seed0").exists()
