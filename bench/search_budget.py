@@ -361,7 +361,8 @@ def benchmark() -> None:
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     plot(searches, result_path.with_suffix(".png"),
          f"saving chosen against compute ({base.data.dataset}, LeNet-5, {rounds} rounds"
-         + (", quick smoke scale)" if args.quick else ")"))
+         + (", quick smoke scale" if args.quick else "")
+         + (f"; partial: {len(searches)} of {len(searches) + len(missing)} searches)" if missing else ")"))
     print(f"wrote {result_path} and {result_path.with_suffix('.png')}")
 
 
