@@ -263,6 +263,33 @@ def main() -> None:
         sys.exit(2)
 
 
+def run_and_record(algorithm: str, seed: int, base: ExperimentConfig, folder: Path, shared_baseline: Path,
+                   records: Path) -> tuple[str, dict[str, Any]]:
+    """Run, resume or reuse one search (:func:`run_one`), then keep its record and, after the first,
+    the shared baseline's history in ``records``; says how it got there, and what it recorded."""
+    rounds = base.train.rounds
+    clock = time.perf_counter()
+    how = run_one(algorithm, seed, base, folder, shared_baseline)
+    if not shared_baseline.exists() and read_history(folder / "baseline"):
+        shutil.copytree(folder / "baseline", shared_baseline)
+    if not (records / "baseline").exists():
+        records.mkdir(parents=True, exist_ok=True)
+        keep_baseline(shared_baseline, records / "baseline")
+    summary = json.loads((folder / "summary.json").read_text())
+    curve = anytime(folder, rounds, [b / 4 for b in range(4, int(4 * BUDGET) + 1)])  # every quarter
+    search = {**when_it_ran(folder / "summary.json", summary["search_time_s"]),
+              "run_equivalents": summary["run_equivalents"], "trials": summary["trials"],
+              "statuses": summary["statuses"], "search_time_s": summary["search_time_s"],
+              "at": {f"{b:g}": next(p for p in curve if p["run_equivalents"] == b) for b in READ_AT}, "curve": curve}
+    record = records / f"{algorithm}-seed{seed}.json"
+    write_record(record, search_spec(algorithm, seed, rounds), base, search)
+    print(f"  {how} in {time.perf_counter() - clock:.0f} s: {summary['run_equivalents']:.2f} run-equivalents, "
+          f"{summary['trials']} trials; saving chosen at "
+          + ", ".join(f"{b}: {p['saving']:.1%}" for b, p in search["at"].items()) + f"; recorded in {record}",
+          flush=True)
+    return how, search
+
+
 def check_data(base: ExperimentConfig) -> None:
     """SetupError unless the workload's data set is installed (asked only when a search must train)."""
     data_path = base.data.options.get("path")
@@ -297,7 +324,6 @@ def benchmark() -> None:
     if not shared_baseline.exists() and (records / "baseline" / "summary.json").is_file():
         shutil.copytree(records / "baseline", shared_baseline)  # a fresh checkout: trained in an earlier sitting
     rounds = base.train.rounds
-    budgets = [b / 4 for b in range(4, int(4 * BUDGET) + 1)]
     searches: list[dict[str, Any]] = []
     missing: list[str] = []  # not recorded yet (--recorded-only)
     with contextlib.ExitStack() as cluster:  # one local cluster for every search, started when one must run
@@ -321,32 +347,13 @@ def benchmark() -> None:
                     cluster.enter_context(ray_session(base))
                     ray_started = True
                 print(f"{algorithm}, searcher seed {seed}: {folder}", flush=True)
-                clock = time.perf_counter()
-                how = run_one(algorithm, seed, base, folder, shared_baseline)
-                if not shared_baseline.exists() and read_history(folder / "baseline"):
-                    shutil.copytree(folder / "baseline", shared_baseline)
-                if not (records / "baseline").exists():
-                    records.mkdir(parents=True, exist_ok=True)
-                    keep_baseline(shared_baseline, records / "baseline")
-                summary = json.loads((folder / "summary.json").read_text())
-                curve = anytime(folder, rounds, budgets)
-                search = {**when_it_ran(folder / "summary.json", summary["search_time_s"]),
-                          "run_equivalents": summary["run_equivalents"], "trials": summary["trials"],
-                          "statuses": summary["statuses"], "search_time_s": summary["search_time_s"],
-                          "at": {f"{b:g}": next(p for p in curve if p["run_equivalents"] == b) for b in READ_AT},
-                          "curve": curve}
-                write_record(record, search_spec(algorithm, seed, rounds), base, search)
-                print(f"  {how} in {time.perf_counter() - clock:.0f} s: {summary['run_equivalents']:.2f} "
-                      f"run-equivalents, {summary['trials']} trials; saving chosen at "
-                      + ", ".join(f"{b}: {p['saving']:.1%}" for b, p in search["at"].items())
-                      + f"; recorded in {record}", flush=True)
+                how, search = run_and_record(algorithm, seed, base, folder, shared_baseline, records)
                 searches.append({"algorithm": algorithm, "seed": seed, "how": how, **search})
     if not searches:
         raise SetupError(f"no search of this benchmark is recorded in {records} yet: run it without --recorded-only")
     searches.sort(key=lambda s: (ALGORITHMS.index(s["algorithm"]), s["seed"]))
-    means = {a: {b: sum(s["at"][b]["saving"] for s in searches if s["algorithm"] == a)
-                 / max(1, sum(s["algorithm"] == a for s in searches)) for b in searches[0]["at"]}
-             for a in args.algorithms if any(s["algorithm"] == a for s in searches)}
+    means = {a: {b: sum(s["at"][b]["saving"] for s in mine) / len(mine) for b in searches[0]["at"]}
+             for a in args.algorithms if (mine := [s for s in searches if s["algorithm"] == a])}
     result = {
         "what": "saving of total bytes (uplink + downlink) of the setting each search would choose after "
                 f"b run-equivalents, within {100 * MAX_DROP:g} points of FedAvg (means of the last {LAST_N} "
