@@ -21,8 +21,8 @@ curve's value, its total-bytes saving — 0 when the search could choose no feas
 Rerunning the same command continues: finished searches are reused, an interrupted one is
 resumed (``apf-ray tune --resume``), the rest run. Each finished search leaves a record (its curve and
 counts) in ``docs/results/search_budget/``, and the shared baseline its history there: they are
-committed as they come, so the benchmark (~4.5 h on an idle 2-core machine, much longer beside other work:
-~26 min a search at ~80 rounds a minute) continues over several sittings, and on a
+committed as they come, so the benchmark (~5 h on an idle 2-core machine, about half an hour a search,
+much longer beside other work) continues over several sittings, and on a
 fresh checkout from them without its ``runs/`` folder. Needs Debian's ``dataset-fashion-mnist``
 (not ``--quick``). Long: 10 searches × 8 runs of 300 rounds; each search shows its trials as they
 run, as ``apf-ray tune`` does (a live table, or a line per finished trial in a log).
