@@ -113,7 +113,8 @@ def lean_local_node(*, forward_worker_output: bool) -> Iterator[None]:
       is what forwards their output to the driver (``log_to_driver``); without that, no one reads it.
 
     The two processes left out cost ~0.8 s of CPU per start and ~1 s of every stop, which waits
-    for them to exit (measured, ``tests/test_ray_private.py``): a test suite starts hundreds.
+    for them to exit (measured by starting clusters alternately with and without them): a test
+    suite starts hundreds. ``tests/test_ray_private.py`` checks which processes a node starts.
     """
     parameter = private_module("ray._private.parameter")
     params = private_attr(parameter, "RayParams", "ray._private.parameter")

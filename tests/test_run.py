@@ -118,17 +118,20 @@ def test_topk_uploads_fewer_bytes_than_fedavg(tmp_path):
 # differs in the last bits, and from round 3 on the runs drift apart (a few test samples, a few dozen
 # frozen scalars). So the numbers are pinned per float platform (CPU vendor / torch's CPU capability,
 # :func:`float_platform`), each measured on such a machine; on another platform the test says so and skips.
+XEON_APF = {  # an Intel Xeon, 2026-11: APF's variants (an AMD EPYC with AVX512 gives the same)
+    "strategy.name=apf": {
+        "bytes_up": [2468950, 2118390, 2315990, 2045790], "bytes_down": [2468550, 2381808, 2335031, 2316983],
+        "correct": [39, 59, 106, 66], "frozen": [8764, 3824, 10579, 11762]},
+    "strategy.options.aggressive_prob=0.3": {
+        "bytes_up": [2468950, 1486030, 1978630, 1582310], "bytes_down": [2468550, 2381808, 2000031, 2173659],
+        "correct": [39, 69, 120, 95], "frozen": [24573, 12258, 22166, 22628]},
+}
 PINNED_BY_PLATFORM = {
     "GenuineIntel": {  # an Intel Xeon, 2026-11 (torch's CPU capability was not recorded)
         "strategy.name=fedavg": {
             "bytes_up": [2468950, 2468950, 2468950, 2468950], "bytes_down": [2468550, 2304528, 2298463, 2345447],
             "correct": [39, 59, 117, 115], "frozen": [0, 0, 0, 0]},
-        "strategy.name=apf": {
-            "bytes_up": [2468950, 2118390, 2315990, 2045790], "bytes_down": [2468550, 2381808, 2335031, 2316983],
-            "correct": [39, 59, 106, 66], "frozen": [8764, 3824, 10579, 11762]},
-        "strategy.options.aggressive_prob=0.3": {
-            "bytes_up": [2468950, 1486030, 1978630, 1582310], "bytes_down": [2468550, 2381808, 2000031, 2173659],
-            "correct": [39, 69, 120, 95], "frozen": [24573, 12258, 22166, 22628]},
+        **XEON_APF,
     },
     "AuthenticAMD/AVX2": {  # an AMD EPYC, 2026-12-07
         "strategy.name=fedavg": {
@@ -141,16 +144,11 @@ PINNED_BY_PLATFORM = {
             "bytes_up": [2468950, 1486030, 1978550, 1590590], "bytes_down": [2468550, 2381808, 2000031, 2174363],
             "correct": [39, 69, 96, 66], "frozen": [24573, 12260, 21959, 22613]},
     },
-    "AuthenticAMD/AVX512": {  # an AMD EPYC, 2026-12-07 (APF's numbers equal the Intel Xeon's; FedAvg's do not)
+    "AuthenticAMD/AVX512": {  # an AMD EPYC, 2026-12-07: APF's numbers are the Intel Xeon's, FedAvg's are not
         "strategy.name=fedavg": {
             "bytes_up": [2468950, 2468950, 2468950, 2468950], "bytes_down": [2468550, 2304528, 2298503, 2345479],
             "correct": [39, 59, 117, 114], "frozen": [0, 0, 0, 0]},
-        "strategy.name=apf": {
-            "bytes_up": [2468950, 2118390, 2315990, 2045790], "bytes_down": [2468550, 2381808, 2335031, 2316983],
-            "correct": [39, 59, 106, 66], "frozen": [8764, 3824, 10579, 11762]},
-        "strategy.options.aggressive_prob=0.3": {
-            "bytes_up": [2468950, 1486030, 1978630, 1582310], "bytes_down": [2468550, 2381808, 2000031, 2173659],
-            "correct": [39, 69, 120, 95], "frozen": [24573, 12258, 22166, 22628]},
+        **XEON_APF,
     },
 }
 VARIANTS = list(PINNED_BY_PLATFORM["GenuineIntel"])
