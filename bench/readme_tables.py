@@ -462,9 +462,14 @@ def render_scale() -> str:
                 f"{b['server_work_copies']:,.0f} → {a['server_work_copies']:,.0f}",
                 f"{max(bm['server_actor_peak_rss_mb']):,.0f} → {max(am['server_actor_peak_rss_mb']):,.0f}",
                 f"{bm['peak_total_rss_mb']:,.0f} → {am['peak_total_rss_mb']:,.0f}"])
-        text += (f"\n\nBefore → after: the same benchmark of the code before aggregation on the way in and the "
-                 f"client store (`{before['command']}`, {_link('scale_before')}, {before['code']}; on a "
-                 f"{_machine(before)}), median per round:\n\n"
+        if "versus" in before:  # bench/scale_versus.py: both versions in one run
+            how = (f"measured side by side in the same run (`{before['command']}`, {_link('scale_before')}): each "
+                   f"row by both versions in turn, each in a new process, alternating which went first; the code "
+                   f"before aggregation on the way in and the client store is {before['code']}")
+        else:
+            how = (f"the same benchmark of the code before aggregation on the way in and the client store "
+                   f"(`{before['command']}`, {_link('scale_before')}, {before['code']}; on a {_machine(before)})")
+        text += (f"\n\nBefore → after, {how}; median per round:\n\n"
                  + _table(["model", "uplink", "clients", "per round", "round s", "after / before",
                            "server work, model copies", "server actor peak MB", "peak RSS MB (all)"], compared))
         if after_only:

@@ -255,6 +255,16 @@ def parse_only(specs: list[str], parser: argparse.ArgumentParser) -> set[tuple]:
     return wanted
 
 
+def combinations(wanted: set[tuple] | None = None) -> list[tuple[str, int, int, str]]:
+    """The table's rows as ``(model, N, K, uplink)`` in its order, or only ``wanted`` (from :func:`parse_only`:
+    the table's own in its order, then any others)."""
+    combos = [(m, n, k, "apf") for m in MODELS for n in NUM_CLIENTS for k in PER_ROUND if k <= n]
+    combos += list(STATEFUL_ROWS)
+    if wanted is None:
+        return combos
+    return [c for c in combos if c in wanted] + sorted(wanted - set(combos))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds per run (round 1 is not in the medians)")
@@ -264,11 +274,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (round 1 is not measured)")
-    combos = [(m, n, k, "apf") for m in MODELS for n in NUM_CLIENTS for k in PER_ROUND if k <= n]
-    combos += list(STATEFUL_ROWS)
-    if args.only:
-        wanted = parse_only(args.only, parser)
-        combos = [c for c in combos if c in wanted] + sorted(wanted - set(combos))
+    combos = combinations(parse_only(args.only, parser) if args.only else None)
 
     started = time.perf_counter()
     rows: list[dict] = []

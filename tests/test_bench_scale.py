@@ -4,6 +4,7 @@ it measured -- each goal can fail."""
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,43 @@ def test_a_goal_whose_rows_did_not_run_is_not_reported(scale):
     skipped = {"model": "resnet18", "num_clients": 1000, "clients_per_round": 1000, "uplink": "apf",
                "skipped": "needs more memory"}
     assert [g["row"] for g in scale.goals([_row("lenet5", 1000, 10), skipped])] == []
+
+
+def _worktrees() -> str:
+    return subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.mark.slow  # two Ray clusters, one per version
+def test_side_by_side_runs_each_row_with_both_versions_and_leaves_no_worktree(tmp_path):
+    """A real comparison of this tree with itself (HEAD): both tables get the row, measured by each version's own
+    process, with the load of the one run; the temporary worktree is gone afterwards, and a rerun reuses
+    the rows it kept."""
+    worktrees = _worktrees()
+    before, after, work = tmp_path / "before.json", tmp_path / "after.json", tmp_path / "work"
+    cmd = [sys.executable, "bench/scale_versus.py", "--before", "HEAD", "--rounds", "2", "--only", "lenet5:100:10",
+           "--work", str(work), "--json-before", str(before), "--json", str(after)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _worktrees() == worktrees
+    tables = {side: json.loads(path.read_text()) for side, path in (("before", before), ("after", after))}
+    for side, table in tables.items():
+        (row,) = table["rows"]
+        assert (row["model"], row["num_clients"], row["clients_per_round"], row["rounds"]) == ("lenet5", 100, 10, 2)
+        assert row["median_wall_s"] > 0 and len(row["wall_s_per_round"]) == 2, side
+        assert table["versus"]["before"].startswith("commit ") and "mean_1min_during" in table["load_average"]
+    assert tables["before"]["load_average"] == tables["after"]["load_average"]
+    assert "median round, after / before:" in proc.stdout
+
+    kept = {p.relative_to(work): p.stat().st_mtime_ns for p in work.rglob("*.json")}
+    assert len(kept) == 2
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p.relative_to(work): p.stat().st_mtime_ns for p in work.rglob("*.json")} == kept  # nothing measured again
+
+
+def test_side_by_side_refuses_an_unknown_revision_in_one_line():
+    proc = subprocess.run([sys.executable, "bench/scale_versus.py", "--before", "no-such-rev"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--before no-such-rev: not a commit of" in proc.stderr and "Traceback" not in proc.stderr
