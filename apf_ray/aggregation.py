@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from apf_ray.masks import mask_index
+
 ROBUST_BLOCK = 1 << 20
 """Positions per block of the robust statistics: k clients × 1 Mi positions × 4 B of scratch."""
 
@@ -187,5 +189,5 @@ def _spread(compact: np.ndarray, mask: np.ndarray | None, union: np.ndarray | No
     if mask is None:  # every scalar: the union is every scalar too
         return compact
     dense = np.zeros(mask.size)
-    dense[mask] = compact
-    return dense if union is None else dense[union]
+    dense[mask_index(mask)] = compact
+    return dense if union is None else dense[mask_index(union)]

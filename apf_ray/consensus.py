@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from apf_ray.aggregation import coordinate_wise
 from apf_ray.config import DefenceConfig
+from apf_ray.masks import mask_index
 from apf_ray.strategies.base import DecodedUpload, same_sync_mask, union_mask
 
 CONSENSUS_ID = -1
@@ -43,7 +44,7 @@ class RobustConsensus:
         else:  # per-client plans synchronised different scalars: the statistic over their union
             mask = union_mask(used)
             dense = coordinate_wise([u.update for u in used], self.method, self.trim_fraction, mask)
-            values = dense if mask is None else dense[mask]
+            values = dense if mask is None else dense[mask_index(mask)]
         buffers = coordinate_wise([u.buffers for u in used], self.method, self.trim_fraction)
         samples = sum(u.num_samples for u in used)
         loss = float(sum(u.loss * u.num_samples for u in used) / samples)

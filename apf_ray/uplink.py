@@ -26,6 +26,7 @@ from apf_ray import wire
 from apf_ray.compression import Quantizer, Sparsifier, UplinkStage, stage_class, stage_spec
 from apf_ray.compression.quantize import Float32
 from apf_ray.errors import did_you_mean
+from apf_ray.masks import mask_index
 
 RESIDUAL = "residual"
 """Key of the error-feedback residual (float32, one per scalar) in a client's strategy state."""
@@ -120,26 +121,27 @@ class UplinkChain:
         ``weights`` are the global values (Gaia's reference); ``state`` is the client's
         strategy state, whose residual is read and replaced.
         """
-        synced = update if sync_mask is None else update[sync_mask]
+        index = None if sync_mask is None else mask_index(sync_mask)
+        synced = update if index is None else update[index]
         dtype = self.quantizer.name
         if self.sparsifier is None:
             return wire.encode_values(synced, dtype)
         residual = state.get(RESIDUAL)
         corrected = synced.astype(np.float32, copy=True)
         if residual is not None:
-            corrected += residual if sync_mask is None else residual[sync_mask]
+            corrected += residual if index is None else residual[index]
         if not np.all(np.isfinite(corrected)):
             raise ValueError("update + residual contains NaN or inf; refusing to compress it")
-        positions = self.sparsifier.select(corrected, weights if sync_mask is None else weights[sync_mask],
+        positions = self.sparsifier.select(corrected, weights if index is None else weights[index],
                                            round_index)
         buf = wire.encode_sparse(positions, corrected[positions], corrected.size, dtype)
         _, sent, _ = wire.decode_sparse(buf)
         corrected[positions] -= sent  # what the receiver did not get stays for later rounds
-        if sync_mask is None:
+        if index is None:
             state[RESIDUAL] = corrected
         else:
             full = np.zeros(update.size, np.float32) if residual is None else residual.copy()
-            full[sync_mask] = corrected
+            full[index] = corrected
             state[RESIDUAL] = full
         return buf
 

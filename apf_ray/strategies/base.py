@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict
 
 from apf_ray import wire
 from apf_ray.aggregation import Partial
+from apf_ray.masks import mask_index
 from apf_ray.plugins import resolve, subclass_of
 from apf_ray.records import RoundPlan
 from apf_ray.uplink import UplinkChain
@@ -96,7 +97,7 @@ class DecodedUpload:
         if self.values is None or self.sync_mask is None:
             return self.values
         dense = np.zeros(self.sync_mask.size, dtype=np.float32)
-        dense[self.sync_mask] = self.values
+        dense[mask_index(self.sync_mask)] = self.values
         return dense
 
 
@@ -247,7 +248,7 @@ class Strategy(ABC):
         if partial.sync_mask is None:
             return params + combined, new_buffers
         new_params = params.copy()
-        new_params[partial.sync_mask] += combined
+        new_params[mask_index(partial.sync_mask)] += combined
         return new_params, new_buffers
 
     def observe_uploads(self, uploads: list[DecodedUpload]) -> None:  # noqa: B027 - an optional hook
