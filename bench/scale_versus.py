@@ -45,8 +45,12 @@ def measure_row(tree: Path, row: str, rounds: int, out: Path) -> tuple[dict, boo
                           text=True) as proc:
         try:
             _, stderr = proc.communicate()
-        except KeyboardInterrupt:  # the terminal's Ctrl-C reached it too: let it stop its own Ray cluster
-            proc.wait(timeout=120)
+        except KeyboardInterrupt:  # let the row stop its own Ray cluster: a terminal's Ctrl-C reached it
+            try:                   # too; a signal sent to this process alone is passed on
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=120)
             raise
     if proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT):
         raise KeyboardInterrupt
@@ -72,7 +76,15 @@ def side_report(rows: list[dict], side: str, versus: dict, load: dict, started: 
             "rows": [{k: v for k, v in r.items() if k != "code"} for r in rows], "goals": goals(rows)}
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # Ctrl-C and SIGTERM stop it, however it was started (a shell's background job ignores SIGINT,
+    # and so would every row it starts); a handler, unlike an ignored signal, is not inherited.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", required=True, metavar="REV", help="the earlier commit (any git revision)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run (round 1 is not in the medians)")

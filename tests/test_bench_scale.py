@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,29 @@ def test_side_by_side_refuses_an_unknown_revision_in_one_line():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--before no-such-rev: not a commit of" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow  # starts a Ray cluster in the row it stops
+def test_side_by_side_stops_on_sigterm_with_its_row_even_started_with_sigint_ignored(tmp_path):
+    """Started as a shell's background job (SIGINT ignored, which its rows would inherit), a SIGTERM during
+    a row stops that row's process too, leaves no worktree, and says how to continue."""
+    worktrees = _worktrees()
+    proc = subprocess.Popen(
+        [sys.executable, "bench/scale_versus.py", "--before", "HEAD", "--rounds", "2", "--only", "lenet5:100:10",
+         "--work", str(tmp_path / "work"), "--json-before", str(tmp_path / "b.json"),
+         "--json", str(tmp_path / "a.json")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    line = ""
+    while not line.endswith(" ...\n"):  # "  before ..." or "  after ...": a row's process is starting
+        line = proc.stdout.readline()
+        assert line, "the comparison ended before starting a row"
+    time.sleep(2)
+    rows = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("stopped; rerun the same command to continue")
+    assert rows and not any(Path(f"/proc/{pid}").exists() for pid in rows)
+    assert _worktrees() == worktrees
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
