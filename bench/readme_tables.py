@@ -330,7 +330,8 @@ def render_search_budget() -> str:
             f"{data['finished'][:16].replace('T', ' ')} "
             f"UTC) on a {_machine(data)}. {data['what'][0].upper()}{data['what'][1:]}:\n\n")
     text += _table(["search", "seed", *(f"saving chosen at {b}" for b in budgets), "run-equivalents spent",
-                    "trials (completed / stopped early / errored)", "wall time"], rows)
+                    "trials (completed / stopped early / errored)",
+                    "wall time (its last sitting: a resumed search's earlier ones are not timed)"], rows)
     means = [[algorithm, *(_pct(by_budget[b]) for b in budgets)]
              for algorithm, by_budget in data["mean_saving_chosen"].items()]
     text += "\n\nMean over the searcher seeds:\n\n" + _table(["search", *(f"at {b}" for b in budgets)], means)
