@@ -186,9 +186,13 @@ def measure(model: str, num_clients: int, k: int, uplink: str, rounds: int, data
     }
 
 
+ROW_KEYS = ("model", "num_clients", "clients_per_round", "uplink")
+"""The fields of a row that name its combination, in the order of :func:`combinations`' tuples."""
+
+
 def row_key(r: dict) -> tuple[str, int, int, str]:
     """(model, N, K, uplink): a row's combination, as ``combos`` and ``--only`` hold it."""
-    return r["model"], r["num_clients"], r["clients_per_round"], r["uplink"]
+    return tuple(r[k] for k in ROW_KEYS)
 
 
 def row_name(r: dict) -> str:
@@ -238,6 +242,12 @@ def goals(rows: list[dict]) -> list[dict]:
                         "measured": biggest, "limit": round(ACTOR_RSS_LIMIT_MB, 1),
                         "met": biggest < ACTOR_RSS_LIMIT_MB})
     return out
+
+
+def print_goals(checked: list[dict]) -> None:
+    """One line per goal of :func:`goals`: met or not, and what was measured against its limit."""
+    for g in checked:
+        print(f"{'met' if g['met'] else 'NOT met'}: {g['goal']} ({g['row']}: {g['measured']}, limit {g['limit']})")
 
 
 def parse_only(specs: list[str], parser: argparse.ArgumentParser) -> set[tuple]:
@@ -301,8 +311,7 @@ def main() -> None:
                       f"downlink {r['median_phase_s']['downlink']:.4f} s, run {r['run_s']:.0f} s", flush=True)
     print_table(rows)
     checked = goals(rows)
-    for g in checked:
-        print(f"{'met' if g['met'] else 'NOT met'}: {g['goal']} ({g['row']}: {g['measured']}, limit {g['limit']})")
+    print_goals(checked)
     report = {"command": command(), "code": code(), "date": now(), "machine": machine(), "load_average": load.report(),
               "benchmark": "server scaling with virtual clients and clients per round",
               "total_s": time.perf_counter() - started, "rows": rows, "goals": checked}

@@ -31,16 +31,16 @@ import time
 from pathlib import Path
 
 from provenance import REPO, RESULTS, LoadSampler, code, command, machine, now
-from scale import combinations, goals, parse_only, print_table, row_name
+from scale import ROW_KEYS, combinations, goals, parse_only, print_goals, print_table, row_name
 
 SIDES = ("before", "after")
 
 
-def measure_row(tree: Path, row: str, rounds: int, out: Path) -> tuple[dict, bool]:
-    """One row measured by ``tree``'s ``bench/scale.py`` in a new process (its output shown), and whether
-    to keep it for a rerun: the row as that script records it, or a skipped row naming why the code
-    there could not run it (kept only when that code has no such row; a failure is tried again)."""
-    cmd = [sys.executable, "bench/scale.py", "--rounds", str(rounds), "--only", row, "--json", str(out)]
+def measure_row(tree: Path, combo: dict, rounds: int, out: Path) -> tuple[dict, bool]:
+    """One row (``ROW_KEYS``) measured by ``tree``'s ``bench/scale.py`` in a new process (its output shown),
+    and whether to keep it for a rerun: the row as that script records it, or a skipped row naming why
+    the code there could not run it (kept only when that code has no such row; a failure is tried again)."""
+    cmd = [sys.executable, "bench/scale.py", "--rounds", str(rounds), "--only", row_name(combo), "--json", str(out)]
     with subprocess.Popen(cmd, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, stderr=subprocess.PIPE,
                           text=True) as proc:
         try:
@@ -57,11 +57,9 @@ def measure_row(tree: Path, row: str, rounds: int, out: Path) -> tuple[dict, boo
     report = json.loads(out.read_text()) if proc.returncode == 0 else {"rows": []}
     if len(report["rows"]) != 1:
         last = (stderr.strip().splitlines() or ["(no output)"])[-1]
-        model, n, k, *uplink = row.split(":")
         why = (f"its bench/scale.py failed on this row (exit {proc.returncode}): {last}" if proc.returncode
                else "its bench/scale.py has no such row")
-        return {"model": model, "num_clients": int(n), "clients_per_round": int(k),
-                "uplink": uplink[0] if uplink else "apf", "skipped": why}, proc.returncode == 0
+        return {**combo, "skipped": why}, proc.returncode == 0
     (measured,) = report["rows"]
     return {**measured, "code": report["code"], "run_load_average": report["load_average"],
             "run_total_s": report["total_s"]}, True
@@ -102,15 +100,15 @@ def main() -> None:
     if rev.returncode != 0:
         parser.error(f"--before {args.before}: not a commit of {REPO}")
     before_rev = rev.stdout.strip()
-    rows = [row_name({"model": m, "num_clients": n, "clients_per_round": k, "uplink": u})
-            for m, n, k, u in combinations(parse_only(args.only, parser) if args.only else None)]
+    combos = [dict(zip(ROW_KEYS, c, strict=True))
+              for c in combinations(parse_only(args.only, parser) if args.only else None)]
     work = args.work or REPO / "runs" / "scale-versus" / f"{before_rev}-rounds{args.rounds}"
     for side in SIDES:
         (work / side).mkdir(parents=True, exist_ok=True)
     now_code = code()
     versus = {"before": f"commit {before_rev}", "after": now_code, "rounds": args.rounds,
               "order": "each row once per side, in new processes; before first on even rows, after first on odd"}
-    print(f"scale table, {len(rows)} rows, before = commit {before_rev}, after = this tree ({now_code}); "
+    print(f"scale table, {len(combos)} rows, before = commit {before_rev}, after = this tree ({now_code}); "
           f"rows kept in {work}", flush=True)
     started = time.perf_counter()
     measured: dict[str, list[dict]] = {side: [] for side in SIDES}
@@ -119,14 +117,15 @@ def main() -> None:
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--quiet", "--detach", str(tree), before_rev],
                        check=True)
         with LoadSampler() as load:
-            for i, row in enumerate(rows):
-                print(f"[{i + 1}/{len(rows)}] {row}", flush=True)
+            for i, combo in enumerate(combos):
+                row = row_name(combo)
+                print(f"[{i + 1}/{len(combos)}] {row}", flush=True)
                 for side in SIDES if i % 2 == 0 else SIDES[::-1]:
                     out = work / side / f"{row.replace(':', '-')}.json"
                     kept = json.loads(out.read_text()) if out.is_file() else None
                     if kept is None or (side == "after" and kept.get("code") != now_code):
                         print(f"  {side} ...", flush=True)
-                        kept, keep = measure_row(tree if side == "before" else REPO, row, args.rounds, out)
+                        kept, keep = measure_row(tree if side == "before" else REPO, combo, args.rounds, out)
                         kept.setdefault("code", f"commit {before_rev}" if side == "before" else now_code)
                         if keep:
                             out.write_text(json.dumps(kept, indent=1) + "\n")
@@ -147,8 +146,7 @@ def main() -> None:
     for b, a in zip(reports["before"]["rows"], reports["after"]["rows"], strict=True):
         ratio = ("-" if "skipped" in a or "skipped" in b else f"{a['median_wall_s'] / b['median_wall_s']:.2f}")
         print(f"{row_name(a):>24} {ratio:>6}")
-    for g in reports["after"]["goals"]:
-        print(f"{'met' if g['met'] else 'NOT met'}: {g['goal']} ({g['row']}: {g['measured']}, limit {g['limit']})")
+    print_goals(reports["after"]["goals"])
     for side, path in (("before", args.json_before), ("after", args.json)):
         path.write_text(json.dumps(reports[side], indent=2, allow_nan=False) + "\n")
         print(f"wrote {path}")
